@@ -1,0 +1,10 @@
+"""offseg: Offset Learning for efficient semantic segmentation, in pure PyTorch."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .checkpoint import load_checkpoint, read_state_dict  # noqa: E402
+from .factory import create_model  # noqa: E402
+from .models import list_models  # noqa: E402
+
+__all__ = ["create_model", "list_models", "load_checkpoint", "read_state_dict", "__version__"]

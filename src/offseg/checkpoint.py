@@ -1,0 +1,171 @@
+"""Reading weights without executing pickled code, and loading them strictly.
+
+Formats read by `read_state_dict`:
+- safetensors files;
+- torch pickles (official MMSegmentation checkpoints with 'state_dict', ImageNet releases with
+  'model', training checkpoints of this project, bare state dicts). These are opened with
+  `torch.load(weights_only=True)`; when that refuses a file because it also carries harmless
+  non-tensor objects (MMEngine's message_hub, HistoryBuffer, numpy scalars), it is read again
+  with a restricted unpickler that rebuilds tensors and plain containers and turns every other
+  object into an inert placeholder. No code named by the file is ever imported or called.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the model."""
+
+
+class InertObject:
+    """Stands in for any object a checkpoint names that is not a tensor or plain container."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "InertObject":
+        return InertObject()
+
+
+def _placeholder(module: str, name: str) -> type:
+    return type(name, (InertObject,), {"__module__": f"inert.{module}"})
+
+
+# Callables a tensor pickle legitimately needs. Everything else becomes an InertObject.
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("torch.nn.parameter", "Parameter"): nn.Parameter,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+}
+_SAFE_GLOBALS.update({("torch", str(dt).split(".")[1]): dt for dt in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool)})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        found = _SAFE_GLOBALS.get((module, name))
+        return found if found is not None else _placeholder(module, name)
+
+
+class _RestrictedPickleModule:
+    """A `pickle_module` for torch.load whose Unpickler only resolves the allowlist above."""
+
+    Unpickler = _RestrictedUnpickler
+    load = staticmethod(lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
+    __name__ = "offseg_restricted_pickle"
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # carries non-tensor objects; read them as placeholders instead
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
+
+
+def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "module"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return _unwrap(obj[key], source)
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors:
+            # DistributedDataParallel wraps the model as `module.*`
+            if all(k.startswith("module.") for k in tensors):
+                tensors = {k[len("module."):]: v for k, v in tensors.items()}
+            return tensors
+    raise CheckpointError(f"{source}: no tensors found (expected a state dict, or a dict with 'state_dict' or 'model')")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, by state-dict key. Never executes pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    try:
+        obj = _torch_load(path)
+    except Exception as err:  # truncated zips, garbage, and pickles torch cannot rebuild
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    return _unwrap(obj, str(path))
+
+
+def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """Number of classes a segmentation state dict was trained for, when it shows."""
+    if "decode_head.offset_learning.cls_repr" in state_dict:
+        return int(state_dict["decode_head.offset_learning.cls_repr"].shape[1])
+    if "decode_head.cls_embed.weight" in state_dict:  # mask classification: + "no object"
+        return int(state_dict["decode_head.cls_embed.weight"].shape[0]) - 1
+    if "decode_head.conv_seg.weight" in state_dict:
+        return int(state_dict["decode_head.conv_seg.weight"].shape[0])
+    return None
+
+
+def _listing(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        name = getattr(model, "name", "") or type(model).__name__
+        parts = [f"{source} does not fit model {name}:"]
+        if missing:
+            parts.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        if mismatched:
+            parts.append(f"  shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+        raise CheckpointError("\n".join(parts))
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], source: str | None = None) -> nn.Module:
+    """Load weights strictly into `model` (a path, or a state dict already read). Returns the model.
+
+    Float tensors are cast to the model's dtype (the reference files store float16).
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = source or str(checkpoint)
+        state_dict = read_state_dict(checkpoint)
+    else:
+        state_dict = dict(checkpoint)
+    source = source or "state dict"
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
+    return model

@@ -1,0 +1,34 @@
+"""`create_model(name, **overrides)`: build any registered model, optionally with weights."""
+from __future__ import annotations
+
+import os
+
+import torch.nn as nn
+
+from .models.registry import get_builder
+
+
+def create_model(name: str, num_classes: int | None = None, checkpoint: str | os.PathLike | None = None, **overrides) -> nn.Module:
+    """Build model `name` (see `offseg.list_models()`).
+
+    num_classes: number of output classes (150, ADE20K, by default; taken from the checkpoint when
+    one is given and num_classes is not).
+    checkpoint: weights to load strictly (official MMSegmentation checkpoint, training
+    checkpoint, or safetensors); read without executing pickled code.
+    overrides: architecture options of the builder (e.g. `freeze_bn=True`).
+    """
+    from .checkpoint import infer_num_classes, load_checkpoint, read_state_dict
+
+    builder = get_builder(name)
+    state_dict = None
+    if checkpoint is not None:
+        state_dict = read_state_dict(checkpoint)
+        found = infer_num_classes(state_dict)
+        if num_classes is None:
+            num_classes = found
+        elif found is not None and found != num_classes:
+            raise ValueError(f"{checkpoint}: checkpoint has {found} classes but num_classes={num_classes} was asked for")
+    model = builder(num_classes=150 if num_classes is None else num_classes, **overrides)
+    if state_dict is not None:
+        load_checkpoint(model, state_dict, source=str(checkpoint))
+    return model

@@ -1,0 +1,4 @@
+"""Model families register themselves on import."""
+from . import offseg  # noqa: F401
+from .registry import list_models, register_model  # noqa: F401
+from .segmentor import Segmentor  # noqa: F401

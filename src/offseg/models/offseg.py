@@ -1,0 +1,46 @@
+"""OffSeg-T/B/L: EfficientFormerV2 + FreqFusion + Offset Learning, with per-pixel and
+single-branch variants of the same networks for the paper's comparisons.
+
+Variants of each size (X = t, b, l):
+  offseg-X          the official model (Offset Learning, both branches)
+  offseg-X-pixel    per-pixel baseline: the fused feature -> dropout -> 1x1 classifier
+  offseg-X-co       class offsets only: masks = LN(E (W + dW)^T); no feature-offset projection
+  offseg-X-fo       feature offsets only: masks = LN((E + dE) W^T); no class-offset projection
+"""
+from __future__ import annotations
+
+from .backbones.efficientformer_v2 import EfficientFormerV2
+from .heads.offseg_head import OffSegHead
+from .registry import register_model
+from .segmentor import Segmentor
+
+OFFSEG_SIZES = {
+    "t": dict(arch="s1", in_channels=(32, 48, 120, 224), new_channels=(32, 32, 64, 128)),
+    "b": dict(arch="s2", in_channels=(32, 64, 144, 288), new_channels=(32, 64, 128, 256)),
+    "l": dict(arch="l", in_channels=(40, 80, 192, 384), new_channels=(32, 64, 128, 256)),
+}
+OFFSEG_VARIANTS = {"": "offset", "-pixel": "pixel", "-co": "offset-class", "-fo": "offset-feature"}
+
+
+def build_offseg(size: str, num_classes: int = 150, classifier: str = "offset", freeze_bn: bool = False,
+                 drop_path_rate: float | None = None, channels: int = 256, dropout_ratio: float = 0.1) -> Segmentor:
+    cfg = OFFSEG_SIZES[size]
+    backbone = EfficientFormerV2(cfg["arch"], drop_path_rate=drop_path_rate, freeze_bn=freeze_bn)
+    head = OffSegHead(cfg["in_channels"], cfg["new_channels"], num_classes, channels=channels,
+                      dropout_ratio=dropout_ratio, classifier=classifier)
+    suffix = next(s for s, c in OFFSEG_VARIANTS.items() if c == classifier)
+    return Segmentor(backbone, head, size_divisor=32, name=f"offseg-{size}{suffix}")
+
+
+def _register(size: str, suffix: str, classifier: str) -> None:
+    @register_model(f"offseg-{size}{suffix}")
+    def builder(num_classes: int = 150, **overrides) -> Segmentor:
+        return build_offseg(size, num_classes, classifier=classifier, **overrides)
+
+    builder.__name__ = f"offseg_{size}{suffix.replace('-', '_')}"
+    builder.__doc__ = f"OffSeg-{size.upper()} ({classifier} classifier)."
+
+
+for _size in OFFSEG_SIZES:
+    for _suffix, _classifier in OFFSEG_VARIANTS.items():
+        _register(_size, _suffix, _classifier)
