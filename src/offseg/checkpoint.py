@@ -6,8 +6,10 @@ Formats read by `read_state_dict`:
   'model', training checkpoints of this project, bare state dicts). These are opened with
   `torch.load(weights_only=True)`; when that refuses a file because it also carries harmless
   non-tensor objects (MMEngine's message_hub, HistoryBuffer, numpy scalars), it is read again
-  with a restricted unpickler that rebuilds tensors and plain containers and turns every other
-  object into an inert placeholder. No code named by the file is ever imported or called.
+  with a restricted unpickler that rebuilds tensors and plain containers and turns the data
+  objects of known training frameworks (mmengine, mmcv, mmseg, mmdet, numpy) into inert
+  placeholders. Any other global (os.system, eval, ...) makes the file refused. No code named by
+  the file is ever imported or called.
 """
 from __future__ import annotations
 
@@ -61,10 +63,23 @@ _SAFE_GLOBALS.update({("torch", str(dt).split(".")[1]): dt for dt in (
     torch.int8, torch.uint8, torch.bool)})
 
 
+# Packages whose pickled objects are bookkeeping data (message hubs, history buffers, numpy
+# scalars and arrays): read as placeholders. `_codecs.encode` rebuilds numpy's byte payloads.
+_INERT_PACKAGES = ("mmengine", "mmcv", "mmseg", "mmdet", "numpy", "_codecs")
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    pass
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         found = _SAFE_GLOBALS.get((module, name))
-        return found if found is not None else _placeholder(module, name)
+        if found is not None:
+            return found
+        if module.split(".")[0] in _INERT_PACKAGES:
+            return _placeholder(module, name)
+        raise UnsafePickleError(f"it references {module}.{name}, which could run code when loaded")
 
 
 class _RestrictedPickleModule:
@@ -112,6 +127,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     try:
         obj = _torch_load(path)
+    except UnsafePickleError as err:
+        raise CheckpointError(f"{path}: refused: {err}; only tensors and plain data are read from checkpoints") from None
     except Exception as err:  # truncated zips, garbage, and pickles torch cannot rebuild
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     return _unwrap(obj, str(path))
