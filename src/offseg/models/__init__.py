@@ -2,3 +2,4 @@
 from . import offseg  # noqa: F401
 from .registry import list_models, register_model  # noqa: F401
 from .segmentor import Segmentor  # noqa: F401
+from . import segformer  # noqa: F401
