@@ -1,0 +1,320 @@
+"""The training loop: iteration-based, one process or many (torchrun), resumable exactly.
+
+Exact resumption rests on three facts: the data of draw n depends only on (seed, n) (see
+`TrainStream`); the learning rate depends only on the iteration; and a checkpoint holds the
+model, the optimiser, the iteration and every RNG state. A run killed at any point and resumed
+from its last checkpoint therefore ends with the same parameters as a run never interrupted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .checkpointing import atomic_save, load_training_checkpoint, rng_states, set_rng_states
+from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .optim import WarmupPolySchedule, build_optimizer
+from .recipes import save_recipe
+
+
+class TrainStream(Dataset):
+    """The endless training stream: draw n -> a training sample, a function of (seed, n) only.
+
+    Draws walk through one seeded permutation of the dataset per epoch (so every sample is seen
+    once per epoch, and ranks of a multi-process run share the permutation and take disjoint
+    draws, like DistributedSampler). Before loading draw n, the RNGs the pipeline may use
+    (Python's, NumPy's and torch's) are seeded from (seed, n), so a sample's augmentation does
+    not depend on worker count, order of loading, or how often the run was resumed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def __len__(self) -> int:  # draws are unbounded; DataLoader only needs the sampler's length
+        return sys.maxsize
+
+    def index_of(self, draw: int) -> int:
+        epoch, pos = divmod(draw, len(self.dataset))
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm = torch.randperm(len(self.dataset), generator=gen).tolist()
+            self._perm_epoch = epoch
+        return self._perm[pos]
+
+    def __getitem__(self, draw: int) -> dict[str, Any]:
+        sample_seed = (self.seed * 1_000_003 + draw) % (2**31)
+        # Seed the global RNGs for this draw only, and put them back afterwards: with workers=0
+        # this runs in the training process, whose dropout must not depend on data seeds.
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        torch.manual_seed(sample_seed)
+        try:
+            sample = self.dataset[self.index_of(draw)]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+        return {"image": sample["image"], "label": sample["label"]}
+
+
+class DrawSampler(Sampler[int]):
+    """The draw numbers of one process, from a starting iteration on.
+
+    Iteration i, accumulation step a, process r, slot j takes draw ((i*A + a)*W + r)*B + j.
+    """
+
+    def __init__(self, start_iter: int, iters: int, batch: int, accumulate: int, world: int, rank: int) -> None:
+        self.start_iter, self.iters = start_iter, iters
+        self.batch, self.accumulate, self.world, self.rank = batch, accumulate, world, rank
+
+    def __len__(self) -> int:
+        return (self.iters - self.start_iter) * self.accumulate * self.batch
+
+    def __iter__(self) -> Iterator[int]:
+        for it in range(self.start_iter, self.iters):
+            for step in range(self.accumulate):
+                first = ((it * self.accumulate + step) * self.world + self.rank) * self.batch
+                yield from range(first, first + self.batch)
+
+
+class SegmentationLoss(nn.Module):
+    """Model + loss in one module, so that DistributedDataParallel wraps the whole training
+    forward. Models with their own `loss(images, labels)` (mask classification) use it;
+    the others get MMSegmentation's cross-entropy: logits resized to the label, ignore 255,
+    averaged over all pixels (ignored ones count as 0) unless `avg_non_ignore`."""
+
+    def __init__(self, model: nn.Module, ignore_index: int = 255, avg_non_ignore: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.ignore_index = ignore_index
+        self.avg_non_ignore = avg_non_ignore
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.model, "loss"):
+            return self.model.loss(images, labels)
+        logits = self.model(images)
+        if logits.shape[-2:] != labels.shape[-2:]:
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction="none")
+        if self.avg_non_ignore:
+            return loss.sum() / (labels != self.ignore_index).sum().clamp(min=1)
+        return loss.mean()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class JsonlLog:
+    """One JSON object per line, appended; TensorBoard too when it is installed."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iter":
+                    self.tb.add_scalar(key, value, record.get("iter", 0))
+
+
+def _build_data(recipe: Mapping[str, Any], split_key: str, pipeline: str):
+    from ..data import build_dataset
+
+    data = recipe["data"]
+    if not data.get("root"):
+        raise ValueError("no data root: pass --data-root DIR (or set data.root in the recipe)")
+    options = dict(data.get("options") or {}) if pipeline == "train" else dict(data.get("test_options") or {})
+    if pipeline == "train":
+        options.setdefault("seed", recipe["train"]["seed"])
+    return build_dataset(data["name"], data["root"], data[split_key], pipeline=pipeline, **options)
+
+
+def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pretrained_backbone: str | None = None,
+          device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the recipe's training in `work_dir`. Returns the last validation results."""
+    from ..factory import create_model
+
+    work_dir = Path(work_dir)
+    dist_info = init_distributed(device)
+    cfg_train = recipe["train"]
+    last_path, best_path = work_dir / "last.pth", work_dir / "best.pth"
+
+    state = None
+    if resume and last_path.is_file():
+        state = load_training_checkpoint(last_path)
+        recipe = state["recipe"]  # the run continues with the recipe it started with
+        cfg_train = recipe["train"]
+    iters, accumulate = int(cfg_train["iters"]), int(cfg_train["accumulate"])
+    world = dist_info.world_size
+    total_batch = int(cfg_train["batch_size"])
+    if total_batch % (world * accumulate):
+        raise ValueError(f"batch size {total_batch} does not split over {world} process(es) x {accumulate} accumulation steps")
+    batch = total_batch // (world * accumulate)
+
+    if dist_info.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, work_dir / "recipe.yaml")
+    barrier()
+
+    train_set = _build_data(recipe, "train_split", "train")
+    val_set = _build_data(recipe, "val_split", "test") if cfg_train.get("val_interval") else None
+    num_classes = train_set.num_classes
+
+    torch.manual_seed(int(cfg_train["seed"]))  # identical initial weights on every rank
+    model = create_model(recipe["model"], num_classes=num_classes, **(recipe.get("model_options") or {}))
+    if pretrained_backbone and state is None:
+        from ..pretrained import load_backbone_weights
+
+        report = load_backbone_weights(model, pretrained_backbone)
+        if dist_info.is_main:
+            print(report)
+    model.to(dist_info.device)
+    loss_module: nn.Module = SegmentationLoss(model, avg_non_ignore=bool(cfg_train.get("avg_non_ignore")))
+    if dist_info.enabled:
+        if dist_info.device.type == "cuda" and cfg_train.get("sync_bn", True):
+            loss_module = nn.SyncBatchNorm.convert_sync_batchnorm(loss_module)
+        loss_module = nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None,
+            find_unused_parameters=True)  # Offset-Learning heads carry an unused conv_seg
+    model = _unwrap(loss_module).model
+
+    optimizer = build_optimizer(model, recipe["optimizer"])
+    schedule = WarmupPolySchedule.from_recipe(recipe["schedule"], iters)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None, False: None}[cfg_train.get("amp")]
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and dist_info.device.type == "cuda")
+
+    start_iter, best_miou, last_val = 0, -1.0, {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        start_iter, best_miou = int(state["iteration"]), float(state["best_miou"])
+        set_rng_states(state["rng"][dist_info.rank] if isinstance(state["rng"], list) else state["rng"])
+    else:
+        torch.manual_seed(int(cfg_train["seed"]) + dist_info.rank)  # dropout / drop-path differ per rank
+
+    stream = TrainStream(train_set, int(cfg_train["seed"]))
+    sampler = DrawSampler(start_iter, iters, batch, accumulate, world, dist_info.rank)
+    workers = int(recipe["data"].get("num_workers", 0))
+    loader = DataLoader(stream, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False,
+                        pin_memory=dist_info.device.type == "cuda", persistent_workers=False)
+    batches = iter(loader)
+
+    log = JsonlLog(work_dir / "log.jsonl", dist_info.is_main)
+    if dist_info.is_main and state is None:
+        log.write({"event": "start", "model": recipe["model"], "num_classes": num_classes, "iters": iters,
+                   "batch_size": total_batch, "world_size": world})
+    bar = None
+    if progress and dist_info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=iters, initial=start_iter, desc="train", dynamic_ncols=True)
+
+    def save(path: Path, iteration: int) -> None:
+        # every rank's RNG state, so a resumed multi-process run continues each rank exactly
+        gathered = [rng_states()]
+        if dist_info.enabled:
+            import torch.distributed as dist
+
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rng_states())
+        if dist_info.is_main:
+            atomic_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "iteration": iteration, "best_miou": best_miou, "rng": gathered if world > 1 else gathered[0],
+                "recipe": recipe, "model_name": recipe["model"], "num_classes": num_classes,
+                "class_names": list(train_set.class_names), "draws_consumed": iteration * total_batch,
+            }, path)
+
+    loss_module.train()
+    window_loss, window_start = [], time.perf_counter()
+    for it in range(start_iter, iters):
+        schedule.apply(optimizer, it)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for _ in range(accumulate):
+            sample = next(batches)
+            images = sample["image"].to(dist_info.device, non_blocking=True)
+            labels = sample["label"].to(dist_info.device, non_blocking=True)
+            with torch.autocast(dist_info.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = loss_module(images, labels) / accumulate
+            scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"loss became {loss_sum} at iteration {it}; lower the learning rate or check the data")
+        clip = recipe["optimizer"].get("clip_grad")
+        if clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+        scaler.step(optimizer)
+        scaler.update()
+        done = it + 1
+        window_loss.append(loss_sum)
+
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if done % int(cfg_train["log_interval"]) == 0 or done == iters:
+            elapsed = time.perf_counter() - window_start
+            log.write({"iter": done, "loss": float(np.mean(window_loss)), "lr": optimizer.param_groups[0]["lr"],
+                       "sec_per_iter": elapsed / len(window_loss),
+                       "eta_sec": elapsed / len(window_loss) * (iters - done)})
+            window_loss, window_start = [], time.perf_counter()
+
+        val_interval = cfg_train.get("val_interval")
+        if val_set is not None and val_interval and (done % int(val_interval) == 0 or done == iters):
+            last_val = validate(model, val_set, recipe, progress=progress and dist_info.is_main)
+            if dist_info.is_main:
+                log.write({"iter": done, "val": {k: last_val[k] for k in ("mIoU", "mAcc", "aAcc")}})
+                if bar is not None:
+                    bar.write(f"iter {done}: val mIoU {last_val['mIoU']:.2f}  mAcc {last_val['mAcc']:.2f}  aAcc {last_val['aAcc']:.2f}")
+            if last_val["mIoU"] > best_miou:
+                best_miou = last_val["mIoU"]
+                save(best_path, done)
+            loss_module.train()
+        if done % int(cfg_train["save_interval"]) == 0 or done == iters:
+            save(last_path, done)
+    if bar is not None:
+        bar.close()
+    barrier()
+    cleanup()
+    return last_val
+
+
+def validate(model: nn.Module, dataset: Dataset, recipe: Mapping[str, Any], progress: bool = False) -> dict[str, Any]:
+    """The recipe's test mode on the validation set (optionally only its first `val_limit` images)."""
+    from ..evaluation import evaluate
+
+    limit = recipe["train"].get("val_limit")
+    if limit:
+        dataset = torch.utils.data.Subset(dataset, range(min(int(limit), len(dataset))))
+    test = dict(recipe.get("test") or {})
+    return evaluate(model, dataset, progress=progress, **test)
