@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = build_recipe(args)
     results = train(recipe, args.work_dir, resume=args.resume, pretrained_backbone=args.pretrained_backbone,
-                    device=args.device, progress=not args.no_progress)
+                    device=args.device, progress=not args.no_progress)["val"]
     if results:
         print(f"final val: mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}")
     print(f"checkpoints: {args.work_dir}/last.pth, {args.work_dir}/best.pth")

@@ -32,9 +32,10 @@ class TrainStream(Dataset):
 
     Draws walk through one seeded permutation of the dataset per epoch (so every sample is seen
     once per epoch, and ranks of a multi-process run share the permutation and take disjoint
-    draws, like DistributedSampler). Before loading draw n, the RNGs the pipeline may use
-    (Python's, NumPy's and torch's) are seeded from (seed, n), so a sample's augmentation does
-    not depend on worker count, order of loading, or how often the run was resumed.
+    draws, like DistributedSampler). The augmentation of a draw is seeded by (seed, epoch, index):
+    offseg datasets take `dataset[(index, epoch)]`; for any other dataset the global RNGs are
+    seeded per draw (and restored). Either way a sample does not depend on worker count, loading
+    order, or how often the run was resumed.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -46,29 +47,36 @@ class TrainStream(Dataset):
     def __len__(self) -> int:  # draws are unbounded; DataLoader only needs the sampler's length
         return sys.maxsize
 
-    def index_of(self, draw: int) -> int:
+    def locate(self, draw: int) -> tuple[int, int]:
+        """(dataset index, epoch) of a draw."""
         epoch, pos = divmod(draw, len(self.dataset))
         if epoch != self._perm_epoch:
             gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
             self._perm = torch.randperm(len(self.dataset), generator=gen).tolist()
             self._perm_epoch = epoch
-        return self._perm[pos]
+        return self._perm[pos], epoch
 
     def __getitem__(self, draw: int) -> dict[str, Any]:
-        sample_seed = (self.seed * 1_000_003 + draw) % (2**31)
-        # Seed the global RNGs for this draw only, and put them back afterwards: with workers=0
-        # this runs in the training process, whose dropout must not depend on data seeds.
+        index, epoch = self.locate(draw)
+        if hasattr(self.dataset, "rng_for"):
+            sample = self.dataset[(index, epoch)]
+        else:
+            sample = self._seeded_load(index, (self.seed * 1_000_003 + draw) % (2**31))
+        return {"image": sample["image"], "label": sample["label"]}
+
+    def _seeded_load(self, index: int, seed: int) -> dict[str, Any]:
+        # Put the global RNGs back afterwards: with workers=0 this runs in the training process,
+        # whose dropout must not depend on data seeds.
         saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        random.seed(sample_seed)
-        np.random.seed(sample_seed)
-        torch.manual_seed(sample_seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
         try:
-            sample = self.dataset[self.index_of(draw)]
+            return self.dataset[index]
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.set_rng_state(saved[2])
-        return {"image": sample["image"], "label": sample["label"]}
 
 
 class DrawSampler(Sampler[int]):
@@ -158,7 +166,11 @@ def _build_data(recipe: Mapping[str, Any], split_key: str, pipeline: str):
 
 def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pretrained_backbone: str | None = None,
           device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the recipe's training in `work_dir`. Returns the last validation results."""
+    """Run (or resume) the recipe's training in `work_dir`.
+
+    Returns {"model": the trained network (unwrapped), "val": the last validation results
+    (empty without validation), "iteration": iterations done}.
+    """
     from ..factory import create_model
 
     work_dir = Path(work_dir)
@@ -306,7 +318,7 @@ def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pr
         bar.close()
     barrier()
     cleanup()
-    return last_val
+    return {"model": model, "val": last_val, "iteration": iters}
 
 
 def validate(model: nn.Module, dataset: Dataset, recipe: Mapping[str, Any], progress: bool = False) -> dict[str, Any]:
