@@ -32,10 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_recipe(args: argparse.Namespace) -> dict:
-    from ..engine.recipes import default_recipe_name, load_recipe
+    from ..engine.recipes import default_recipe_name, load_recipe, set_iterations
 
     overrides = [f"data.name={args.data}", f"data.root={args.data_root}"]
-    flags = {"train.iters": args.iters, "train.batch_size": args.batch_size, "train.accumulate": args.accumulate,
+    flags = {"train.batch_size": args.batch_size, "train.accumulate": args.accumulate,
              "optimizer.lr": args.lr, "train.amp": args.amp, "train.seed": args.seed,
              "data.num_workers": args.workers, "train.save_interval": args.save_interval,
              "train.val_interval": args.val_interval, "train.val_limit": args.val_limit}
@@ -44,7 +44,10 @@ def build_recipe(args: argparse.Namespace) -> dict:
         overrides.append(f"data.options.crop_size=[{args.crop[0]}, {args.crop[1]}]")
     overrides += args.set
     name = args.recipe or default_recipe_name(args.model, args.data)
-    return load_recipe(name, model=args.model, overrides=overrides)
+    recipe = load_recipe(name, model=args.model, overrides=overrides)
+    if args.iters is not None:
+        set_iterations(recipe, args.iters)
+    return recipe
 
 
 def run(args: argparse.Namespace) -> int:

@@ -101,5 +101,17 @@ def load_recipe(name_or_path: str | os.PathLike, model: str | None = None, overr
     return recipe
 
 
+def set_iterations(recipe: dict[str, Any], iters: int) -> dict[str, Any]:
+    """Change the training length. The schedule follows when it ended with training (it does not
+    for the COCO-Stuff recipes whose schedule ends early on purpose), and a warm-up longer than a
+    tenth of the run is shortened to that."""
+    schedule = recipe["schedule"]
+    if schedule.get("end") in (None, recipe["train"]["iters"]):
+        schedule["end"] = iters
+    schedule["warmup_iters"] = min(int(schedule.get("warmup_iters", 0)), max(iters // 10, 1))
+    recipe["train"]["iters"] = iters
+    return recipe
+
+
 def save_recipe(recipe: Mapping[str, Any], path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(dict(recipe), sort_keys=False))
