@@ -1,0 +1,391 @@
+"""The paper's data pipelines (MMSegmentation semantics), on uint8 RGB arrays.
+
+Training: random keep-ratio resize (ratio 0.5-2.0 of a base scale) -> random crop with
+``cat_max_ratio`` -> horizontal flip -> photometric distortion -> normalise -> pad to the crop
+size (0 for the image, 255 for the label). Testing: keep-ratio resize of the image only.
+
+Images stay uint8 (H, W, 3) RGB until normalisation, as in MMSegmentation, so the rounding and
+clipping of each step match. Every random choice is drawn from a ``numpy.random.Generator`` the
+caller passes in, which makes a sample's augmentation a pure function of that generator's seed.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .labels import IGNORE_INDEX
+
+#: Per-channel normalisation of RGB images in [0, 255] (ImageNet statistics).
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+# float32 copies shaped for (3, H, W) arithmetic; numpy rather than torch so the per-sample
+# work never competes with the training step for torch's intra-op threads.
+_MEAN = np.array(MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD = np.array(STD, dtype=np.float32).reshape(3, 1, 1)
+
+
+def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """PIL image or uint8 array (H, W), (H, W, 3) or (H, W, 4) -> uint8 (H, W, 3) RGB."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image array, got {array.dtype}")
+    if array.ndim == 2:
+        return np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return array[:, :, :3]
+    raise ValueError(f"expected an image array (H, W, 3), got shape {array.shape}")
+
+
+def normalize_array(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) RGB -> float32 (3, H, W), (x - MEAN) / STD."""
+    chw = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1), dtype=np.float32)
+    chw -= _MEAN
+    chw /= _STD
+    return chw
+
+
+def normalize_image(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB image (PIL or uint8 H x W x 3 array) -> float32 tensor (3, H, W), (x - MEAN) / STD."""
+    return torch.from_numpy(normalize_array(to_rgb_array(image)))
+
+
+def fit_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
+    """(H, W) of a keep-ratio resize that fits the image inside `scale`.
+
+    `scale` is read as (long edge, short edge) limits whatever its order, and sizes are rounded
+    half up — MMCV's ``rescale_size``, so (2048, 512) gives a 512 short side unless the long
+    side would pass 2048.
+    """
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+_COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE: 11 fractional bits for the weights
+
+
+def _linear_taps(src: int, dst: int, clamp_edges: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and fixed-point weights of OpenCV's bilinear resize along one axis.
+
+    Half-pixel centres; the position is computed in float32 as OpenCV does. Along x OpenCV
+    zeroes the fraction outside the image, along y it only clamps the row indices.
+    """
+    scale = 1.0 / (dst / src)
+    pos = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
+    first = np.floor(pos).astype(np.int64)
+    frac = (pos - first).astype(np.float32)
+    if clamp_edges:
+        outside = (first < 0) | (first >= src - 1)
+        frac[outside] = 0
+        first = np.clip(first, 0, src - 1)
+    weight0 = np.rint((np.float32(1.0) - frac) * np.float32(_COEF_SCALE)).astype(np.int32)
+    weight1 = np.rint(frac * np.float32(_COEF_SCALE)).astype(np.int32)
+    return np.clip(first, 0, src - 1), np.clip(first + 1, 0, src - 1), weight0, weight1
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Bilinear resize of uint8 (H, W, C) to `size` = (H, W), bit-exact with OpenCV 4.x's
+    ``cv2.resize(..., INTER_LINEAR)`` that MMSegmentation uses.
+
+    Integer arithmetic as OpenCV's vector path: a horizontal pass with 11-bit weights, then a
+    vertical pass on the results shifted right by 4, multiplied by 11-bit weights keeping the
+    high 16 bits, and a rounding shift by 2. Being integer, it is also independent of threads.
+    `window` = (top, left, height, width) computes only that part of the resized image (the
+    same pixels as resizing fully and cropping, for a fraction of the work).
+    """
+    height, width = int(size[0]), int(size[1])
+    top, left, out_h, out_w = window if window is not None else (0, 0, height, width)
+    if image.shape[:2] == (height, width):
+        return image[top:top + out_h, left:left + out_w]
+    col0, col1, wx0, wx1 = (t[left:left + out_w] for t in _linear_taps(image.shape[1], width, clamp_edges=True))
+    row0, row1, wy0, wy1 = (t[top:top + out_h] for t in _linear_taps(image.shape[0], height, clamp_edges=False))
+    rows = np.unique(np.concatenate([row0, row1]))
+    source = image
+    if len(rows) < image.shape[0]:  # only the rows the vertical pass reads
+        source = image[rows]
+        renumber = np.zeros(image.shape[0], dtype=np.int64)
+        renumber[rows] = np.arange(len(rows))
+        row0, row1 = renumber[row0], renumber[row1]
+    extra = (None,) * (image.ndim - 2)
+    horizontal = np.multiply(source[:, col0], wx0[(None, slice(None)) + extra], dtype=np.int32)
+    horizontal += np.multiply(source[:, col1], wx1[(None, slice(None)) + extra], dtype=np.int32)
+    horizontal >>= 4
+    upper = horizontal[row0]
+    upper *= wy0[(slice(None), None) + extra]
+    upper >>= 16
+    lower = horizontal[row1]
+    lower *= wy1[(slice(None), None) + extra]
+    lower >>= 16
+    upper += lower
+    upper += 2
+    upper >>= 2
+    return np.clip(upper, 0, 255).astype(np.uint8)
+
+
+def _nearest_indices(src: int, dst: int) -> np.ndarray:
+    # OpenCV INTER_NEAREST: source index floor(dst_index * src / dst), no half-pixel shift.
+    step = 1.0 / (dst / src)
+    return np.minimum(np.floor(np.arange(dst) * step).astype(np.int64), src - 1)
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map (H, W) to `size` = (H, W), as OpenCV's."""
+    if label.shape[:2] == tuple(size):
+        return label
+    rows = _nearest_indices(label.shape[0], size[0])
+    cols = _nearest_indices(label.shape[1], size[1])
+    return label[rows[:, None], cols[None, :]]
+
+
+# --- photometric distortion ------------------------------------------------------------------
+# OpenCV's 8-bit HSV (H in [0, 180), S and V in [0, 255]) reproduced in numpy, because the
+# distortion rounds through that representation and the exact values depend on it.
+_HSV_SHIFT = 12
+with np.errstate(divide="ignore"):
+    _SAT_DIV = np.rint(np.where(np.arange(256) > 0, (255 << _HSV_SHIFT) / np.arange(256), 0)).astype(np.int32)
+    _HUE_DIV = np.rint(np.where(np.arange(256) > 0, (180 << _HSV_SHIFT) / (6.0 * np.arange(256)), 0)).astype(np.int32)
+
+
+def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> uint8 HSV with H in [0, 180), exactly as ``cv2.COLOR_RGB2HSV``
+    (OpenCV's fixed-point tables with 12 fractional bits)."""
+    rgb = image.astype(np.int32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    value = np.maximum(np.maximum(r, g), b)
+    diff = value - np.minimum(np.minimum(r, g), b)
+    half = 1 << (_HSV_SHIFT - 1)
+    saturation = (diff * _SAT_DIV[value] + half) >> _HSV_SHIFT
+    # Hue numerator: which channel is the maximum decides the sector (red wins ties, then green).
+    numerator = np.where(value == r, g - b, np.where(value == g, b - r + 2 * diff, r - g + 4 * diff))
+    hue = (numerator * _HUE_DIV[diff] + half) >> _HSV_SHIFT
+    hue[hue < 0] += 180
+    out = np.empty(image.shape, dtype=np.uint8)
+    out[..., 0], out[..., 1], out[..., 2] = hue, saturation, value
+    return out
+
+
+# For each hue sector 0..5 and each output channel R, G, B: which of (v, p, q, t) it takes.
+_SECTOR_TABLE = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], dtype=np.uint8)
+
+
+def hsv_to_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 HSV (H in [0, 180)) -> uint8 RGB, as ``cv2.COLOR_HSV2RGB`` in OpenCV 4.x on x86.
+
+    OpenCV's vector path (which converts all but a few trailing pixels of each row) works in
+    float32, computes ``1 - s*h`` with a fused multiply-add and truncates the result; both are
+    reproduced here (the fused step as one float64 product rounded once to float32).
+    """
+    hsv = image.astype(np.float32)
+    hue = hsv[..., 0] * np.float32(6.0 / 180.0)
+    sat = hsv[..., 1] * np.float32(1.0 / 255.0)
+    val = hsv[..., 2] * np.float32(1.0 / 255.0)
+    sector = np.floor(hue)
+    frac = hue - sector
+    sector = sector.astype(np.uint8) % 6
+    sat64 = sat.astype(np.float64)
+    falling = (1.0 - sat64 * frac).astype(np.float32)
+    rising = (1.0 - sat64 * (np.float32(1.0) - frac)).astype(np.float32)
+    choices = (val, val * (np.float32(1.0) - sat), val * falling, val * rising)
+    out = np.empty(image.shape, dtype=np.uint8)
+    for channel in range(3):
+        picked = np.choose(_SECTOR_TABLE[:, channel][sector], choices) * np.float32(255.0)
+        out[..., channel] = np.clip(picked, 0, 255)  # float -> uint8 truncates, like OpenCV's v_trunc
+    return out
+
+
+def _scale_and_shift(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    # float32, clip to [0, 255], then truncate to uint8 (MMSegmentation's `convert`).
+    out = values.astype(np.float32) * np.float32(alpha) + np.float32(beta)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def adjust_colours(image: np.ndarray, brightness: float | None = None, contrast: float | None = None,
+                   saturation: float | None = None, hue: int | None = None, contrast_first: bool = True) -> np.ndarray:
+    """Deterministic core of the photometric distortion; None skips a step.
+
+    brightness adds a value, contrast scales all channels, saturation scales S in 8-bit HSV,
+    hue adds to H modulo 180. Each step clips to [0, 255] and truncates to uint8 (as
+    MMSegmentation), and saturation and hue each round-trip through 8-bit HSV separately.
+    """
+    if brightness is not None:
+        image = _scale_and_shift(image, beta=brightness)
+    if contrast_first and contrast is not None:
+        image = _scale_and_shift(image, alpha=contrast)
+    if saturation is not None:
+        hsv = rgb_to_hsv(image)
+        hsv[..., 1] = _scale_and_shift(hsv[..., 1], alpha=saturation)
+        image = hsv_to_rgb(hsv)
+    if hue is not None:
+        hsv = rgb_to_hsv(image)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + hue) % 180
+        image = hsv_to_rgb(hsv)
+    if not contrast_first and contrast is not None:
+        image = _scale_and_shift(image, alpha=contrast)
+    return image
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightness_delta: float = 32,
+                           contrast_range: tuple[float, float] = (0.5, 1.5),
+                           saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18) -> np.ndarray:
+    """MMSegmentation's PhotoMetricDistortion on uint8 RGB; each step happens with p = 0.5.
+
+    Draws, in the original's order: brightness (add U(-delta, delta)); whether contrast
+    (scale by U(range)) comes first or last; saturation (scale S by U(range)); hue (add an
+    integer in [-delta, delta) — numpy's exclusive upper bound, as in the original).
+    """
+    brightness = rng.uniform(-brightness_delta, brightness_delta) if rng.integers(2) else None
+    contrast_first = bool(rng.integers(2))
+    contrast = None
+    if contrast_first and rng.integers(2):
+        contrast = rng.uniform(*contrast_range)
+    saturation = rng.uniform(*saturation_range) if rng.integers(2) else None
+    hue = int(rng.integers(-hue_delta, hue_delta)) if rng.integers(2) else None
+    if not contrast_first and rng.integers(2):
+        contrast = rng.uniform(*contrast_range)
+    return adjust_colours(image, brightness, contrast, saturation, hue, contrast_first)
+
+
+# --- geometric steps --------------------------------------------------------------------------
+def random_resize_size(height: int, width: int, rng: np.random.Generator, scale: Sequence[int],
+                       ratio_range: tuple[float, float] = (0.5, 2.0)) -> tuple[int, int]:
+    """The (H, W) of MMSegmentation's RandomResize(keep_ratio=True): `scale` = (w, h) times a
+    ratio drawn uniformly from `ratio_range` (truncated to ints), then fitted keeping the ratio."""
+    low, high = ratio_range
+    ratio = rng.random() * (high - low) + low
+    return fit_size(height, width, (int(scale[0] * ratio), int(scale[1] * ratio)))
+
+
+def random_resize(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, scale: Sequence[int],
+                  ratio_range: tuple[float, float] = (0.5, 2.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Resize image (bilinear) and label (nearest) to `random_resize_size`."""
+    size = random_resize_size(image.shape[0], image.shape[1], rng, scale, ratio_range)
+    return resize_image(image, size), resize_label(label, size)
+
+
+def random_crop_window(label: np.ndarray, rng: np.random.Generator, crop_size: tuple[int, int],
+                       cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of MMSegmentation's RandomCrop on a map of `label`'s size.
+
+    The crop is `crop_size` (h, w), or the whole map where it is smaller (padding comes
+    later). With ``cat_max_ratio < 1`` it is redrawn, up to 10 times, while a single class
+    covers at least that fraction of the labelled pixels or fewer than two classes are present;
+    the 11th draw is kept unchecked.
+    """
+    margin_h = max(label.shape[0] - crop_size[0], 0)
+    margin_w = max(label.shape[1] - crop_size[1], 0)
+
+    def draw() -> tuple[int, int]:
+        return int(rng.integers(0, margin_h + 1)), int(rng.integers(0, margin_w + 1))
+
+    top, left = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            window = label[top:top + crop_size[0], left:left + crop_size[1]]
+            counts = np.bincount(window.ravel(), minlength=256)
+            counts[ignore_index] = 0
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            top, left = draw()
+    return top, left, min(crop_size[0], label.shape[0]), min(crop_size[1], label.shape[1])
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, crop_size: tuple[int, int],
+                cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+    """Crop image and label at `random_crop_window`."""
+    top, left, height, width = random_crop_window(label, rng, crop_size, cat_max_ratio, ignore_index)
+    rows, cols = slice(top, top + height), slice(left, left + width)
+    return image[rows, cols], label[rows, cols]
+
+
+def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                prob: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror both left-right with probability `prob`."""
+    if rng.random() < prob:
+        return image[:, ::-1], label[:, ::-1]
+    return image, label
+
+
+def pad_to(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int],
+           ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a normalised image (3, h, w) with 0 and its label (h, w) with `ignore_index` at the
+    bottom and right up to `size` = (H, W)."""
+    pad_h, pad_w = size[0] - image.shape[1], size[1] - image.shape[2]
+    if pad_h < 0 or pad_w < 0:
+        raise ValueError(f"cannot pad {tuple(image.shape[1:])} to the smaller size {tuple(size)}")
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+        label = F.pad(label, (0, pad_w, 0, pad_h), value=ignore_index)
+    return image, label
+
+
+def _padded_tensors(image: np.ndarray, label: np.ndarray, size: tuple[int, int],
+                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # `pad_to` in numpy: normalise straight into a zero canvas of the crop size.
+    height, width = label.shape
+    canvas = np.zeros((3, *size), dtype=np.float32)
+    canvas[:, :height, :width] = normalize_array(image)
+    label_canvas = np.full(size, ignore_index, dtype=np.int64)
+    label_canvas[:height, :width] = label
+    return torch.from_numpy(canvas), torch.from_numpy(label_canvas)
+
+
+class TrainPipeline:
+    """The paper's training augmentation, from a loaded (image, label) to fixed-size tensors.
+
+    `scale` = (w, h) is the base of the random resize, or None to use each image's own size;
+    `crop_size` = (h, w) is also the output size. `photometric=False` turns the colour
+    distortion off (the geometry stays).
+    """
+
+    def __init__(self, crop_size: tuple[int, int], scale: tuple[int, int] | None, ratio_range: tuple[float, float] = (0.5, 2.0),
+                 cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = IGNORE_INDEX):
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.scale = None if scale is None else (int(scale[0]), int(scale[1]))
+        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.flip_prob = float(flip_prob)
+        self.photometric = bool(photometric)
+        self.ignore_index = int(ignore_index)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.scale or (image.shape[1], image.shape[0])
+        size = random_resize_size(image.shape[0], image.shape[1], rng, scale, self.ratio_range)
+        label = resize_label(label, size)
+        # The crop is chosen on the resized label; only that window of the image is resized.
+        top, left, height, width = random_crop_window(label, rng, self.crop_size, self.cat_max_ratio, self.ignore_index)
+        image = resize_image(image, size, window=(top, left, height, width))
+        label = label[top:top + height, left:left + width]
+        image, label = random_flip(image, label, rng, self.flip_prob)
+        if self.photometric:
+            image = photometric_distortion(image, rng)
+        return _padded_tensors(image, label, self.crop_size, self.ignore_index)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(crop_size={self.crop_size}, scale={self.scale}, ratio_range={self.ratio_range}, "
+                f"cat_max_ratio={self.cat_max_ratio}, flip_prob={self.flip_prob}, photometric={self.photometric})")
+
+
+class TestPipeline:
+    """Keep-ratio resize of the image to fit `scale` = (w, h) (None: unchanged), normalised;
+    the label is returned as loaded, at the original size."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, scale: tuple[int, int] | None):
+        self.scale = None if scale is None else (int(scale[0]), int(scale[1]))
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scale is not None:
+            image = resize_image(image, fit_size(image.shape[0], image.shape[1], self.scale))
+        return torch.from_numpy(normalize_array(image)), torch.from_numpy(label.astype(np.int64))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scale={self.scale})"
