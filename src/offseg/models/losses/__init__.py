@@ -1,0 +1,1 @@
+"""Training losses that need more than per-pixel cross-entropy."""
