@@ -31,33 +31,47 @@ def match_custom_key(name: str, custom_keys: Mapping[str, Mapping[str, float]]) 
     return None
 
 
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+
+
 def build_param_groups(
-    model: nn.Module, lr: float, weight_decay: float, custom_keys: Mapping[str, Mapping[str, float]] | None = None
+    model: nn.Module, lr: float, weight_decay: float, custom_keys: Mapping[str, Mapping[str, float]] | None = None,
+    norm_decay_mult: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One optimiser group per distinct (lr_mult, decay_mult), each listing its parameter names."""
+    """One optimiser group per distinct (lr_mult, decay_mult), each listing its parameter names.
+
+    `norm_decay_mult` (MMEngine's paramwise option) scales the decay of parameters of norm layers,
+    found by module type, that no custom key matched.
+    """
     custom_keys = custom_keys or {}
     groups: dict[tuple[float, float], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        key = match_custom_key(name, custom_keys)
-        rule = custom_keys.get(key, {}) if key else {}
-        lr_mult = float(rule.get("lr_mult", 1.0))
-        decay_mult = float(rule.get("decay_mult", 1.0))
-        group = groups.setdefault(
-            (lr_mult, decay_mult),
-            {"params": [], "names": [], "lr": lr * lr_mult, "initial_lr": lr * lr_mult,
-             "weight_decay": weight_decay * decay_mult, "lr_mult": lr_mult, "decay_mult": decay_mult},
-        )
-        group["params"].append(param)
-        group["names"].append(name)
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            key = match_custom_key(name, custom_keys)
+            rule = custom_keys.get(key, {}) if key else {}
+            lr_mult = float(rule.get("lr_mult", 1.0))
+            decay_mult = float(rule.get("decay_mult", 1.0))
+            if key is None and norm_decay_mult is not None and isinstance(module, _NORM_TYPES):
+                decay_mult = float(norm_decay_mult)
+            group = groups.setdefault(
+                (lr_mult, decay_mult),
+                {"params": [], "names": [], "lr": lr * lr_mult, "initial_lr": lr * lr_mult,
+                 "weight_decay": weight_decay * decay_mult, "lr_mult": lr_mult, "decay_mult": decay_mult},
+            )
+            group["params"].append(param)
+            group["names"].append(name)
     return list(groups.values())
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """AdamW (or SGD) over the custom-key parameter groups. cfg: the recipe's `optimizer` block."""
     kind = cfg.get("type", "AdamW")
-    groups = build_param_groups(model, cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("custom_keys"))
+    groups = build_param_groups(model, cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("custom_keys"), cfg.get("norm_decay_mult"))
     if kind == "AdamW":
         return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
                                  weight_decay=cfg.get("weight_decay", 0.0), eps=cfg.get("eps", 1e-8))
