@@ -1,0 +1,124 @@
+"""`offseg predict`: label PNGs and colour overlays for images, folders and videos."""
+from __future__ import annotations
+
+import argparse
+import sys
+from itertools import islice
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="segment images, folders or videos; write label PNGs and colour overlays",
+        description="Segment images, folders (searched recursively) or video files. For an image NAME it "
+        "writes NAME.png (palette PNG whose pixel values are the class indices) and NAME_overlay.png. For a "
+        "video it writes NAME_overlay.mp4, or with --video-frames a folder NAME/ of per-frame label and "
+        "overlay PNGs. Unreadable files are reported and skipped.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or video file")
+    p.add_argument("--model", required=True, help="model name (see `offseg.list_models()`)")
+    p.add_argument("--checkpoint", help="weights; without it the model is randomly initialised")
+    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--palette", metavar="DATASET", help="colours (and default class count / test mode) of this dataset")
+    p.add_argument("--num-classes", type=int, help="number of classes (default: checkpoint's, else the --palette dataset's, else 150)")
+    p.add_argument("--mode", choices=("whole", "slide"), help="test mode (default: the official one for the --palette dataset, else whole)")
+    p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="sliding-window size")
+    p.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)")
+    p.add_argument("--tta", action="store_true", help="multi-scale + horizontal-flip test-time augmentation")
+    p.add_argument("--scale", nargs=2, type=int, metavar=("LONG", "SHORT"), help="resize to fit these edges, keeping the aspect ratio, before inference")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours (default: 0.5)")
+    p.add_argument("--video-frames", action="store_true", help="for videos, write per-frame PNGs instead of an overlay video")
+    p.add_argument("--max-frames", type=int, metavar="N", help="segment at most N frames of each video")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def _palette(args: argparse.Namespace, num_classes: int):
+    import numpy as np
+
+    from ..visualize import default_palette
+
+    colours = np.zeros((0, 3), dtype=np.uint8)
+    if args.palette:
+        try:
+            from ..data import dataset_info
+        except ImportError as err:
+            raise ValueError(f"--palette needs the data layer (offseg.data): {err}") from err
+        colours = np.asarray(dataset_info(args.palette).palette, dtype=np.uint8).reshape(-1, 3)
+    if len(colours) < num_classes:  # classes the dataset gives no colour get fixed random ones
+        colours = np.concatenate([colours, default_palette(num_classes)[len(colours):]])
+    return colours
+
+
+def _test_mode(args: argparse.Namespace) -> dict:
+    from .eval import resolve_test_mode
+
+    return resolve_test_mode(argparse.Namespace(model=args.model, data=args.palette or "folder", mode=args.mode, crop=args.crop, stride=args.stride))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ..factory import create_model
+    from ..predict import collect_inputs, is_video, iter_video_frames, label_image, load_image, predict, video_frame_rate, VideoWriter
+    from ..visualize import overlay
+
+    files = collect_inputs(args.inputs)  # missing inputs fail here, before the model is built
+    if not files:
+        raise ValueError("no image or video files found in " + ", ".join(args.inputs))
+    test_mode = _test_mode(args)
+    num_classes = args.num_classes
+    if num_classes is None and args.checkpoint is None and args.palette:
+        from ..data import dataset_info
+
+        num_classes = len(dataset_info(args.palette).class_names)
+    if args.checkpoint is None:
+        print(f"offseg predict: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr)
+    model = create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+    palette = _palette(args, model.num_classes)
+    out_root = Path(args.out)
+    options = dict(**test_mode, tta=args.tta, scale=args.scale)
+
+    def segment(image, label_path: Path | None, overlay_path: Path):
+        label = predict(model, image, **options)
+        overlay_path.parent.mkdir(parents=True, exist_ok=True)
+        if label_path is not None:
+            label_image(label, palette).save(label_path)
+        overlay(image, label, palette, alpha=args.alpha).save(overlay_path)
+
+    written = failed = 0
+    bar = tqdm(files, desc="predict", unit="file", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    for source, stem in bar:
+        target = out_root / stem
+        try:
+            if is_video(source):
+                frames = islice(iter_video_frames(source), args.max_frames)  # None: every frame
+                with tqdm(frames, desc=source.name, unit="frame", leave=False, disable=args.no_progress,
+                          file=sys.stderr, dynamic_ncols=True) as frames:
+                    if args.video_frames:
+                        for index, frame in enumerate(frames):
+                            segment(frame, target / f"frame_{index:06d}.png", target / f"frame_{index:06d}_overlay.png")
+                    else:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        with VideoWriter(target.parent / f"{target.name}_overlay.mp4", rate=video_frame_rate(source)) as writer:
+                            for frame in frames:
+                                writer.write(overlay(frame, predict(model, frame, **options), palette, alpha=args.alpha))
+            else:
+                label_path = target.parent / f"{target.name}.png"
+                if label_path.resolve() == source.resolve():
+                    raise ValueError("the label PNG would overwrite the input; choose another --out")
+                segment(load_image(source), label_path, target.parent / f"{target.name}_overlay.png")
+            written += 1
+        except Exception as err:  # one bad file must not stop the batch
+            failed += 1
+            reason = str(err)
+            if not reason.startswith(str(source)):
+                reason = f"{source}: {reason}"
+            tqdm.write(f"offseg predict: skipped {reason}", file=sys.stderr)
+    print(f"{written} file(s) written to {out_root}, {failed} skipped")
+    return 0 if failed == 0 else 1
