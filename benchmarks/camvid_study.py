@@ -1,0 +1,113 @@
+"""The paper's comparison rerun at CPU scale on real CamVid, from scratch, with seeds.
+
+    python benchmarks/camvid_study.py [--data-root ../shared/data/camvid] [--out runs/camvid_study]
+                                      [--runs N] [--report-only]
+
+Every variant trains with the same recipe (`camvid`: half resolution, crop 160, batch 8, the
+same iterations, optimiser and schedule), the same data and the same seeds; the checkpoint with
+the best val mIoU is evaluated on the test split. Runs are ordered so the most telling come
+first: per-pixel vs full Offset Learning (3 seeds each), then the single-branch ablations, then
+SegFormer-B0 vs SegFormer-B0-OL. Finished runs are skipped and unfinished ones resumed, so the
+study can span sessions; `--runs N` stops after N runs were trained in this call. After each run
+it rewrites docs/results-camvid.md and docs/results-camvid.png from everything finished so far.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1, 2)
+# (variant name in the report, registered model)
+VARIANTS = [("per-pixel", "offseg-t-pixel"), ("offset learning", "offseg-t"),
+            ("class offsets only", "offseg-t-co"), ("feature offsets only", "offseg-t-fo"),
+            ("SegFormer-B0", "segformer-b0"), ("SegFormer-B0 + OL", "segformer-b0-ol")]
+
+
+def planned_runs() -> list[tuple[str, str, int]]:
+    first, second = VARIANTS[:2], VARIANTS[2:4]
+    runs = [(v, m, s) for s in SEEDS for v, m in first]
+    runs += [(v, m, s) for v, m in second for s in SEEDS]
+    runs += [(v, m, s) for s in SEEDS for v, m in VARIANTS[4:]]
+    return runs
+
+
+def train_command(model: str, seed: int, data_root: Path, work_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "offseg.cli.main", "train", "--model", model, "--data", "camvid",
+            "--data-root", str(data_root), "--recipe", "camvid", "--seed", str(seed), "--work-dir", str(work_dir),
+            "--resume", "--no-progress"]
+
+
+def run_one(model: str, seed: int, data_root: Path, work_dir: Path) -> dict:
+    """Train (or finish) one run, then test its best-on-val checkpoint; cached in result.json."""
+    result_path = work_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cmd = train_command(model, seed, data_root, work_dir)
+    started = time.time()
+    with (work_dir / "train.out").open("a") as out:
+        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT)
+    elapsed = time.time() - started
+
+    import torch
+
+    import offseg
+    from offseg.engine.recipes import load_recipe
+
+    recipe = load_recipe("camvid", model=model)
+    from offseg.data import build_dataset
+    from offseg.evaluation import evaluate
+    from offseg.flops import count_flops, count_parameters
+
+    net = offseg.create_model(model, checkpoint=work_dir / "best.pth").eval()
+    test_options = recipe["data"].get("test_options") or {}
+    tested = evaluate(net, build_dataset("camvid", data_root, "test", pipeline="test", **test_options), progress=False, **recipe["test"])
+    best = torch.load(work_dir / "best.pth", weights_only=True)
+    log = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
+    val_curve = [(r["iter"], r["val"]["mIoU"]) for r in log if "val" in r]
+    # Wall time of the whole run, also across resumed sessions: the logs' per-iteration times.
+    train_seconds = sum(r["sec_per_iter"] * recipe["train"]["log_interval"] for r in log if "sec_per_iter" in r)
+    crop = tuple(recipe["data"]["options"]["crop_size"])
+    result = {
+        "model": model, "seed": seed, "test": {k: tested[k] for k in ("mIoU", "mAcc", "aAcc")},
+        "test_iou": tested["IoU"], "class_names": tested.get("class_names"),
+        "best_val_mIoU": max(v for _, v in val_curve), "best_iter": int(best["iteration"]), "val_curve": val_curve,
+        "params": count_parameters(net), "gflops_at_crop": count_flops(net, crop, convention="full").gflops,
+        "train_seconds_logged": train_seconds, "seconds_this_call": elapsed, "command": " ".join(cmd[1:]),
+    }
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "camvid"))
+    parser.add_argument("--out", default=str(REPO / "runs" / "camvid_study"))
+    parser.add_argument("--runs", type=int, default=None, help="train at most N runs in this call")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    from camvid_report import write_report  # benchmarks/camvid_report.py
+
+    done = 0
+    for variant, model, seed in planned_runs():
+        work = Path(args.out) / f"{model}_s{seed}"
+        if args.report_only or (args.runs is not None and done >= args.runs and not (work / "result.json").is_file()):
+            continue
+        fresh = not (work / "result.json").is_file()
+        print(f"== {variant} ({model}), seed {seed}: {'training' if fresh else 'done'}", flush=True)
+        result = run_one(model, seed, Path(args.data_root), work)
+        done += fresh
+        print(f"   test mIoU {result['test']['mIoU']:.2f}  best val {result['best_val_mIoU']:.2f}", flush=True)
+        write_report(Path(args.out), planned_runs(), VARIANTS, REPO / "docs")
+    write_report(Path(args.out), planned_runs(), VARIANTS, REPO / "docs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
