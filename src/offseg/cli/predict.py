@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-frames", type=int, metavar="N", help="segment at most N frames of each video")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global RNG (SegNeXt draws its NMF bases from it)")
     p.set_defaults(run=run)
 
 
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         print(f"offseg predict: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr)
     model = create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
+    torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
     palette = _palette(args, model.num_classes)
