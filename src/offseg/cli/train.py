@@ -58,5 +58,8 @@ def run(args: argparse.Namespace) -> int:
                     device=args.device, progress=not args.no_progress)["val"]
     if results:
         print(f"final val: mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}")
-    print(f"checkpoints: {args.work_dir}/last.pth, {args.work_dir}/best.pth")
+    from pathlib import Path
+
+    written = [str(p) for p in (Path(args.work_dir) / "last.pth", Path(args.work_dir) / "best.pth") if p.is_file()]
+    print(f"checkpoints: {', '.join(written)}")
     return 0

@@ -262,7 +262,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
                  test_scale: tuple[int, int] | None = None, ratio_range: tuple[float, float] = (0.5, 2.0),
                  cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True, seed: int = 0,
                  reduce_zero_label: bool | None = None, void_value: int | None | str = "dataset",
-                 root: str | Path | None = None, split: str | None = None):
+                 root: str | Path | None = None, split: str | None = None,
+                 short_edges: Sequence[int] | None = None, max_size: int = 2048):
         if pipeline not in ("train", "test"):
             raise ValueError(f"pipeline must be 'train' or 'test', got {pipeline!r}")
         self.samples = [(Path(image), Path(label)) for image, label in pairs]
@@ -288,7 +289,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if crop_size is None:
                 raise ValueError(f"{self.name}: the train pipeline needs crop_size=(h, w)")
             self.transform: TrainPipeline | TestPipeline = TrainPipeline(
-                crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric, IGNORE_INDEX)
+                crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric, IGNORE_INDEX,
+                short_edges=short_edges, max_size=max_size)
         else:
             self.transform = TestPipeline(test_scale)
 
@@ -428,8 +430,9 @@ def _default_crop(pairs: list[tuple[Path, Path]]) -> tuple[int, int]:
     return (max(32, height // 32 * 32), max(32, width // 32 * 32))
 
 
-_OPTIONS = {"crop_size", "scale", "test_scale", "ratio_range", "cat_max_ratio", "flip_prob", "photometric", "seed",
-            "ignore_index", "reduce_zero_label", "class_names", "classes_file", "num_classes", "palette"}
+_OPTIONS = {"crop_size", "scale", "test_scale", "ratio_range", "short_edges", "max_size", "cat_max_ratio", "flip_prob",
+            "photometric", "seed", "ignore_index", "reduce_zero_label", "class_names", "classes_file", "num_classes",
+            "palette"}
 _AUTO = object()
 
 
@@ -482,6 +485,12 @@ def make_dataset(name: str, root: str | Path, split: str = "train", pipeline: st
     if test_scale is _AUTO:  # an explicit base scale is the test scale too, as in the official configs
         test_scale = scale if scale_given else info.test_scale
     crop_size = _pair_of_ints(options.pop("crop_size", info.crop_size), "crop_size")
+    short_edges = options.pop("short_edges", None)
+    if short_edges is not None:
+        if isinstance(short_edges, (int, str)) or not all(isinstance(e, int) and not isinstance(e, bool) for e in short_edges):
+            raise ValueError(f"short_edges must be a list of ints, got {short_edges!r}")
+        short_edges = list(short_edges)
+    max_size = int(options.pop("max_size", 2048))
     if pipeline == "train" and crop_size is None and scan.pairs:
         crop_size = _default_crop(scan.pairs)
     dataset = SegmentationDataset(
@@ -490,7 +499,7 @@ def make_dataset(name: str, root: str | Path, split: str = "train", pipeline: st
         ratio_range=tuple(options.pop("ratio_range", (0.5, 2.0))), cat_max_ratio=options.pop("cat_max_ratio", 0.75),
         flip_prob=options.pop("flip_prob", 0.5), photometric=options.pop("photometric", True),
         seed=options.pop("seed", 0), reduce_zero_label=options.pop("reduce_zero_label", None), void_value=void_value,
-        root=root, split=split,
+        root=root, split=split, short_edges=short_edges, max_size=max_size,
     )
     dataset.scan_problems = scan.problems
     return dataset
@@ -512,6 +521,9 @@ def build_dataset(name: str, root: str | Path, split: str = "train", pipeline: s
                            the test scale unless test_scale= is given
       test_scale=(w, h)    test-mode keep-ratio resize (None: unchanged)
       ratio_range=(0.5, 2.0), cat_max_ratio=0.75, flip_prob=0.5, photometric=True
+      short_edges=[...]    Mask2Former's resize instead of the ratio-based one: a short edge drawn
+      max_size=2048        uniformly from the list, the long edge at most max_size
+                           (MMSegmentation's RandomChoiceResize + ResizeShortestEdge)
       seed=0               augmentation seed (see module docs)
       ignore_index=v       raw label value meaning "ignore" (mapped to 255; CamVid: 11)
       reduce_zero_label=b  0 -> ignore, i -> i-1 (ADE20K, Pascal Context: on)

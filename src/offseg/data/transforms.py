@@ -1,8 +1,9 @@
 """The paper's data pipelines (MMSegmentation semantics), on uint8 RGB arrays.
 
-Training: random keep-ratio resize (ratio 0.5-2.0 of a base scale) -> random crop with
-``cat_max_ratio`` -> horizontal flip -> photometric distortion -> normalise -> pad to the crop
-size (0 for the image, 255 for the label). Testing: keep-ratio resize of the image only.
+Training: random keep-ratio resize (ratio 0.5-2.0 of a base scale, or — Mask2Former — a short
+edge drawn from a list, capped by a maximum long edge) -> random crop with ``cat_max_ratio`` ->
+horizontal flip -> photometric distortion -> normalise -> pad to the crop size (0 for the image,
+255 for the label). Testing: keep-ratio resize of the image only.
 
 Images stay uint8 (H, W, 3) RGB until normalisation, as in MMSegmentation, so the rounding and
 clipping of each step match. Every random choice is drawn from a ``numpy.random.Generator`` the
@@ -262,6 +263,32 @@ def random_resize_size(height: int, width: int, rng: np.random.Generator, scale:
     return fit_size(height, width, (int(scale[0] * ratio), int(scale[1] * ratio)))
 
 
+def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
+    """The (H, W) of MMSegmentation's ResizeShortestEdge(scale=short_edge, max_size=max_size).
+
+    The short side becomes `short_edge` unless the long side would then pass `max_size`, in which
+    case both shrink so that the long side is `max_size`; the sides are rounded half up. The
+    original then resizes with MMCV's keep-ratio Resize to that (w, h) as a scale, which rounds a
+    second time from the original size — `fit_size` reproduces that step, so the result is the
+    original's even where the two roundings disagree by a pixel.
+    """
+    size = float(short_edge)
+    factor = size / min(height, width)
+    new_h, new_w = (size, factor * width) if height < width else (factor * height, size)
+    if max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    return fit_size(height, width, (int(new_w + 0.5), int(new_h + 0.5)))
+
+
+def random_short_edge_size(height: int, width: int, rng: np.random.Generator, short_edges: Sequence[int],
+                           max_size: int) -> tuple[int, int]:
+    """The (H, W) of MMCV's RandomChoiceResize(scales=short_edges, resize_type='ResizeShortestEdge',
+    max_size=max_size): one short edge drawn uniformly from the list, then `shortest_edge_size`."""
+    short_edge = short_edges[int(rng.integers(len(short_edges)))]
+    return shortest_edge_size(height, width, int(short_edge), max_size)
+
+
 def random_resize(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, scale: Sequence[int],
                   ratio_range: tuple[float, float] = (0.5, 2.0)) -> tuple[np.ndarray, np.ndarray]:
     """Resize image (bilinear) and label (nearest) to `random_resize_size`."""
@@ -343,21 +370,37 @@ class TrainPipeline:
     `scale` = (w, h) is the base of the random resize, or None to use each image's own size;
     `crop_size` = (h, w) is also the output size. `photometric=False` turns the colour
     distortion off (the geometry stays).
+
+    `short_edges` (a list of ints) replaces the ratio-based resize by Mask2Former's: a short edge
+    drawn uniformly from the list, the long edge capped at `max_size` (see
+    `random_short_edge_size`); `scale` and `ratio_range` are then unused.
     """
 
     def __init__(self, crop_size: tuple[int, int], scale: tuple[int, int] | None, ratio_range: tuple[float, float] = (0.5, 2.0),
-                 cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = IGNORE_INDEX):
+                 cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = IGNORE_INDEX,
+                 short_edges: Sequence[int] | None = None, max_size: int = 2048):
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.scale = None if scale is None else (int(scale[0]), int(scale[1]))
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        if short_edges is not None:
+            short_edges = tuple(int(edge) for edge in short_edges)
+            if not short_edges or min(short_edges) < 1:
+                raise ValueError(f"short_edges must be a non-empty list of positive ints, got {list(short_edges)}")
+        if int(max_size) < 1:
+            raise ValueError(f"max_size must be a positive int, got {max_size}")
+        self.short_edges = short_edges
+        self.max_size = int(max_size)
         self.cat_max_ratio = float(cat_max_ratio)
         self.flip_prob = float(flip_prob)
         self.photometric = bool(photometric)
         self.ignore_index = int(ignore_index)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.scale or (image.shape[1], image.shape[0])
-        size = random_resize_size(image.shape[0], image.shape[1], rng, scale, self.ratio_range)
+        if self.short_edges is not None:
+            size = random_short_edge_size(image.shape[0], image.shape[1], rng, self.short_edges, self.max_size)
+        else:
+            scale = self.scale or (image.shape[1], image.shape[0])
+            size = random_resize_size(image.shape[0], image.shape[1], rng, scale, self.ratio_range)
         label = resize_label(label, size)
         # The crop is chosen on the resized label; only that window of the image is resized.
         top, left, height, width = random_crop_window(label, rng, self.crop_size, self.cat_max_ratio, self.ignore_index)
@@ -369,7 +412,11 @@ class TrainPipeline:
         return _padded_tensors(image, label, self.crop_size, self.ignore_index)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(crop_size={self.crop_size}, scale={self.scale}, ratio_range={self.ratio_range}, "
+        if self.short_edges is not None:
+            resize = f"short_edges={list(self.short_edges)}, max_size={self.max_size}"
+        else:
+            resize = f"scale={self.scale}, ratio_range={self.ratio_range}"
+        return (f"{type(self).__name__}(crop_size={self.crop_size}, {resize}, "
                 f"cat_max_ratio={self.cat_max_ratio}, flip_prob={self.flip_prob}, photometric={self.photometric})")
 
 

@@ -3,7 +3,8 @@
 A recipe is a nested mapping (see `src/offseg/recipes/*.yaml`). Resolution order, later wins:
 the built-in defaults below, the recipe file, the file's `models: {NAME: {...}}` entry for the
 chosen model (per-model exceptions of the official configs), then command-line overrides
-(`section.key=value`, values parsed as YAML).
+(`section.key=value`, values parsed as YAML). Sections merge key by key, except
+`optimizer.custom_keys`, which a later source replaces whole.
 """
 from __future__ import annotations
 
@@ -33,10 +34,15 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Mappings that are one rule set each: a recipe that gives one replaces the default whole (merging
+# would leak, e.g., the default `head: lr x10` key into a recipe with its own keys).
+REPLACED_KEYS = frozenset({"custom_keys"})
+
+
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(dict(base))
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if key not in REPLACED_KEYS and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

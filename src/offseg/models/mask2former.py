@@ -20,15 +20,20 @@ What the model methods return (inputs are normalised images with sides multiple 
   "+ predict()" column.
 - `model.semantic_scores(outputs, size=None)`: scores from raw outputs, at mask resolution by
   default.
+- `model.loss(images, labels)`: the training loss, the sum of `Mask2FormerLoss` (class, mask and
+  dice terms of every decoder prediction) for semantic labels (B, H, W) at the input size
+  (255 = ignore). `offseg train` uses it instead of per-pixel cross-entropy.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import torch.nn as nn
 
 from .backbones.swin import SWIN_T, SwinTransformer
 from .heads.mask2former_head import Mask2FormerHead, semantic_scores
+from .losses.mask2former_loss import Mask2FormerLoss
 from .registry import register_model
 from .segmentor import Segmentor
 
@@ -50,6 +55,18 @@ Mask2FormerOutputs = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 class Mask2FormerSegmentor(Segmentor):
     """Swin backbone + Mask2Former head; see the module docstring for what each method returns."""
+
+    def __init__(self, backbone: nn.Module, decode_head: nn.Module, size_divisor: int = 32, name: str = "") -> None:
+        super().__init__(backbone, decode_head, size_divisor, name)
+        # The criterion holds no parameters and only a non-persistent buffer (the class weights),
+        # so the state dict keeps exactly the official keys; as a submodule it follows `.to()`.
+        self.criterion = Mask2FormerLoss(decode_head.num_classes)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss: the sum of the Mask2Former loss terms over all decoder predictions,
+        for semantic labels (B, H, W) at the input size (255 = ignore)."""
+        all_cls_scores, all_mask_preds = self.forward_train_outputs(images)
+        return sum(self.criterion(all_cls_scores, all_mask_preds, labels).values())
 
     def forward_logits(self, x: torch.Tensor) -> Mask2FormerOutputs:
         """Raw per-layer (all_cls_scores, all_mask_preds) of the decode head."""
