@@ -8,3 +8,5 @@ from .factory import create_model  # noqa: E402
 from .models import list_models  # noqa: E402
 
 __all__ = ["create_model", "list_models", "load_checkpoint", "read_state_dict", "__version__"]
+from .predict import predict  # noqa: E402
+from .hub import load_pretrained, save_pretrained  # noqa: E402

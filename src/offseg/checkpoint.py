@@ -10,13 +10,19 @@ Formats read by `read_state_dict`:
   objects of known training frameworks (mmengine, mmcv, mmseg, mmdet, numpy) into inert
   placeholders. Any other global (os.system, eval, ...) makes the file refused. No code named by
   the file is ever imported or called.
+
+`read_checkpoint` also returns what a file says about itself (`CheckpointInfo.metadata`): the
+project's own format (`offseg.hub.save_pretrained`: NAME.safetensors + NAME.json) and training
+checkpoints name the model, the class count and the class names; official MMSegmentation
+checkpoints carry the class names and palette in 'meta'.
 """
 from __future__ import annotations
 
 import collections
-import io
+import json
 import os
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -112,26 +118,145 @@ def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{source}: no tensors found (expected a state dict, or a dict with 'state_dict' or 'model')")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, by state-dict key. Never executes pickled code."""
+# Key of the safetensors header entry that holds a copy of the own format's JSON config, so that a
+# .safetensors file separated from its .json still says what it is.
+SAFETENSORS_CONFIG_KEY = "offseg_config"
+
+
+@dataclass
+class CheckpointInfo:
+    """A checkpoint's tensors and what the file says about itself.
+
+    metadata may hold: model_name, num_classes, class_names, palette, mean, std, dataset (whatever
+    the file records; nothing is guessed). kind: 'offseg' (own format), 'training' (written by
+    `offseg train`), 'mmseg' (official, with 'meta' and 'state_dict'), 'release' (an ImageNet
+    release, {'model': ...}), 'safetensors' or 'state_dict' (bare tensors).
+    """
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    kind: str = "state_dict"
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """The file to read for `path`: the file itself, or for the own format also NAME.json or the bare
+    NAME given for NAME.safetensors."""
     path = Path(path)
+    if path.suffix == ".json" and path.with_suffix(".safetensors").is_file():
+        return path.with_suffix(".safetensors")
+    if not path.exists():
+        with_suffix = path.parent / (path.name + ".safetensors")
+        if with_suffix.is_file():
+            return with_suffix
+    return path
+
+
+def _string_list(value: Any) -> list[str] | None:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def _palette_list(value: Any) -> list[list[int]] | None:
+    try:
+        rows = [[int(c) for c in row] for row in value]
+    except (TypeError, ValueError):
+        return None
+    return rows if rows and all(len(r) == 3 and all(0 <= c <= 255 for c in r) for r in rows) else None
+
+
+def _clean_metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep only well-formed entries; checkpoints from elsewhere may hold anything under these names."""
+    meta: dict[str, Any] = {}
+    if isinstance(raw.get("model_name"), str) and raw["model_name"]:
+        meta["model_name"] = raw["model_name"]
+    if isinstance(raw.get("num_classes"), int) and not isinstance(raw["num_classes"], bool) and raw["num_classes"] > 0:
+        meta["num_classes"] = raw["num_classes"]
+    names = _string_list(raw.get("class_names"))
+    if names:
+        meta["class_names"] = names
+    palette = _palette_list(raw.get("palette")) if raw.get("palette") is not None else None
+    if palette:
+        meta["palette"] = palette
+    for key in ("mean", "std"):
+        value = raw.get(key)
+        if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
+            meta[key] = [float(v) for v in value]
+    if isinstance(raw.get("dataset"), str):
+        meta["dataset"] = raw["dataset"]
+    return meta
+
+
+def _pickle_metadata(obj: Any) -> tuple[dict[str, Any], str]:
+    """Metadata and kind of a torch pickle's top-level object."""
+    if not isinstance(obj, Mapping):
+        return {}, "state_dict"
+    if "model" in obj and ("model_name" in obj or "optimizer" in obj):  # `offseg train`
+        return _clean_metadata(obj), "training"
+    if "state_dict" in obj:
+        raw: dict[str, Any] = {}
+        meta = obj.get("meta")
+        if isinstance(meta, Mapping):
+            # MMSegmentation 1.x keeps dataset_meta {'classes', 'palette'}; 0.x kept CLASSES / PALETTE
+            dataset_meta = meta.get("dataset_meta")
+            if isinstance(dataset_meta, Mapping):
+                raw = {"class_names": dataset_meta.get("classes"), "palette": dataset_meta.get("palette")}
+            else:
+                raw = {"class_names": meta.get("CLASSES"), "palette": meta.get("PALETTE")}
+        return _clean_metadata(raw), "mmseg"
+    if "model" in obj:
+        return {}, "release"
+    return {}, "state_dict"
+
+
+def _read_safetensors(path: Path) -> CheckpointInfo:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            state_dict = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    raw: dict[str, Any] = {}
+    if SAFETENSORS_CONFIG_KEY in header:
+        try:
+            raw = json.loads(header[SAFETENSORS_CONFIG_KEY])
+        except json.JSONDecodeError:
+            raw = {}
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():  # the JSON beside the weights wins: it is the copy a user may edit
+        try:
+            raw = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{sidecar}: not a readable JSON config ({err})") from None
+    metadata = _clean_metadata(raw) if isinstance(raw, Mapping) else {}
+    kind = "offseg" if isinstance(raw, Mapping) and raw.get("format") == "offseg" else "safetensors"
+    return CheckpointInfo(path, state_dict, metadata, kind)
+
+
+def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Tensors and self-description of a checkpoint file. Never executes pickled code."""
+    path = resolve_checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        return _read_safetensors(path)
     try:
         obj = _torch_load(path)
     except UnsafePickleError as err:
         raise CheckpointError(f"{path}: refused: {err}; only tensors and plain data are read from checkpoints") from None
     except Exception as err:  # truncated zips, garbage, and pickles torch cannot rebuild
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    return _unwrap(obj, str(path))
+    state_dict = _unwrap(obj, str(path))
+    metadata, kind = _pickle_metadata(obj)
+    return CheckpointInfo(path, state_dict, metadata, kind)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, by state-dict key. Never executes pickled code."""
+    return read_checkpoint(path).state_dict
 
 
 def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
@@ -175,11 +300,17 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], source: str | None = None) -> nn.Module:
     """Load weights strictly into `model` (a path, or a state dict already read). Returns the model.
 
-    Float tensors are cast to the model's dtype (the reference files store float16).
+    Float tensors are cast to the model's dtype (the reference files store float16). A file that
+    names the model it was saved from (own format, training checkpoint) must name this model.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
-        source = source or str(checkpoint)
-        state_dict = read_state_dict(checkpoint)
+        info = read_checkpoint(checkpoint)
+        source = source or str(info.path)
+        state_dict = info.state_dict
+        saved_from = info.metadata.get("model_name")
+        name = getattr(model, "name", "")
+        if saved_from and name and saved_from != name:
+            raise CheckpointError(f"{source} holds weights of model {saved_from}, not {name}")
     else:
         state_dict = dict(checkpoint)
     source = source or "state dict"

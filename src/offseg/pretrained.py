@@ -9,11 +9,20 @@ Release formats per backbone class:
 - EfficientFormerV2: the snap-research release, {'model': {'patch_embed.*', 'network.*', 'norm.*',
   'head.*', 'dist_head.*'}}. Names already match; the 224-pixel `attention_biases` tables land in
   the unused legacy buffers and the `attention_biases_seg` tables start at zero, as in the
-  official fine-tuning.
+  official fine-tuning. The classifier (norm, head, dist_head) is reported unused.
+- MixVisionTransformer (MiT-B0..B5), three namings (see `convert_mit`):
+  the SegFormer release (NVlabs: `patch_embed1.proj`, `block1.0.attn.q` / `attn.kv`, `norm1`, `head`),
+  MMSegmentation's converted files (our names already), and Hugging Face `transformers`
+  (`segformer.encoder.patch_embeddings.0.proj`, `block.0.0.attention.self.query` / `key` / `value`,
+  `layer_norm.0`, `classifier`).
+- MSCAN (SegNeXt): the SegNeXt release (Visual-Attention-Network) names the depthwise conv of the
+  MLP `mlp.dwconv.dwconv`, MMSegmentation `mlp.dwconv`; everything else already matches. Its
+  classifier (`head.*`) is reported unused.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -32,6 +41,112 @@ def register_key_converter(class_name: str):
         return fn
 
     return decorator
+
+
+# --- MiT ----------------------------------------------------------------------------------------
+# Our names (MMSegmentation's): stage i (0-based) is layers.i = [patch embedding, blocks, norm].
+#   layers.i.0.projection / layers.i.0.norm                       patch embedding conv / LayerNorm
+#   layers.i.1.j.norm1, .norm2                                    block LayerNorms
+#   layers.i.1.j.attn.attn.in_proj_weight / in_proj_bias          packed [q; k; v] projection
+#   layers.i.1.j.attn.attn.out_proj, .attn.sr, .attn.norm         output proj, reduction conv + LN
+#   layers.i.1.j.ffn.layers.{0,1,4}                               fc1 (1x1 conv), depthwise 3x3, fc2
+#   layers.i.2                                                    stage LayerNorm
+# The releases use nn.Linear for q / kv / fc1 / fc2: 2-D weights; fc1 and fc2 become 1x1 convs.
+
+_MIT_SEGFORMER_RULES = [  # SegFormer release, stages numbered from 1
+    (r"patch_embed(\d+)\.proj\.(.+)", "layers.{s}.0.projection.{1}"),
+    (r"patch_embed(\d+)\.norm\.(.+)", "layers.{s}.0.norm.{1}"),
+    (r"block(\d+)\.(\d+)\.norm([12])\.(.+)", "layers.{s}.1.{1}.norm{2}.{3}"),
+    (r"block(\d+)\.(\d+)\.attn\.proj\.(.+)", "layers.{s}.1.{1}.attn.attn.out_proj.{2}"),
+    (r"block(\d+)\.(\d+)\.attn\.sr\.(.+)", "layers.{s}.1.{1}.attn.sr.{2}"),
+    (r"block(\d+)\.(\d+)\.attn\.norm\.(.+)", "layers.{s}.1.{1}.attn.norm.{2}"),
+    (r"block(\d+)\.(\d+)\.mlp\.fc1\.(.+)", "layers.{s}.1.{1}.ffn.layers.0.{2}"),
+    (r"block(\d+)\.(\d+)\.mlp\.dwconv\.dwconv\.(.+)", "layers.{s}.1.{1}.ffn.layers.1.{2}"),
+    (r"block(\d+)\.(\d+)\.mlp\.fc2\.(.+)", "layers.{s}.1.{1}.ffn.layers.4.{2}"),
+    (r"norm(\d+)\.(.+)", "layers.{s}.2.{1}"),
+]
+_MIT_HUGGINGFACE_RULES = [  # transformers' Segformer encoder, stages numbered from 0
+    (r"patch_embeddings\.(\d+)\.proj\.(.+)", "layers.{0}.0.projection.{1}"),
+    (r"patch_embeddings\.(\d+)\.layer_norm\.(.+)", "layers.{0}.0.norm.{1}"),
+    (r"block\.(\d+)\.(\d+)\.layer_norm_([12])\.(.+)", "layers.{0}.1.{1}.norm{2}.{3}"),
+    (r"block\.(\d+)\.(\d+)\.attention\.output\.dense\.(.+)", "layers.{0}.1.{1}.attn.attn.out_proj.{2}"),
+    (r"block\.(\d+)\.(\d+)\.attention\.self\.sr\.(.+)", "layers.{0}.1.{1}.attn.sr.{2}"),
+    (r"block\.(\d+)\.(\d+)\.attention\.self\.layer_norm\.(.+)", "layers.{0}.1.{1}.attn.norm.{2}"),
+    (r"block\.(\d+)\.(\d+)\.mlp\.dense1\.(.+)", "layers.{0}.1.{1}.ffn.layers.0.{2}"),
+    (r"block\.(\d+)\.(\d+)\.mlp\.dwconv\.dwconv\.(.+)", "layers.{0}.1.{1}.ffn.layers.1.{2}"),
+    (r"block\.(\d+)\.(\d+)\.mlp\.dense2\.(.+)", "layers.{0}.1.{1}.ffn.layers.4.{2}"),
+    (r"layer_norm\.(\d+)\.(.+)", "layers.{0}.2.{1}"),
+]
+# The attention input projections, concatenated in this order into in_proj_{weight,bias}.
+_MIT_SEGFORMER_QKV = (r"block(\d+)\.(\d+)\.attn\.(q|kv)\.(weight|bias)", ("q", "kv"))
+_MIT_HUGGINGFACE_QKV = (r"block\.(\d+)\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)", ("query", "key", "value"))
+
+
+def mit_release_format(state: Mapping[str, torch.Tensor]) -> str:
+    """'segformer' (NVlabs release), 'huggingface' (transformers) or 'mmseg' (our names)."""
+    if any(re.match(r"(patch_embed|block)\d+\.", k) for k in state):
+        return "segformer"
+    if any(k.startswith(("segformer.encoder.", "encoder.patch_embeddings.", "patch_embeddings.")) for k in state):
+        return "huggingface"
+    return "mmseg"
+
+
+def _rename_mit(state: Mapping[str, torch.Tensor], rules, qkv, stage_base: int) -> dict[str, torch.Tensor]:
+    qkv_pattern, qkv_order = qkv
+    out: dict[str, torch.Tensor] = {}
+    # (stage, block, weight|bias) -> {q|kv|query|key|value: (original key, tensor)}
+    projections: dict[tuple[str, str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, value in state.items():
+        found = re.fullmatch(qkv_pattern, key)
+        if found:
+            stage, block, which, kind = found.groups()
+            projections.setdefault((stage, block, kind), {})[which] = (key, value)
+            continue
+        for pattern, template in rules:
+            found = re.fullmatch(pattern, key)
+            if found:
+                groups = found.groups()
+                new_key = template.format(*groups, s=int(groups[0]) - stage_base)
+                if new_key.endswith(("ffn.layers.0.weight", "ffn.layers.4.weight")) and value.ndim == 2:
+                    value = value.reshape(*value.shape, 1, 1)  # Linear -> 1x1 conv
+                out[new_key] = value
+                break
+        else:
+            out[key] = value  # classifier heads etc.: left as they are, reported unused
+    for (stage, block, kind), parts in projections.items():
+        if set(parts) == set(qkv_order):
+            packed = torch.cat([parts[name][1] for name in qkv_order])
+            out[f"layers.{int(stage) - stage_base}.1.{block}.attn.attn.in_proj_{kind}"] = packed
+        else:  # an incomplete set cannot be packed: keep the originals, so the report lists them
+            out.update(dict(parts.values()))
+    return out
+
+
+@register_key_converter("MixVisionTransformer")
+def convert_mit(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MiT weights in any of the three namings -> our (MMSegmentation) names."""
+    fmt = mit_release_format(state)
+    if fmt == "segformer":
+        return _rename_mit(state, _MIT_SEGFORMER_RULES, _MIT_SEGFORMER_QKV, stage_base=1)
+    if fmt == "huggingface":
+        encoder = {}
+        for key, value in state.items():
+            for prefix in ("segformer.encoder.", "encoder."):
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    break
+            encoder[key] = value
+        return _rename_mit(encoder, _MIT_HUGGINGFACE_RULES, _MIT_HUGGINGFACE_QKV, stage_base=0)
+    return dict(state)
+
+
+# --- MSCAN --------------------------------------------------------------------------------------
+
+@register_key_converter("MSCAN")
+def convert_mscan(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SegNeXt release names -> MMSegmentation's: `blockS.J.mlp.dwconv.dwconv.*` -> `blockS.J.mlp.dwconv.*`.
+    Files already in MMSegmentation's names pass unchanged."""
+    return {re.sub(r"(^block\d+\.\d+\.mlp\.dwconv)\.dwconv\.", r"\1.", key): value for key, value in state.items()}
 
 
 @dataclass

@@ -84,7 +84,7 @@ class WarmupPolySchedule:
     """lr(iteration) = initial_lr * factor(iteration) for every optimiser group."""
 
     def __init__(self, end: int, warmup_iters: int = 1500, warmup_start_factor: float = 1e-6, power: float = 1.0, eta_min: float = 0.0) -> None:
-        if warmup_iters + 1 >= end:
+        if warmup_iters >= end:
             raise ValueError(f"warm-up ({warmup_iters} iterations) must end before the schedule does ({end})")
         self.end = end
         self.warmup_iters = warmup_iters
@@ -98,7 +98,7 @@ class WarmupPolySchedule:
             ramp = iteration / max(self.warmup_iters - 1, 1)
             return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * ramp
         progress = min(iteration, self.end - 1) - self.warmup_iters
-        return (1.0 - progress / (self.end - self.warmup_iters - 1)) ** self.power
+        return (1.0 - progress / max(self.end - self.warmup_iters - 1, 1)) ** self.power
 
     def lr(self, initial_lr: float, iteration: int) -> float:
         factor = self.factor(iteration)

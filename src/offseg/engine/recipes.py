@@ -114,7 +114,7 @@ def set_iterations(recipe: dict[str, Any], iters: int) -> dict[str, Any]:
     schedule = recipe["schedule"]
     if schedule.get("end") in (None, recipe["train"]["iters"]):
         schedule["end"] = iters
-    schedule["warmup_iters"] = min(int(schedule.get("warmup_iters", 0)), max(iters // 10, 1))
+    schedule["warmup_iters"] = min(int(schedule.get("warmup_iters", 0)), iters // 10)
     recipe["train"]["iters"] = iters
     return recipe
 
