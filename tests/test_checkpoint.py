@@ -99,3 +99,13 @@ def test_num_classes_conflict_is_an_error(tmp_path, small_state):
     torch.save(small_state, path)
     with pytest.raises(ValueError, match="3 classes but num_classes=150"):
         offseg.create_model("offseg-t", num_classes=150, checkpoint=path)
+
+
+def test_training_checkpoint_brings_its_architecture_options_and_model_name(tmp_path, small_state):
+    path = tmp_path / "last.pth"
+    torch.save({"model": small_state, "model_name": "offseg-t", "optimizer": {}, "num_classes": 3,
+                "class_names": ["a", "b", "c"], "recipe": {"model_options": {"freeze_bn": True}}}, path)
+    model = offseg.create_model("offseg-t", checkpoint=path)
+    assert model.backbone.freeze_bn and model.class_names == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="holds weights of model offseg-t, not offseg-b"):
+        offseg.create_model("offseg-b", checkpoint=path)

@@ -185,6 +185,12 @@ def _clean_metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
             meta[key] = [float(v) for v in value]
     if isinstance(raw.get("dataset"), str):
         meta["dataset"] = raw["dataset"]
+    # Architecture options the weights were built with (a training run's recipe records them).
+    options = raw.get("model_options")
+    if options is None and isinstance(raw.get("recipe"), Mapping):
+        options = raw["recipe"].get("model_options")
+    if isinstance(options, Mapping) and options and all(isinstance(k, str) for k in options):
+        meta["model_options"] = dict(options)
     return meta
 
 
