@@ -323,6 +323,15 @@ def _same_size_level_resize(module: nn.Module, inputs: tuple, events: list["Flop
     return [("upsample_bilinear2d", 4 * feats[0].shape[0] * module.channels * _prod(size) * skipped)]
 
 
+def _ham_same_size_level_resize(module: nn.Module, inputs: tuple, events: list["FlopEvent"]) -> list[tuple[str, int]]:
+    # MMSegmentation's LightHam head resizes each selected level bilinearly to the first selected
+    # level's size, that level included (an identity our head skips); 4 FLOPs per output element.
+    feats = [inputs[0][i] for i in module.in_index]
+    size = feats[0].shape[-2:]
+    skipped = sum(_prod(x.shape[:2]) for x in feats if x.shape[-2:] == size)
+    return [("upsample_bilinear2d", 4 * skipped * _prod(size))]
+
+
 # Operations the official code runs but ours skips because they are identities there. fvcore
 # counted them in the reference figures, so they are counted as if they ran:
 # (module, class) -> function(module, forward inputs, events recorded during its forward).
@@ -330,6 +339,7 @@ SKIPPED_IDENTITY_OPS: dict[tuple[str, str], Callable] = {
     ("offseg.models.backbones.efficientformer_v2", "AttentionBias"): _bias_resize,
     ("offseg.models.layers.freqfusion", "FreqFusion"): _freqfusion_kernel_resize,
     ("offseg.models.heads.segformer_head", "SegformerHead"): _same_size_level_resize,
+    ("offseg.models.heads.ham_head", "LightHamHead"): _ham_same_size_level_resize,
 }
 
 
