@@ -10,3 +10,4 @@ from .models import list_models  # noqa: E402
 __all__ = ["create_model", "list_models", "load_checkpoint", "read_state_dict", "__version__"]
 from .predict import predict  # noqa: E402
 from .hub import load_pretrained, save_pretrained  # noqa: E402
+from .optimize import optimize_for_inference  # noqa: E402

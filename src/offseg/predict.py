@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .inference import DEFAULT_TTA_SCALES, infer
+from .optimize import fast_model_for
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -93,6 +94,7 @@ def predict(
     tta: bool = False,
     scales: Sequence[float] = DEFAULT_TTA_SCALES,
     scale: Sequence[int] | None = None,
+    fast: bool = True,
 ) -> np.ndarray:
     """Label map (H, W) int64 at the image's own size.
 
@@ -102,6 +104,9 @@ def predict(
     'slide', optional multi-scale + flip `tta`); the scores are resized back before the argmax.
     With `tta` the scale ratios apply to the image's own size, so `scale` then only changes the
     source of the resized views (as in the official TTA pipeline, which ignores the test scale).
+    `fast` (default) runs the inference-optimised copy of the model (`offseg.optimize_for_inference`,
+    built once and reused while the weights stay the same; same logits within float32 rounding);
+    `fast=False` runs `model` itself.
     """
     x = _normalise(image)
     out_size = tuple(x.shape[-2:])
@@ -111,7 +116,9 @@ def predict(
     was_training = model.training
     model.eval()
     try:
-        scores = infer(model, x, mode=mode, crop_size=crop_size, stride=stride, tta=tta, scales=scales, out_size=out_size)
+        # --- fast path (offseg.optimize) ---
+        runner = fast_model_for(model) if fast else model
+        scores = infer(runner, x, mode=mode, crop_size=crop_size, stride=stride, tta=tta, scales=scales, out_size=out_size)
     finally:
         model.train(was_training)
     return scores.argmax(dim=1)[0].cpu().numpy().astype(np.int64)

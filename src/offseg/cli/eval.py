@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0, help="seed of the global RNG (SegNeXt draws its NMF bases from it)")
+    p.add_argument("--exact", action="store_true",
+                   help="run the model as built instead of its inference-optimised copy (offseg.optimize_for_inference)")
     p.set_defaults(run=run)
 
 
@@ -87,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
+    if not args.exact:  # --- fast path (offseg.optimize); same logits within float32 rounding ---
+        from ..optimize import optimize_for_inference
+
+        model = optimize_for_inference(model.eval())
 
     scales = tuple(args.scales) if args.scales else DEFAULT_TTA_SCALES
     described = test_mode["mode"] if test_mode["mode"] == "whole" else (

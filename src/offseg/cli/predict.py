@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0, help="seed of the global RNG (SegNeXt draws its NMF bases from it)")
+    p.add_argument("--exact", action="store_true",
+                   help="run the model as built instead of its inference-optimised copy (offseg.optimize_for_inference)")
     p.set_defaults(run=run)
 
 
@@ -82,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
+    if not args.exact:  # --- fast path (offseg.optimize); same logits within float32 rounding ---
+        from ..optimize import optimize_for_inference
+
+        model = optimize_for_inference(model.eval())
     palette = _palette(args, model.num_classes)
     out_root = Path(args.out)
     options = dict(**test_mode, tta=args.tta, scale=args.scale)

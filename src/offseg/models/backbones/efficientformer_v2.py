@@ -66,6 +66,105 @@ def relative_offset_index(query_side: int, key_side: int) -> torch.Tensor:
     return torch.tensor(idxs, dtype=torch.long).view(query_side**2, key_side**2)
 
 
+class _BatchNormGELUConv(torch.autograd.Function):
+    """conv(GELU(BatchNorm(x))), or GELU(BatchNorm(x)) without a conv, keeping only x for the
+    backward: the BN output and the GELU output (the conv input) are recomputed there from x,
+    an elementwise pass, instead of being stored. Two activation-sized tensors less per block
+    while training; the same function and gradients as the three modules applied in turn."""
+
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                conv_weight, conv_bias, conv_args):
+        normed, mean, invstd = torch.ops.aten.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var,
+                                                                training, momentum, eps)
+        # Running statistics are needed by the backward only in eval mode (where they are not
+        # updated in place); in training mode the batch statistics come from the forward.
+        stats = (None, None) if training else (running_mean, running_var)
+        ctx.save_for_backward(x, bn_weight, bn_bias, *stats, mean, invstd, conv_weight)
+        ctx.training, ctx.eps, ctx.conv_args = training, eps, conv_args
+        ctx.conv_has_bias = conv_bias is not None
+        activated = F.gelu(normed)
+        if conv_weight is None:
+            return activated
+        stride, padding, dilation, groups = conv_args
+        return F.conv2d(activated, conv_weight, conv_bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, bn_weight, bn_bias, running_mean, running_var, mean, invstd, conv_weight = ctx.saved_tensors
+        shape = (1, -1, 1, 1)
+        if ctx.training:
+            scale, centre = invstd, mean
+        else:
+            scale, centre = torch.rsqrt(running_var + ctx.eps), running_mean
+        if bn_weight is not None:
+            scale = scale * bn_weight
+        shift = -centre * scale if bn_bias is None else bn_bias - centre * scale
+        normed = torch.addcmul(shift.view(shape), x, scale.view(shape))  # one pass over x
+        grad_conv_weight = grad_conv_bias = None
+        if conv_weight is not None:
+            stride, padding, dilation, groups = ctx.conv_args
+            needs = ctx.needs_input_grad
+            grad, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
+                grad, F.gelu(normed), conv_weight, [conv_weight.shape[0]] if ctx.conv_has_bias else None,
+                stride, padding, dilation, False, [0, 0], groups,
+                [True, needs[8], ctx.conv_has_bias and needs[9]])
+        grad_normed = torch.ops.aten.gelu_backward(grad, normed)
+        needs = ctx.needs_input_grad
+        wants = [needs[0], bn_weight is not None and needs[1], bn_bias is not None and needs[2]]
+        grad_x, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_normed, x, bn_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps, wants)
+        return grad_x, grad_bn_weight, grad_bn_bias, None, None, None, None, None, grad_conv_weight, grad_conv_bias, None
+
+
+def batch_norm_gelu(norm: nn.Module, act: nn.Module, x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor:
+    """`conv(act(norm(x)))` (or `act(norm(x))` without conv). For BatchNorm2d -> exact GELU
+    [-> zero-padded Conv2d] while gradients are recorded, the memory-saving fused form
+    (`_BatchNormGELUConv`; the running statistics are updated as nn.BatchNorm2d does)."""
+    fusable = (
+        type(norm) is nn.BatchNorm2d and type(act) is nn.GELU and act.approximate == "none"
+        and (conv is None or (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)))
+        and torch.is_grad_enabled() and x.requires_grad
+    )
+    if not fusable:
+        out = act(norm(x))
+        return out if conv is None else conv(out)
+    norm._check_input_dim(x)
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    use_batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    track = not norm.training or norm.track_running_stats
+    conv_args = None if conv is None else (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    return _BatchNormGELUConv.apply(
+        x, norm.weight, norm.bias, norm.running_mean if track else None, norm.running_var if track else None,
+        use_batch_stats, momentum, norm.eps,
+        None if conv is None else conv.weight, None if conv is None else conv.bias, conv_args)
+
+
+def batch_norm_gelu_reference(norm: nn.Module, act: nn.Module, x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor:
+    """`batch_norm_gelu` as three module calls, storing every intermediate for the backward as the
+    reference implementation does. For benchmarks and tests (`offseg.optimize.reference_computation`)."""
+    out = act(norm(x))
+    return out if conv is None else conv(out)
+
+
+def mix_heads(mix: nn.Conv2d, maps: torch.Tensor) -> torch.Tensor:
+    """The talking-head 1x1 conv `mix` over the head axis of (B, heads, Nq, Nk) maps, computed as
+    one batched matrix product: the same function as `mix(maps)`, but a 1x1 conv over 8 channels
+    is an order of magnitude slower on CPU (forward and backward)."""
+    if maps.device.type == "meta":
+        # Shape-only tracing (offseg.flops counts FLOPs on the meta device): the module call, so
+        # that the count is that of the official 1x1 conv.
+        return mix(maps)
+    b, heads, nq, nk = maps.shape
+    weight = mix.weight.view(heads, heads).expand(b, heads, heads)
+    bias = mix.bias.view(1, heads, 1).expand(b, heads, nq * nk)
+    return torch.baddbmm(bias, weight, maps.reshape(b, heads, nq * nk)).view(b, heads, nq, nk)
+
+
 class AttentionBias(nn.Module):
     """Shared machinery of the two attentions: the relative-position bias tables."""
 
@@ -122,11 +221,33 @@ class Attention4D(AttentionBias):
         k = self.k(x).reshape(b, self.num_heads, -1, n)
         v = self.v(x)
         v_local = self.v_local(v)
-        v = v.reshape(b, self.num_heads, -1, n).transpose(2, 3)
+        v = v.reshape(b, self.num_heads, -1, n)  # (B, heads, d, n)
 
         attn = (q @ k) * self.scale + self.position_bias(n, n)
-        attn = self.talking_head1(attn).softmax(dim=-1)
-        attn = self.talking_head2(attn)
+        attn = mix_heads(self.talking_head1, attn).softmax(dim=-1)
+        attn = mix_heads(self.talking_head2, attn)
+        # (attn @ v^T)^T computed as v @ attn^T: already in (B, heads*d, h, w) order, no transpose copy.
+        out = (v @ attn.transpose(2, 3)).reshape(b, self.dh, h, w) + v_local
+        if self.upsample is not None:
+            out = self.upsample(out)
+        return self.proj(out)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with the reference implementation's operations (talking heads as 1x1 convs,
+        transposed products and copies); same function. For benchmarks and tests
+        (`offseg.optimize.reference_computation`)."""
+        b = x.shape[0]
+        if self.stride_conv is not None:
+            x = self.stride_conv(x)
+        h, w = x.shape[-2:]
+        n = h * w
+        q = self.q(x).flatten(2).reshape(b, self.num_heads, -1, n).permute(0, 1, 3, 2)
+        k = self.k(x).flatten(2).reshape(b, self.num_heads, -1, n)
+        v = self.v(x)
+        v_local = self.v_local(v)
+        v = v.flatten(2).reshape(b, self.num_heads, -1, n).permute(0, 1, 3, 2)
+        attn = (q @ k) * self.scale + self.position_bias(n, n)
+        attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
         out = (attn @ v).transpose(2, 3).reshape(b, self.dh, h, w) + v_local
         if self.upsample is not None:
             out = self.upsample(out)
@@ -171,8 +292,23 @@ class Attention4DDownsample(AttentionBias):
         k = self.k(x).reshape(b, self.num_heads, -1, n)
         v = self.v(x)
         v_local = self.v_local(v)
-        v = v.reshape(b, self.num_heads, -1, n).transpose(2, 3)
+        v = v.reshape(b, self.num_heads, -1, n)  # (B, heads, d, n)
 
+        attn = (q @ k) * self.scale + self.position_bias(hq * wq, n)
+        out = (v @ attn.softmax(dim=-1).transpose(2, 3)).reshape(b, self.dh, hq, wq) + v_local
+        return self.proj(out)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with the reference implementation's transposed products and copies."""
+        b, _, h, w = x.shape
+        n = h * w
+        q = self.q(x)
+        hq, wq = q.shape[-2:]
+        q = q.flatten(2).reshape(b, self.num_heads, -1, hq * wq).permute(0, 1, 3, 2)
+        k = self.k(x).flatten(2).reshape(b, self.num_heads, -1, n)
+        v = self.v(x)
+        v_local = self.v_local(v)
+        v = v.flatten(2).reshape(b, self.num_heads, -1, n).permute(0, 1, 3, 2)
         attn = (q @ k) * self.scale + self.position_bias(hq * wq, n)
         out = (attn.softmax(dim=-1) @ v).transpose(2, 3).reshape(b, self.dh, hq, wq) + v_local
         return self.proj(out)
@@ -196,9 +332,15 @@ class Mlp(nn.Module):
         self.norm2 = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.norm1(self.fc1(x)))
-        x = self.drop(self.act(self.mid_norm(self.mid(x))))
-        return self.drop(self.norm2(self.fc2(x)))
+        if self.training and self.drop.p > 0:
+            x = self.act(self.norm1(self.fc1(x)))
+            x = self.drop(self.act(self.mid_norm(self.mid(x))))
+            return self.drop(self.norm2(self.fc2(x)))
+        # fc1 -> [BN -> GELU -> depthwise conv] -> [BN -> GELU -> fc2] -> BN; the bracketed parts
+        # keep only their input for the backward.
+        x = batch_norm_gelu(self.norm1, self.act, self.fc1(x), self.mid)
+        x = batch_norm_gelu(self.mid_norm, self.act, x, self.fc2)
+        return self.norm2(x)
 
 
 class FFN(nn.Module):
@@ -301,7 +443,9 @@ class EfficientFormerV2(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.patch_embed(x)
+        embed = self.patch_embed  # conv, BN, GELU, conv, BN, GELU
+        x = batch_norm_gelu(embed[1], embed[2], embed[0](x), embed[3])
+        x = batch_norm_gelu(embed[4], embed[5], x)
         outs = []
         for idx, block in enumerate(self.network):
             x = block(x)

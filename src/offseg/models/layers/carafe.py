@@ -4,9 +4,21 @@
                       * features[n, c, y//s + i - (k-1)//2, x//s + j - (k-1)//2]
 
 with zero outside the map and g the channel group of c. The masks live at the output resolution
-(s times the input). Rather than upsampling a k*k unfold of the features, the s*s sub-pixel
-outputs of one low-resolution position are computed together from its single unfold: the same
-sum, s*s times less memory.
+(s times the input).
+
+`carafe` never builds a k*k unfold of the features. It works channels-last: the output is an
+(N, h, s, w, s, C) buffer, and each of the k*k taps adds "shifted feature row times mask scalar"
+into it with one broadcast multiply-add, channels innermost so that every step is a contiguous,
+vectorised loop. Its backward (a custom autograd function) keeps only the padded features and the
+masks, so training stores no k*k-times-larger tensor: the feature gradient is the same tap loop
+run backwards; the mask gradient of an upsampling CARAFE is a batched (s*s x C) @ (C x k*k) product
+per input position over bands of rows. Two other forms compute the same sum: an einsum on the
+meta device (so that `offseg.flops` reads k*k multiply-adds per output) and, while exporting to
+ONNX, operators that ONNX Runtime runs well.
+
+`carafe_reference` is the formulation of the reference implementation (unfold, nearest-upsample
+the unfold to the output size, multiply by the masks, sum over the taps). It is slow and
+memory-hungry by design and exists for benchmarks and tests only.
 """
 from __future__ import annotations
 
@@ -14,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 
-def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1) -> torch.Tensor:
+def _check_shapes(features: torch.Tensor, masks: torch.Tensor, k: int, g: int, s: int) -> None:
     n, c, h, w = features.shape
-    k, g, s = kernel_size, group_size, scale_factor
     if masks.shape != (n, g * k * k, h * s, w * s):
         raise ValueError(
             f"carafe: masks must have shape {(n, g * k * k, h * s, w * s)} for features {tuple(features.shape)}, "
@@ -24,8 +35,175 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_
         )
     if c % g:
         raise ValueError(f"carafe: {c} channels do not split into {g} groups")
+
+
+def _padded_channels_last(features: torch.Tensor, k: int, g: int) -> torch.Tensor:
+    """Zero-padded features as a contiguous (N, h + 2r, w + 2r, G, C/G) tensor, r = (k-1)//2."""
+    n, c, h, w = features.shape
+    r = (k - 1) // 2
+    padded = features.new_zeros(n, h + 2 * r, w + 2 * r, g, c // g)
+    padded[:, r : r + h, r : r + w] = features.permute(0, 2, 3, 1).view(n, h, w, g, c // g)
+    return padded
+
+
+def _mask_tap(masks: torch.Tensor, tap: int, g: int, taps: int, h: int, s: int, w: int) -> torch.Tensor:
+    """Mask of one tap as an (N, h, s, w, s, G, 1) view broadcasting over the group's channels."""
+    n = masks.shape[0]
+    return masks.view(n, g, taps, h, s, w, s)[:, :, tap].permute(0, 2, 3, 4, 5, 1).unsqueeze(-1)
+
+
+def _carafe_forward(padded: torch.Tensor, masks: torch.Tensor, k: int, s: int) -> torch.Tensor:
+    """The tap loop; returns the output as (N, h, s, w, s, G, C/G)."""
+    n, hp, wp, g, cg = padded.shape
+    h, w = hp - (k - 1), wp - (k - 1)
+    out = padded.new_empty(n, h, s, w, s, g, cg)
+    for i in range(k):
+        for j in range(k):
+            shifted = padded[:, i : i + h, j : j + w].unsqueeze(2).unsqueeze(4)  # N, h, 1, w, 1, G, C/G
+            mask = _mask_tap(masks, i * k + j, g, k * k, h, s, w)
+            if i == 0 and j == 0:
+                torch.mul(shifted, mask, out=out)  # the first tap initialises the sum
+            else:
+                out.addcmul_(shifted, mask)
+    return out
+
+
+def _as_nchw(out: torch.Tensor) -> torch.Tensor:
+    """(N, h, s, w, s, G, C/G) -> (N, C, h*s, w*s), a channels-last view (no copy)."""
+    n, h, s, w, _, g, cg = out.shape
+    return out.view(n, h * s, w * s, g * cg).permute(0, 3, 1, 2)
+
+
+def _mask_grad_by_rows(grad: torch.Tensor, padded: torch.Tensor, grad_masks: torch.Tensor, k: int,
+                       target_elements: int = 1 << 22) -> None:
+    """The mask gradient of an upsampling CARAFE (s > 1), written into `grad_masks`.
+
+    For each input position, the s*s sub-pixel output gradients (s*s x C) times its k*k
+    neighbourhood (C x k*k) is one small matrix product; the neighbourhoods are gathered for a band
+    of rows at a time (bounded memory, `target_elements` floats) and multiplied in one batched
+    product. Several times faster than k*k product-and-reduce passes over the output.
+    """
+    n, h, s, w, _, g, cg = grad.shape
+    taps = k * k
+    rows = max(1, min(h, target_elements // max(1, n * w * taps * g * cg)))
+    # (N, h, w, G, s, s, k*k) view of the mask-gradient buffer
+    target = grad_masks.view(n, g, taps, h, s, w, s).permute(0, 3, 5, 1, 4, 6, 2)
+    for top in range(0, h, rows):
+        r = min(rows, h - top)
+        neighbourhoods = padded.new_empty(n, r, w, g, taps, cg)
+        for i in range(k):
+            for j in range(k):
+                neighbourhoods[:, :, :, :, i * k + j] = padded[:, top + i : top + i + r, j : j + w]
+        band = grad[:, top : top + r].permute(0, 1, 3, 5, 2, 4, 6).reshape(n * r * w * g, s * s, cg)
+        products = torch.bmm(band, neighbourhoods.view(n * r * w * g, taps, cg).transpose(1, 2))
+        target[:, top : top + r] = products.view(n, r, w, g, s, s, taps)
+
+
+class _Carafe(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, masks: torch.Tensor, k: int, g: int, s: int) -> torch.Tensor:
+        padded = _padded_channels_last(features, k, g)
+        masks = masks.contiguous()
+        ctx.save_for_backward(padded, masks)
+        ctx.params = (k, s)
+        return _as_nchw(_carafe_forward(padded, masks, k, s))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        padded, masks = ctx.saved_tensors
+        k, s = ctx.params
+        n, hp, wp, g, cg = padded.shape
+        h, w = hp - (k - 1), wp - (k - 1)
+        r = (k - 1) // 2
+        # The output gradient in the forward's channels-last layout: (N, h, s, w, s, G, C/G).
+        grad = grad_out.permute(0, 2, 3, 1).contiguous().view(n, h, s, w, s, g, cg)
+        need_features, need_masks = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_padded = torch.zeros_like(padded) if need_features else None
+        grad_masks = torch.empty_like(masks) if need_masks else None
+        products = grad.new_empty(grad.shape) if need_masks and s == 1 else None
+        for i in range(k):
+            for j in range(k):
+                tap = i * k + j
+                mask = _mask_tap(masks, tap, g, k * k, h, s, w)
+                if need_features:
+                    # d out / d feature = the mask; each feature feeds the s*s sub-pixels of its
+                    # cell. Accumulated sub-pixel by sub-pixel: a multiply-add per element, where
+                    # a product-then-reduce over the strided sub-pixel axes is ~10x slower.
+                    target = grad_padded[:, i : i + h, j : j + w]
+                    for a in range(s):
+                        for b in range(s):
+                            target.addcmul_(grad[:, :, a, :, b], mask[:, :, a, :, b])
+                if need_masks and s == 1:
+                    # d out / d mask = the shifted feature, summed over the group's channels.
+                    shifted = padded[:, i : i + h, j : j + w].unsqueeze(2).unsqueeze(4)
+                    torch.mul(grad, shifted, out=products)
+                    torch.sum(products, dim=-1, out=_mask_tap(grad_masks, tap, g, k * k, h, s, w).squeeze(-1))
+        if need_masks and s > 1:
+            _mask_grad_by_rows(grad, padded, grad_masks, k)
+        grad_features = None
+        if need_features:
+            grad_features = grad_padded[:, r : r + h, r : r + w].reshape(n, h, w, g * cg).permute(0, 3, 1, 2)
+        return grad_features, grad_masks, None, None, None
+
+
+def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1) -> torch.Tensor:
+    """CARAFE of `features` (N, C, h, w) with `masks` (N, G*k*k, h*s, w*s) -> (N, C, h*s, w*s).
+
+    The result is channels-last in memory (call `.contiguous()` if you need NCHW strides).
+    """
+    k, g, s = kernel_size, group_size, scale_factor
+    _check_shapes(features, masks, k, g, s)
+    if features.device.type == "meta":
+        return _carafe_as_einsum(features, masks, k, g, s)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return _carafe_for_export(features, masks, k, g, s)
+    if torch.is_grad_enabled() and (features.requires_grad or masks.requires_grad):
+        return _Carafe.apply(features, masks, k, g, s)
+    padded = _padded_channels_last(features, k, g)
+    return _as_nchw(_carafe_forward(padded, masks.contiguous(), k, s))
+
+
+def _carafe_as_einsum(features: torch.Tensor, masks: torch.Tensor, k: int, g: int, s: int) -> torch.Tensor:
+    """The same sum as one einsum over a low-resolution unfold. Used on the meta device only
+    (shape and FLOP tracing: `offseg.flops` reads its k*k multiply-adds per output element from
+    the einsum), being much slower than the tap loop on real tensors."""
+    n, c, h, w = features.shape
     patches = F.unfold(features, k, padding=(k - 1) // 2).view(n, g, c // g, k * k, h, w)
-    # masks (n, g*k*k, h*s, w*s) -> (n, g, k*k, h, s, w, s)
-    masks = masks.view(n, g, k * k, h, s, w, s)
-    out = torch.einsum("ngtyaxb,ngctyx->ngcyaxb", masks, patches)
+    out = torch.einsum("ngtyaxb,ngctyx->ngcyaxb", masks.view(n, g, k * k, h, s, w, s), patches)
     return out.reshape(n, c, h * s, w * s)
+
+
+def _carafe_for_export(features: torch.Tensor, masks: torch.Tensor, k: int, g: int, s: int) -> torch.Tensor:
+    """The same sum with operators that export to ONNX and run well in ONNX Runtime (no in-place
+    or `out=` ops). Upsampling (s > 1): one batched matrix product per position, (s*s x k*k) masks
+    times the (k*k x C) neighbourhood (ONNX Runtime's broadcasting multiply-adds are several times
+    slower than that). s = 1: the tap loop."""
+    n, c, h, w = features.shape
+    r, taps, cg = (k - 1) // 2, k * k, c // g
+    padded = F.pad(features, (r, r, r, r)).permute(0, 2, 3, 1).reshape(n, h + 2 * r, w + 2 * r, g, cg)
+    if s == 1:
+        out = None
+        for i in range(k):
+            for j in range(k):
+                mask = masks.view(n, g, taps, h, w)[:, :, i * k + j].permute(0, 2, 3, 1).unsqueeze(-1)
+                term = padded[:, i : i + h, j : j + w] * mask
+                out = term if out is None else out + term
+        return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    neighbourhoods = torch.stack([padded[:, i : i + h, j : j + w] for i in range(k) for j in range(k)], dim=4)
+    weights = masks.view(n, g, taps, h, s, w, s).permute(0, 3, 5, 1, 4, 6, 2).reshape(n, h, w, g, s * s, taps)
+    out = torch.matmul(weights, neighbourhoods)  # (N, h, w, G, s*s, C/G)
+    return out.view(n, h, w, g, s, s, cg).permute(0, 3, 6, 1, 4, 2, 5).reshape(n, c, h * s, w * s)
+
+
+def carafe_reference(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1) -> torch.Tensor:
+    """The reference formulation: unfold the k*k neighbourhoods, upsample the unfold (nearest) to
+    the output size, multiply by the masks and sum over the taps. Materialises k*k*s*s times the
+    features; for benchmarks and tests."""
+    k, g, s = kernel_size, group_size, scale_factor
+    _check_shapes(features, masks, k, g, s)
+    n, c, h, w = features.shape
+    patches = F.unfold(features, k, padding=(k - 1) // 2).view(n, c * k * k, h, w)
+    patches = F.interpolate(patches, scale_factor=s, mode="nearest") if s > 1 else patches
+    patches = patches.view(n, g, c // g, k * k, h * s, w * s)
+    out = (patches * masks.view(n, g, 1, k * k, h * s, w * s)).sum(dim=3)
+    return out.view(n, c, h * s, w * s)

@@ -18,16 +18,46 @@ from .carafe import carafe
 def normalize_kernels(raw: torch.Tensor, kernel_size: int, window: torch.Tensor) -> torch.Tensor:
     """Softmax over the k*k taps of each position, times a window, renormalised to sum 1.
 
-    raw: (N, G*k*k, H, W) -> same shape. With the default window [1.0] the renormalisation only
-    removes softmax round-off; it is kept so that the numbers match the official module.
+    raw: (N, G*k*k, H, W) -> same shape. A one-element window (the official modules' [1.0]) is a
+    constant factor that the renormalisation cancels, and a softmax already sums to 1: then both
+    steps are skipped, the same function without a multiply, a sum and a division per tap (values
+    differ from the reference module by softmax round-off only).
     """
     n, c, h, w = raw.shape
     taps = kernel_size * kernel_size
     kernels = raw.view(n, c // taps, taps, h, w).softmax(dim=2)
     if window.numel() > 1:
         kernels = kernels * window.reshape(1, 1, taps, 1, 1)
-    kernels = kernels / kernels.sum(dim=2, keepdim=True)
-    return kernels.view(n, c, h, w)
+        kernels = kernels / kernels.sum(dim=2, keepdim=True)
+    return kernels.reshape(n, c, h, w)
+
+
+def normalize_kernels_reference(raw: torch.Tensor, kernel_size: int, window: torch.Tensor) -> torch.Tensor:
+    """`normalize_kernels` computed as the reference implementation does, with its memory traffic:
+    softmax, then the taps moved innermost, windowed and divided by their sum in place, and moved
+    back with a copy. For benchmarks and tests."""
+    n, c, h, w = raw.shape
+    k = kernel_size
+    groups = c // (k * k)
+    kernels = raw.view(n, groups, k * k, h, w).softmax(dim=2)
+    kernels = kernels.view(n, groups, k, k, h, w).permute(0, 1, 4, 5, 2, 3).reshape(n, -1, k, k)
+    kernels = kernels * (window if window.numel() == 1 else window.view(k, k))
+    kernels /= kernels.sum(dim=(-1, -2), keepdim=True)
+    kernels = kernels.view(n, groups, h, w, k * k).permute(0, 1, 4, 2, 3)
+    return kernels.reshape(n, c, h, w).contiguous()
+
+
+# F.cosine_similarity divides each operand by max(||v||, eps) before the dot product.
+_COSINE_EPS = 1e-8
+
+
+def unit_channel_vectors(x: torch.Tensor, eps: float = _COSINE_EPS) -> torch.Tensor:
+    """x / max(||x||_2 over channels, eps), exactly as F.cosine_similarity scales each operand
+    (including its gradient: the clamp is outside the autograd graph there too)."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clone()
+    with torch.no_grad():
+        norm.clamp_min_(eps)
+    return x / norm
 
 
 def local_cosine_similarity(x: torch.Tensor, dilation: int = 2) -> torch.Tensor:
@@ -35,18 +65,37 @@ def local_cosine_similarity(x: torch.Tensor, dilation: int = 2) -> torch.Tensor:
 
     Returns (B, 8, H, W), neighbours in row-major order without the centre; positions outside
     the map are zero vectors (similarity 0).
+
+    The features are scaled to unit length once (not once per neighbour pair), and only the four
+    "forward" neighbours are computed: the similarity to the opposite neighbour is the same dot
+    product seen from the other end, i.e. the forward map shifted, with identical rounding.
     """
     h, w = x.shape[-2:]
     d = dilation
-    padded = F.pad(x, (d, d, d, d))
-    sims = []
-    for i in range(3):
-        for j in range(3):
-            if i == 1 and j == 1:
-                continue
-            neighbour = padded[:, :, i * d : i * d + h, j * d : j * d + w]
-            sims.append(F.cosine_similarity(x, neighbour, dim=1))
-    return torch.stack(sims, dim=1)
+    unit = unit_channel_vectors(x)
+    padded = F.pad(unit, (d, d, d, d))
+    forward_sims = {}
+    for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):
+        neighbour = padded[:, :, d + dy * d : d + dy * d + h, d + dx * d : d + dx * d + w]
+        sim = (unit * neighbour).sum(dim=1, keepdim=True)
+        forward_sims[(dy, dx)] = sim
+        # sim(p, p - o) = sim(p - o, p): the forward map read at p - o, zero where p - o is outside.
+        padded_sim = F.pad(sim, (d, d, d, d))
+        forward_sims[(-dy, -dx)] = padded_sim[:, :, d - dy * d : d - dy * d + h, d - dx * d : d - dx * d + w]
+    order = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    return torch.cat([forward_sims[o] for o in order], dim=1)
+
+
+def local_cosine_similarity_reference(x: torch.Tensor, dilation: int = 2) -> torch.Tensor:
+    """`local_cosine_similarity` as the reference implementation computes it: a dilated 3x3
+    unfold (9 copies of the map) and F.cosine_similarity of the centre against all 9 taps, the
+    centre column dropped afterwards. For benchmarks and tests."""
+    b, c, h, w = x.shape
+    k = 3
+    patches = F.unfold(x, k, padding=dilation, dilation=dilation).reshape(b, c, k * k, h, w)
+    centre = k * k // 2
+    sims = F.cosine_similarity(patches[:, :, centre : centre + 1], patches, dim=1)
+    return torch.cat([sims[:, :centre], sims[:, centre + 1 :]], dim=1).view(b, k * k - 1, h, w)
 
 
 class LocalSimGuidedSampler(nn.Module):
@@ -101,7 +150,7 @@ class LocalSimGuidedSampler(nn.Module):
         centres = torch.stack([xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w)]).view(1, 2, 1, h, w)
         normalizer = torch.tensor([w, h], dtype=feat.dtype, device=feat.device).view(1, 2, 1, 1, 1)
         coords = 2 * (centres + offset) / normalizer - 1
-        coords = F.pixel_shuffle(coords.view(b, -1, h, w), s).view(b, 2, -1, s * h, s * w)
+        coords = F.pixel_shuffle(coords.reshape(b, -1, h, w), s).view(b, 2, -1, s * h, s * w)
         coords = coords.permute(0, 2, 3, 4, 1).flatten(0, 1)  # B*G, 2H, 2W, (x, y)
         sampled = F.grid_sample(
             feat.reshape(b * g, -1, feat.shape[-2], feat.shape[-1]),
@@ -167,6 +216,32 @@ class FreqFusion(nn.Module):
         init_kernels = normalize_kernels(mask_lr, kl, lowpass_window)
         mask_hr = mask_hr_hr + carafe(self.content_encoder2(lr_c), init_kernels, kl, 1, 2)
 
+        mask_lr = normalize_kernels(mask_lr, kl, lowpass_window)
+        lr_up = carafe(lr_feat, mask_lr, kl, 1, 2)
+        mask_hr = normalize_kernels(mask_hr, kh, highpass_window)
+        hr_out = (hr_feat - carafe(hr_feat, mask_hr, kh, 1, 1)) + hr_feat
+        lr_up = self.dysampler(hr_c, lr_c, lr_up)
+        return mask_lr, hr_out, lr_up
+
+    def forward_reference(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` as the reference implementation runs it: the same steps plus its two
+        nearest-neighbour resizes of the CARAFE-upsampled kernel maps to the size they already
+        have. Call it under `offseg.optimize.reference_computation()` to also get the reference
+        CARAFE, similarity and normaliser. For benchmarks and tests."""
+        kl, kh = self.lowpass_kernel, self.highpass_kernel
+        lowpass_window, highpass_window = self.hamming_lowpass, self.hamming_highpass
+        hr_c = self.hr_channel_compressor(hr_feat)
+        lr_c = self.lr_channel_compressor(lr_feat)
+        size = hr_c.shape[-2:]
+        mask_hr_hr = self.content_encoder2(hr_c)
+        hr_c = hr_c + hr_c - carafe(hr_c, normalize_kernels(mask_hr_hr, kh, highpass_window), kh, 1, 1)
+        mask_lr_hr = self.content_encoder(hr_c)
+        init_kernels = normalize_kernels(mask_lr_hr, kl, lowpass_window)
+        upsampled = carafe(self.content_encoder(lr_c), init_kernels, kl, 1, 2)
+        mask_lr = mask_lr_hr + F.interpolate(upsampled, size=size, mode="nearest")
+        init_kernels = normalize_kernels(mask_lr, kl, lowpass_window)
+        upsampled = carafe(self.content_encoder2(lr_c), init_kernels, kl, 1, 2)
+        mask_hr = mask_hr_hr + F.interpolate(upsampled, size=size, mode="nearest")
         mask_lr = normalize_kernels(mask_lr, kl, lowpass_window)
         lr_up = carafe(lr_feat, mask_lr, kl, 1, 2)
         mask_hr = normalize_kernels(mask_hr, kh, highpass_window)

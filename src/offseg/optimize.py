@@ -1,0 +1,549 @@
+"""The CPU inference fast path: `optimize_for_inference(model, size=(H, W))`.
+
+It returns a frozen, eval-mode copy of a segmentation model that computes the same logits as
+`model(x)` (to float32 rounding) with less arithmetic and less memory traffic. The training model
+is left untouched. What it does, where it applies:
+
+- every model: BatchNorm folded into the neighbouring convolution (conv -> BN in any
+  `nn.Sequential`, in `ConvModule`, and in the known backbone blocks; BN -> 1x1 conv where the BN
+  output feeds only that conv), parameters frozen, forward under `torch.inference_mode`;
+- EfficientFormerV2 (OffSeg): layer scales folded into the last conv of their branch; the q/k/v
+  1x1 convs merged into one, the attention scale folded into q; the relative-position biases
+  gathered, resized and pushed through the first talking-head mix once per token-grid size
+  (cached); the talking-head 1x1 convs over 8 heads run as one small matrix product each;
+- Offset Learning (OffSeg, SegFormer-OL, SegNeXt-OL): the feature-offset projection moved onto
+  the (K x C) class side, where it is weights-only, and the offset-aligned score product
+  regrouped: E'(W')^T = E(W + dW)^T + softmax_K(A)^T [(W P_f^T)(W + dW)^T], about 40% fewer
+  multiply-adds, same function;
+- the whole network runs channels-last (depthwise and 1x1 convs, CARAFE and the similarity maps
+  are faster that way on CPU), the OffSeg head's interleaved concatenations included; the logits
+  are made NCHW-contiguous before the final resize (PyTorch's bilinear kernel is several times
+  slower on channels-last input).
+
+CARAFE, FreqFusion's local similarity and kernel normaliser, the talking heads and the fused
+BN -> GELU -> conv need no rewrite here: `offseg.models` computes them without unfolds or
+redundant passes in training and inference alike (exact reformulations of the official ops).
+
+`reference_computation()` is the opposite: a context manager under which the models compute as
+the official implementation does (CARAFE by unfold + nearest upsampling of the unfold, the
+similarity by a dilated unfold and F.cosine_similarity, the kernel normaliser with its permutes
+and copies, FreqFusion's two identity resizes, attention biases gathered and bicubically resized
+on every call, talking heads as 1x1 convs, BN -> GELU -> conv storing every intermediate). Same
+function; benchmarks and tests use it as the baseline.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .models.backbones import efficientformer_v2 as effv2
+from .models.layers import freqfusion as freqfusion_module
+from .models.layers.carafe import carafe_reference
+from .models.layers.conv_module import ConvModule
+from .models.heads.offseg_head import OffSegHead, interleave_groups
+from .models.layers.offset_learning import OffsetLearning
+
+__all__ = ["optimize_for_inference", "fast_model_for", "fold_batch_norms", "InferenceModel", "reference_computation"]
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm and layer-scale folding
+# --------------------------------------------------------------------------------------------
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BN as y = scale * x + shift, per channel, in float64."""
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+def _set_conv_params(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    dtype = conv.weight.dtype
+    conv.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    conv.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+
+
+def _conv_bias(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.bias.double() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels, dtype=torch.float64)
+
+
+def fold_bn_after_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """BN(conv(x)) -> conv'(x): scale the output channels, shift the bias."""
+    scale, shift = _bn_affine(bn)
+    weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.ndim - 1)))
+    _set_conv_params(conv, weight, _conv_bias(conv) * scale + shift)
+
+
+def fold_bn_before_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
+    """conv(BN(x)) -> conv'(x) for a 1x1, ungrouped, unpadded conv (exact only then)."""
+    if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.padding not in ((0, 0), 0):
+        raise ValueError("a BatchNorm folds into a following conv only if that conv is 1x1, ungrouped, unpadded")
+    scale, shift = _bn_affine(bn)
+    weight = conv.weight.double()
+    bias = _conv_bias(conv) + (weight[:, :, 0, 0] * shift).sum(dim=1)
+    _set_conv_params(conv, weight * scale.view(1, -1, 1, 1), bias)
+
+
+def scale_conv_outputs(conv: nn.Conv2d, scale: torch.Tensor) -> None:
+    """conv'(x) = scale * conv(x), scale per output channel (a layer scale)."""
+    scale = scale.detach().double().reshape(-1)
+    weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.ndim - 1)))
+    _set_conv_params(conv, weight, _conv_bias(conv) * scale)
+
+
+def _usable_bn(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, last, value)
+
+
+def _bn_fold_rules() -> dict[type, tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
+    """Per block class: (conv -> BN pairs, BN -> 1x1-conv pairs) whose BN output feeds only
+    that conv in the block's forward. `nn.Sequential` and `ConvModule` are handled generically."""
+    rules = {
+        effv2.Mlp: ([("fc1", "norm1"), ("mid", "mid_norm"), ("fc2", "norm2")], []),
+        effv2.ConvDownsample: ([("proj", "norm")], []),
+        effv2.AttnDownsample: ([("conv", "bn")], []),
+    }
+    try:
+        from .models.backbones import mscan
+
+        rules[mscan.DownsampleEmbed] = ([("proj", "norm")], [])
+        # norm2 feeds only the MLP's first 1x1 conv (norm1 also feeds the attention shortcut).
+        rules[mscan.MSCABlock] = ([], [("norm2", "mlp.fc1")])
+    except ImportError:  # pragma: no cover - optional model family
+        pass
+    return rules
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm2d that can be folded exactly into a convolution, replacing
+    it by nn.Identity. Modifies `model` in place; returns how many were folded."""
+    folded = 0
+    rules = _bn_fold_rules()
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                conv, bn = module[i], module[i + 1]
+                if isinstance(conv, nn.Conv2d) and _usable_bn(bn):
+                    fold_bn_after_conv(conv, bn)
+                    module[i + 1] = nn.Identity()
+                    folded += 1
+        elif isinstance(module, ConvModule) and module.norm_name == "bn" and _usable_bn(module.bn):
+            fold_bn_after_conv(module.conv, module.bn)
+            module.bn = nn.Identity()
+            folded += 1
+        elif type(module) in rules:
+            after, before = rules[type(module)]
+            for conv_path, bn_path in after:
+                bn = _get(module, bn_path)
+                if _usable_bn(bn):
+                    fold_bn_after_conv(_get(module, conv_path), bn)
+                    _set(module, bn_path, nn.Identity())
+                    folded += 1
+            for bn_path, conv_path in before:
+                bn = _get(module, bn_path)
+                if _usable_bn(bn):
+                    fold_bn_before_conv(bn, _get(module, conv_path))
+                    _set(module, bn_path, nn.Identity())
+                    folded += 1
+    return folded
+
+
+# --------------------------------------------------------------------------------------------
+# EfficientFormerV2 fast blocks (installed by swapping the class of a frozen copy's modules)
+# --------------------------------------------------------------------------------------------
+
+class _FastMlp(effv2.Mlp):
+    """fc1 -> GELU -> depthwise 3x3 -> GELU -> fc2, BNs folded, dropout (eval) skipped."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.mid(self.act(self.fc1(x)))))
+
+
+class _FastFFN(effv2.FFN):
+    """x + mlp(x); the layer scale lives in mlp.fc2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x)
+
+
+class _FastAttnFFN(effv2.AttnFFN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.token_mixer(x)
+        return x + self.mlp(x)
+
+
+class _FastConvDownsample(effv2.ConvDownsample):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class _FastAttnDownsample(effv2.AttnDownsample):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x) + self.conv(x)
+
+
+def _merge_convs(convs: Sequence[nn.Conv2d], scales: Sequence[float]) -> nn.Conv2d:
+    """One 1x1 conv computing the given 1x1 convs (same input) stacked along channels, each
+    multiplied by its scale."""
+    weight = torch.cat([c.weight.double() * s for c, s in zip(convs, scales)])
+    bias = torch.cat([_conv_bias(c) * s for c, s in zip(convs, scales)])
+    merged = nn.Conv2d(weight.shape[1], weight.shape[0], 1).to(convs[0].weight.dtype)
+    _set_conv_params(merged, weight, bias)
+    return merged
+
+
+def _head_mix(mix: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1x1 conv over the head axis as (weight (H, H), bias (H, 1))."""
+    return mix.weight.detach()[:, :, 0, 0].clone(), mix.bias.detach().view(-1, 1).clone()
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class _FastAttention4D(effv2.Attention4D):
+    """Attention4D with merged q/k/v, the scale folded into q, the bias (already mixed by the
+    first talking head) cached per token count, and the head mixes as matrix products."""
+
+    def prepare(self) -> None:
+        q, k, v = self.q[0], self.k[0], self.v[0]
+        self.qkv = _merge_convs([q, k, v], [self.scale, 1.0, 1.0])
+        self.split_sizes = [q.out_channels, k.out_channels, v.out_channels]
+        del self.q, self.k, self.v
+        self.mix1_weight, self.mix1_bias = _head_mix(self.talking_head1)
+        self.mix2_weight, self.mix2_bias = _head_mix(self.talking_head2)
+        self.bias_cache: dict[int, torch.Tensor] = {}
+
+    def mixed_bias(self, n: int) -> torch.Tensor:
+        """talking_head1 applied to the position bias: W1 B + b1, (heads, n*n)."""
+        cached = self.bias_cache.get(n)
+        if cached is None:
+            bias = self.position_bias(n, n)[0].reshape(self.num_heads, n * n)
+            cached = torch.addmm(self.mix1_bias, self.mix1_weight, bias).contiguous()
+            self.bias_cache[n] = cached
+        return cached
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if self.stride_conv is not None:
+            x = self.stride_conv(x)
+        h, w = x.shape[-2:]
+        n, heads = h * w, self.num_heads
+        q, k, v = self.qkv(x).split(self.split_sizes, dim=1)
+        v_local = self.v_local(v)
+        q = q.reshape(b, heads, -1, n)
+        k = k.reshape(b, heads, -1, n)
+        v = v.reshape(b, heads, -1, n)
+        scores = torch.matmul(q.transpose(2, 3), k)  # (B, heads, n, n), already scaled
+        # talking_head1(scores + bias) = W1 scores + (W1 bias + b1)
+        attn = torch.baddbmm(self.mixed_bias(n).expand(b, -1, -1), self.mix1_weight.expand(b, -1, -1),
+                             scores.reshape(b, heads, n * n))
+        attn = attn.view(b, heads, n, n).softmax(dim=-1)
+        attn = torch.baddbmm(self.mix2_bias.expand(b, -1, n * n), self.mix2_weight.expand(b, -1, -1),
+                             attn.reshape(b, heads, n * n)).view(b, heads, n, n)
+        out = torch.matmul(v, attn.transpose(2, 3)).reshape(b, self.dh, h, w)
+        # Follow the input's layout: upsampling and the projection run on this map at 4x the size.
+        out = out.contiguous(memory_format=_layout(x)) + v_local
+        if self.upsample is not None:
+            out = self.upsample(out)
+        return self.proj(out)
+
+
+class _FastAttention4DDownsample(effv2.Attention4DDownsample):
+    """Attention4DDownsample with merged k/v, the scale folded into q and the bias cached."""
+
+    def prepare(self) -> None:
+        k, v = self.k[0], self.v[0]
+        self.kv = _merge_convs([k, v], [1.0, 1.0])
+        self.split_sizes = [k.out_channels, v.out_channels]
+        del self.k, self.v
+        scale_conv_outputs(self.q.proj[0], torch.full((self.q.proj[0].out_channels,), self.scale))
+        self.bias_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def cached_bias(self, nq: int, nk: int) -> torch.Tensor:
+        cached = self.bias_cache.get((nq, nk))
+        if cached is None:
+            cached = self.position_bias(nq, nk)[0].contiguous()
+            self.bias_cache[(nq, nk)] = cached
+        return cached
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        n, heads = h * w, self.num_heads
+        q = self.q(x)
+        hq, wq = q.shape[-2:]
+        nq = hq * wq
+        k, v = self.kv(x).split(self.split_sizes, dim=1)
+        v_local = self.v_local(v)
+        q = q.reshape(b, heads, -1, nq)
+        k = k.reshape(b, heads, -1, n)
+        v = v.reshape(b, heads, -1, n)
+        attn = torch.matmul(q.transpose(2, 3), k).add_(self.cached_bias(nq, n)).softmax(dim=-1)
+        out = torch.matmul(v, attn.transpose(2, 3)).reshape(b, self.dh, hq, wq)
+        return self.proj(out.contiguous(memory_format=_layout(x)) + v_local)
+
+
+def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
+    swaps = {
+        effv2.Mlp: _FastMlp,
+        effv2.ConvDownsample: _FastConvDownsample,
+        effv2.AttnDownsample: _FastAttnDownsample,
+        effv2.Attention4D: _FastAttention4D,
+        effv2.Attention4DDownsample: _FastAttention4DDownsample,
+    }
+    for module in backbone.modules():
+        if isinstance(module, effv2.FFN):
+            scale_conv_outputs(module.mlp.fc2, module.layer_scale_2)
+            module.__class__ = _FastFFN
+        elif isinstance(module, effv2.AttnFFN):
+            scale_conv_outputs(module.token_mixer.proj[1], module.layer_scale_1)
+            scale_conv_outputs(module.mlp.fc2, module.layer_scale_2)
+            module.__class__ = _FastAttnFFN
+    for module in list(backbone.modules()):
+        fast = swaps.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+            if hasattr(fast, "prepare"):
+                module.prepare()
+
+
+# --------------------------------------------------------------------------------------------
+# Offset Learning, regrouped
+# --------------------------------------------------------------------------------------------
+
+class _FastOffsetLearning(OffsetLearning):
+    """Offset Learning (both branches) with the feature-offset projection on the class side.
+
+    With A = W E^T (K x HW), dW = P_c(softmax_HW(A) E), S = softmax_K(A):
+        (E + S^T W P_f^T)(W + dW)^T = E (W + dW)^T + S^T [(W P_f^T)(W + dW)^T]
+    where W P_f^T is weights-only (precomputed) and the bracket is only K x K.
+    """
+
+    def prepare(self) -> None:
+        cls_repr = self.cls_repr.detach()[0]
+        self.projected_cls_repr = (cls_repr.double() @ self.feat_offset_proj.weight.detach().double().T).to(cls_repr.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        feats = x.reshape(b, c, h * w)  # (B, C, HW); a view when x is contiguous
+        cls_repr = self.cls_repr.expand(b, -1, -1)  # (B, K, C)
+        coupled_attn = torch.matmul(cls_repr, feats)  # (B, K, HW)
+        pooled = torch.matmul(coupled_attn.softmax(dim=2), feats.transpose(1, 2))  # (B, K, C)
+        aligned_repr = cls_repr + self.cls_offset_proj(pooled)
+        class_mix = torch.matmul(self.projected_cls_repr, aligned_repr.transpose(1, 2))  # (B, K, K)
+        # (HW, K) orientation, so that the LayerNorm runs over the contiguous last axis.
+        masks = torch.baddbmm(torch.matmul(feats.transpose(1, 2), aligned_repr.transpose(1, 2)),
+                              coupled_attn.softmax(dim=1).transpose(1, 2), class_mix)  # (B, HW, K)
+        masks = self.mask_norm(masks)
+        return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
+
+
+def _interleave_channels_last(a: torch.Tensor, b: torch.Tensor, groups: int = 4) -> torch.Tensor:
+    """`interleave_groups` producing a channels-last result with a single copy."""
+    n, ca, h, w = a.shape
+    cb = b.shape[1]
+    a = a.permute(0, 2, 3, 1).reshape(n, h, w, groups, ca // groups)
+    b = b.permute(0, 2, 3, 1).reshape(n, h, w, groups, cb // groups)
+    return torch.cat([a, b], dim=-1).view(n, h, w, ca + cb).permute(0, 3, 1, 2)
+
+
+class _FastOffSegHead(OffSegHead):
+    """OffSegHead whose interleaved concatenations stay channels-last when the model is."""
+
+    def fuse(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        feats = [pre(x) for pre, x in zip(self.pre, inputs)][::-1]
+        fused = feats[0]
+        for hr_feat, freqfusion in zip(feats[1:], self.freqfusions):
+            _, hr_feat, fused = freqfusion(hr_feat, fused)
+            if _layout(hr_feat) is torch.channels_last:
+                fused = _interleave_channels_last(hr_feat, fused)
+            else:
+                fused = interleave_groups(hr_feat, fused)
+        return self.align(fused)
+
+
+def _optimise_offset_learning(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is OffSegHead:
+            module.__class__ = _FastOffSegHead
+        if type(module) is OffsetLearning and module.branches == "both":
+            module.__class__ = _FastOffsetLearning
+            module.prepare()
+
+
+# --------------------------------------------------------------------------------------------
+# The optimised model
+# --------------------------------------------------------------------------------------------
+
+class InferenceModel(nn.Module):
+    """A frozen, inference-only model returned by `optimize_for_inference`. `model(x)` gives the
+    same logits as the original model's forward; `size_divisor`, `num_classes` and `name` are
+    carried over so that `offseg.inference` and `offseg.predict` accept it as they would the
+    original."""
+
+    def __init__(self, model: nn.Module, channels_last: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.channels_last = channels_last
+        self.size_divisor = getattr(model, "size_divisor", 1)
+        self.name = getattr(model, "name", "")
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def train(self, mode: bool = True) -> "InferenceModel":
+        if mode:
+            raise RuntimeError("an inference-optimised model cannot be trained; train the original model")
+        return super().train(False)
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def forward_logits(self, x: torch.Tensor):
+        with torch.inference_mode():
+            return self.model.forward_logits(self._prepare_input(x))
+
+    def forward(self, x: torch.Tensor):
+        with torch.inference_mode():
+            x = self._prepare_input(x)
+            forward_logits = getattr(self.model, "forward_logits", None)
+            if type(self.model).forward is not _segmentor_forward() or forward_logits is None:
+                return self.model(x)
+            # Segmentor.forward, with NCHW logits before the (large) final resize: the bilinear
+            # kernel is several times slower on channels-last input.
+            logits = forward_logits(x).contiguous()
+            return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _segmentor_forward():
+    from .models.segmentor import Segmentor
+
+    return Segmentor.forward
+
+
+def optimize_for_inference(model: nn.Module, size: Sequence[int] | int | None = None, *,
+                           channels_last: bool = True) -> InferenceModel:
+    """A frozen eval-mode copy of `model`, rewritten for fast CPU inference (see module docs).
+
+    `size` (H, W) is the input size you will use most: the size-dependent caches (attention
+    biases) are filled for it now, and for other sizes on their first call. The returned model
+    computes the same logits as `model.eval()(x)` within float32 rounding (1e-4 relative or
+    better); `model` itself is not modified.
+    """
+    fast = copy.deepcopy(model).eval()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        fold_batch_norms(fast)
+        for module in list(fast.modules()):
+            if isinstance(module, effv2.EfficientFormerV2):
+                _optimise_efficientformer_v2(module)
+        _optimise_offset_learning(fast)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    wrapped = InferenceModel(fast, channels_last).eval()
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        param = next(fast.parameters())
+        # Fill the caches without moving the global RNG (SegNeXt draws its NMF bases from it).
+        devices = [param.device.index or 0] if param.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            wrapped(torch.zeros(1, 3, h, w, dtype=param.dtype, device=param.device))
+    return wrapped
+
+
+_FAST_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceModel]]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    # Storage and in-place version of every tensor: changes with training steps, load_state_dict
+    # and moves between devices.
+    return tuple((t.data_ptr(), t._version, str(t.device)) for t in list(model.parameters()) + list(model.buffers()))
+
+
+def fast_model_for(model: nn.Module) -> nn.Module:
+    """The inference-optimised copy of `model` (`optimize_for_inference`), built on first use and
+    reused while `model`'s weights stay the same; an `InferenceModel` is returned as is. Used by
+    `offseg.predict`, which is called once per image."""
+    if isinstance(model, InferenceModel):
+        return model
+    key = _fingerprint(model)
+    cached = _FAST_COPIES.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fast = optimize_for_inference(model)
+    _FAST_COPIES[model] = (key, fast)
+    return fast
+
+
+# --------------------------------------------------------------------------------------------
+# The reference computation (for benchmarks and tests)
+# --------------------------------------------------------------------------------------------
+
+def _position_bias_reference(self: effv2.AttentionBias, num_queries: int, num_keys: int) -> torch.Tensor:
+    # As the official attention: gather the table, then always resize it bicubically (also to
+    # the size it already has).
+    bias = self.attention_biases_seg[:, self.attention_bias_idxs_seg].unsqueeze(0)
+    return F.interpolate(bias, size=(num_queries, num_keys), mode="bicubic", align_corners=False)
+
+
+def _offset_learning_forward_reference(self: OffsetLearning, x: torch.Tensor) -> torch.Tensor:
+    # The official module returns NCHW-contiguous scores (permute + contiguous).
+    return _ORIGINAL_OFFSET_LEARNING_FORWARD(self, x).contiguous()
+
+
+_ORIGINAL_OFFSET_LEARNING_FORWARD = OffsetLearning.forward
+
+
+@contextlib.contextmanager
+def reference_computation() -> Iterator[None]:
+    """Within this block, models compute as the official implementation does: CARAFE by
+    unfold + nearest upsampling of the unfold + multiply + sum, the local cosine similarity by a
+    dilated unfold and F.cosine_similarity, FreqFusion's kernel normaliser with its permutes and
+    copies, EfficientFormerV2 attention biases gathered and bicubically resized on every call,
+    and Offset Learning scores made contiguous. Same function as the default computation; used
+    as the baseline of benchmarks and tests. Not thread-safe (it swaps module attributes)."""
+    saved = [
+        (freqfusion_module, "carafe", carafe_reference),
+        (freqfusion_module, "local_cosine_similarity", freqfusion_module.local_cosine_similarity_reference),
+        (freqfusion_module, "normalize_kernels", freqfusion_module.normalize_kernels_reference),
+        (freqfusion_module.FreqFusion, "forward", freqfusion_module.FreqFusion.forward_reference),
+        (effv2, "batch_norm_gelu", effv2.batch_norm_gelu_reference),
+        (effv2.AttentionBias, "position_bias", _position_bias_reference),
+        (effv2.Attention4D, "forward", effv2.Attention4D.forward_reference),
+        (effv2.Attention4DDownsample, "forward", effv2.Attention4DDownsample.forward_reference),
+        (OffsetLearning, "forward", _offset_learning_forward_reference),
+    ]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]
+    try:
+        for owner, name, replacement in saved:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)

@@ -1,0 +1,248 @@
+"""The fast paths compute the reference function: the inference rewrites (`optimize_for_inference`)
+give the same logits, and the training-path kernels (CARAFE, local similarity, fused BN -> GELU ->
+conv, talking heads) give the same outputs and gradients as the official computation
+(`reference_computation`)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import offseg
+from offseg.cli.bench import Result, Row, build_model, format_table, realistic_weights, relative_error
+from offseg.models.backbones import efficientformer_v2 as effv2
+from offseg.models.layers import freqfusion
+from offseg.models.layers.carafe import carafe, carafe_reference
+from offseg.optimize import fold_batch_norms, optimize_for_inference, reference_computation
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels against their reference formulations
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,c,h,w,k,g,s", [(2, 3, 4, 3, 5, 1, 2), (1, 4, 4, 3, 3, 2, 1), (2, 4, 3, 4, 3, 2, 2), (1, 4, 3, 3, 5, 4, 2)])
+def test_carafe_forward_backward_equal_reference(n, c, h, w, k, g, s):
+    torch.manual_seed(0)
+    feats = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    masks = torch.randn(n, g * k * k, h * s, w * s, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: carafe(a, b, k, g, s), (feats, masks))
+    grad_out = torch.randn(n, c, h * s, w * s, dtype=torch.float64)
+    ours = torch.autograd.grad(carafe(feats, masks, k, g, s), (feats, masks), grad_out)
+    ref = torch.autograd.grad(carafe_reference(feats, masks, k, g, s), (feats, masks), grad_out)
+    for a, b in zip(ours, ref):
+        assert rel(a, b) < 1e-12
+    with torch.no_grad():
+        assert rel(carafe(feats, masks, k, g, s), carafe_reference(feats, masks, k, g, s)) < 1e-12
+
+
+def test_carafe_mask_gradient_bands():
+    # The mask gradient of an upsampling CARAFE is computed a band of rows at a time; several bands.
+    from offseg.models.layers import carafe as carafe_module
+
+    torch.manual_seed(0)
+    feats = torch.randn(2, 6, 7, 5, dtype=torch.float64, requires_grad=True)
+    masks = torch.randn(2, 25, 14, 10, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 6, 14, 10, dtype=torch.float64)
+    ref = torch.autograd.grad(carafe_reference(feats, masks, 5, 1, 2), masks, grad_out)[0]
+    padded = carafe_module._padded_channels_last(feats.detach(), 5, 1)
+    grad = grad_out.permute(0, 2, 3, 1).reshape(2, 7, 2, 5, 2, 1, 6)
+    out = torch.empty_like(masks)
+    carafe_module._mask_grad_by_rows(grad, padded, out, 5, target_elements=1)  # one row per band
+    assert rel(out, ref) < 1e-12
+
+
+def test_local_similarity_and_normaliser_equal_reference():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 9, 7, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 8, 9, 7, dtype=torch.float64)
+    ours = freqfusion.local_cosine_similarity(x)
+    ref = freqfusion.local_cosine_similarity_reference(x)
+    assert rel(ours, ref) < 1e-12
+    g1 = torch.autograd.grad(ours, x, grad_out)[0]
+    g2 = torch.autograd.grad(ref, x, grad_out)[0]
+    assert rel(g1, g2) < 1e-12
+    raw = torch.randn(2, 25, 6, 5, dtype=torch.float64)
+    assert rel(freqfusion.normalize_kernels(raw, 5, torch.ones(1)), freqfusion.normalize_kernels_reference(raw, 5, torch.ones(1))) < 1e-12
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("conv_spec", [None, (1, 1, 1), (3, 4, 2)])  # (kernel, groups, stride)
+def test_fused_batch_norm_gelu_conv(training, conv_spec):
+    torch.manual_seed(0)
+    bn_a = nn.BatchNorm2d(8).double()
+    with torch.no_grad():
+        bn_a.weight.normal_(), bn_a.bias.normal_(), bn_a.running_mean.normal_(), bn_a.running_var.uniform_(0.5, 1.5)
+    bn_b = copy.deepcopy(bn_a)
+    conv_a = None if conv_spec is None else nn.Conv2d(8, 12, conv_spec[0], conv_spec[2], conv_spec[0] // 2, groups=conv_spec[1]).double()
+    conv_b = copy.deepcopy(conv_a)
+    bn_a.train(training), bn_b.train(training)
+    x_a = torch.randn(3, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    x_b = x_a.detach().clone().requires_grad_()
+    for _ in range(2):  # running statistics updated identically
+        y_a = effv2.batch_norm_gelu_reference(bn_a, nn.GELU(), x_a, conv_a)
+        y_b = effv2.batch_norm_gelu(bn_b, nn.GELU(), x_b, conv_b)
+    grad = torch.randn_like(y_a)
+    y_a.backward(grad), y_b.backward(grad)
+    assert rel(y_b, y_a) < 1e-12 and rel(x_b.grad, x_a.grad) < 1e-12
+    params_a = list(bn_a.parameters()) + ([] if conv_a is None else list(conv_a.parameters()))
+    params_b = list(bn_b.parameters()) + ([] if conv_b is None else list(conv_b.parameters()))
+    for a, b in zip(params_a, params_b):
+        assert rel(b.grad, a.grad) < 1e-12
+    assert torch.equal(bn_a.running_mean, bn_b.running_mean) and torch.equal(bn_a.running_var, bn_b.running_var)
+    assert int(bn_a.num_batches_tracked) == int(bn_b.num_batches_tracked)
+
+
+# --------------------------------------------------------------------------------------------
+# Training: the library's default computation against the official one, whole model
+# --------------------------------------------------------------------------------------------
+
+def _loss_and_grads(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from offseg.engine.trainer import SegmentationLoss
+
+    torch.manual_seed(7)
+    loss = SegmentationLoss(model)(x, labels)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    return torch.cat([loss.detach().reshape(1)] + [g.reshape(-1) for g in grads if g is not None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_offseg_training_gradients_equal_reference(dtype):
+    model = build_model(Row("offseg-t", size=(64, 64), num_classes=7)).to(dtype).train()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 64, 64, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 7, (2, 64, 64), generator=gen)
+    ref_model = copy.deepcopy(model)
+    with reference_computation():
+        ref = _loss_and_grads(ref_model, x, labels)
+    ours = _loss_and_grads(model, x, labels)
+    assert rel(ours, ref) < (1e-10 if dtype == torch.float64 else 1e-5)
+    # The same BatchNorm running statistics afterwards.
+    for (name, a), b in zip(model.named_buffers(), ref_model.buffers()):
+        if a.is_floating_point():
+            assert rel(a, b) < 1e-5, name
+
+
+def test_reference_computation_restores_the_default():
+    originals = (freqfusion.carafe, freqfusion.local_cosine_similarity, effv2.Attention4D.forward, effv2.batch_norm_gelu)
+    with reference_computation():
+        assert freqfusion.carafe is carafe_reference
+    assert (freqfusion.carafe, freqfusion.local_cosine_similarity, effv2.Attention4D.forward, effv2.batch_norm_gelu) == originals
+
+
+# --------------------------------------------------------------------------------------------
+# Inference: optimize_for_inference
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["offseg-t", "offseg-t-pixel", "offseg-t-co", "segformer-b0-ol", "segnext-t-ol"])
+def test_optimized_model_gives_the_same_logits(name):
+    model = build_model(Row(name, num_classes=11)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = optimize_for_inference(model, size=(96, 128))
+    for size in [(96, 128), (64, 64)]:  # the prepared size and another (caches filled on first use)
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            ref = model(x)
+            with reference_computation():
+                official = model(x)
+        out = fast(x)
+        assert out.shape == ref.shape
+        assert rel(out, ref) <= 1e-4 and rel(out, official) <= 1e-4
+        assert rel(fast.forward_logits(x), model.forward_logits(x).detach()) <= 1e-4
+    # The training model is untouched and still trains.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in fast.parameters())
+
+
+def test_optimized_offseg_is_rewritten_and_frozen():
+    model = build_model(Row("offseg-t", num_classes=5)).eval()
+    fast = optimize_for_inference(model, size=(64, 64))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert fast.size_divisor == 32 and fast.num_classes == 5
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        fast.train()
+    fast.eval()  # allowed
+    # offseg.predict accepts it like the original.
+    from offseg.predict import predict
+
+    image = (torch.rand(70, 90, 3) * 255).to(torch.uint8).numpy()
+    assert (predict(fast, image) == predict(model, image)).mean() > 0.99
+
+
+def test_fold_batch_norms_is_exact():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+    realistic_weights(model, seed=3)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        assert fold_batch_norms(model) == 1
+        assert isinstance(model[1], nn.Identity)
+        assert rel(model(x), ref) < 1e-6
+
+
+def test_optimized_mask2former_runs():
+    model = offseg.create_model("mask2former-swin-t-ol", num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    assert rel(optimize_for_inference(model)(x), ref) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark's helpers
+# --------------------------------------------------------------------------------------------
+
+def test_bench_table_and_errors():
+    rows = [Result(Row("offseg-t", "reference"), [10.0, 12.0, 11.0], 500.0), Result(Row("offseg-t", "fast"), [4.0, 5.0, 6.0], 250.0, rel_error=1e-6)]
+    table = format_table(rows)
+    assert "| offseg-t fast forward | 1 | 512x512 | 5 | 4-6 | 200.00 | 0.45 | 250 | 0.50 | 1.0e-06 |" in table
+    assert relative_error(torch.ones(3) * 2.0, torch.ones(3)) == 1.0
+    assert relative_error(torch.ones(2), torch.ones(3)) == float("inf")
+
+
+def test_bench_cli_rejects_bad_arguments(capsys):
+    from offseg.cli.main import main
+
+    assert main(["bench", "--model", "no-such-model", "--no-memory"]) == 1
+    assert main(["bench", "--size", "100", "100", "--no-memory"]) == 1
+    assert main(["bench", "--train", "--backend", "onnxruntime", "--no-memory"]) == 1
+    assert "error" in capsys.readouterr().err
+
+
+def test_bench_cli_small_run(capsys):
+    from offseg.cli.main import main
+
+    assert main(["bench", "--model", "offseg-t", "--size", "64", "64", "--runs", "1", "--warmup", "0", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "offseg-t reference forward" in out and "offseg-t fast forward" in out
+
+
+def test_carafe_export_formulation_equals_reference():
+    from offseg.models.layers.carafe import _carafe_for_export
+
+    torch.manual_seed(0)
+    for n, c, h, w, k, g, s in [(2, 8, 5, 6, 5, 1, 2), (1, 6, 4, 3, 3, 2, 1), (1, 8, 4, 4, 5, 4, 2)]:
+        feats = torch.randn(n, c, h, w, dtype=torch.float64)
+        masks = torch.randn(n, g * k * k, h * s, w * s, dtype=torch.float64)
+        assert rel(_carafe_for_export(feats, masks, k, g, s), carafe_reference(feats, masks, k, g, s)) < 1e-12
+
+
+def test_fast_model_for_reuses_until_the_weights_change():
+    from offseg.optimize import InferenceModel, fast_model_for
+
+    model = build_model(Row("offseg-t", num_classes=4)).eval()
+    first = fast_model_for(model)
+    assert isinstance(first, InferenceModel) and fast_model_for(model) is first and fast_model_for(first) is first
+    with torch.no_grad():
+        model.decode_head.offset_learning.cls_repr.mul_(2)
+    second = fast_model_for(model)
+    assert second is not first
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel(second(x), model(x)) <= 1e-4
