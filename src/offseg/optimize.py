@@ -512,21 +512,13 @@ def _position_bias_reference(self: effv2.AttentionBias, num_queries: int, num_ke
     return F.interpolate(bias, size=(num_queries, num_keys), mode="bicubic", align_corners=False)
 
 
-def _offset_learning_forward_reference(self: OffsetLearning, x: torch.Tensor) -> torch.Tensor:
-    # The official module returns NCHW-contiguous scores (permute + contiguous).
-    return _ORIGINAL_OFFSET_LEARNING_FORWARD(self, x).contiguous()
-
-
-_ORIGINAL_OFFSET_LEARNING_FORWARD = OffsetLearning.forward
-
-
 @contextlib.contextmanager
 def reference_computation() -> Iterator[None]:
     """Within this block, models compute as the official implementation does: CARAFE by
     unfold + nearest upsampling of the unfold + multiply + sum, the local cosine similarity by a
     dilated unfold and F.cosine_similarity, FreqFusion's kernel normaliser with its permutes and
-    copies, EfficientFormerV2 attention biases gathered and bicubically resized on every call,
-    and Offset Learning scores made contiguous. Same function as the default computation; used
+    copies, and EfficientFormerV2 attention biases gathered and bicubically resized on every
+    call. Same function as the default computation; used
     as the baseline of benchmarks and tests. Not thread-safe (it swaps module attributes)."""
     saved = [
         (freqfusion_module, "carafe", carafe_reference),
@@ -537,7 +529,6 @@ def reference_computation() -> Iterator[None]:
         (effv2.AttentionBias, "position_bias", _position_bias_reference),
         (effv2.Attention4D, "forward", effv2.Attention4D.forward_reference),
         (effv2.Attention4DDownsample, "forward", effv2.Attention4DDownsample.forward_reference),
-        (OffsetLearning, "forward", _offset_learning_forward_reference),
     ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]
     try:

@@ -73,7 +73,9 @@ class OffsetLearning(nn.Module):
             feats, cls_repr, getattr(self, "cls_offset_proj", None), getattr(self, "feat_offset_proj", None)
         )
         masks = self.mask_norm(feats @ cls_repr.transpose(1, 2))  # B, HW, K
-        return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
+        # NCHW-contiguous like the official module: PyTorch's bilinear resize that follows (and
+        # its backward) is several times slower on the transposed (channels-last) layout.
+        return masks.transpose(1, 2).reshape(b, self.num_classes, h, w).contiguous()
 
 
 class OffsetLearningMask(nn.Module):
