@@ -1,4 +1,4 @@
-"""ImageNet backbone initialisation from the release namings of EfficientFormerV2, MiT and MSCAN.
+"""ImageNet backbone initialisation from the release namings of EfficientFormerV2, MiT, MSCAN and Swin.
 
 Each test writes a checkpoint in a release's naming, produced from a model's own backbone state
 dict with the inverse of the documented key mapping (written here independently of the
@@ -12,7 +12,9 @@ import torch
 
 import offseg
 from offseg.checkpoint import CheckpointError
-from offseg.pretrained import convert_mit, convert_mscan, load_backbone_weights, mit_release_format
+from offseg.pretrained import (
+    convert_mit, convert_mscan, convert_swin, load_backbone_weights, mit_release_format, swin_release_format,
+)
 
 
 def _perturbed_backbone_state(model_name: str) -> dict[str, torch.Tensor]:
@@ -234,3 +236,128 @@ def test_mscan_segnext_release(tmp_path):
     assert set(report.loaded) == set(source) and not report.new
     assert report.unused == ["head.bias", "head.weight"]
     _assert_loaded(model, source, source)
+
+
+# --- Swin ----------------------------------------------------------------------------------------
+# A small Mask2Former Swin (the reference vectors' reduced configuration). The Microsoft release is
+# written from our key names with the inverse of the documented mapping; its patch-merging tensors
+# are random and are checked through a re-implementation of the Microsoft PatchMerging forward.
+
+def _swin_model():
+    from offseg.models.mask2former import MASK2FORMER_REDUCED
+
+    torch.manual_seed(123)
+    return offseg.create_model("mask2former-swin-t", num_classes=4, **MASK2FORMER_REDUCED)
+
+
+def _swin_to_microsoft_name(key: str) -> str | None:
+    """Our backbone key -> the Microsoft release's, None for the per-stage output norms."""
+    if re.fullmatch(r"norm\d\..+", key):
+        return None
+    key = key.replace("patch_embed.projection.", "patch_embed.proj.")
+    for ours, theirs in ((".attn.w_msa.", ".attn."), (".ffn.layers.0.0.", ".mlp.fc1."), (".ffn.layers.1.", ".mlp.fc2.")):
+        key = key.replace(ours, theirs)
+    return re.sub(r"^stages\.", "layers.", key)
+
+
+def _microsoft_relative_position_index(window: int) -> torch.Tensor:
+    """The release's index table: (dy + w - 1) * (2w - 1) + (dx + w - 1) over token pairs."""
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    return (ys[:, None] - ys[None, :] + window - 1) * (2 * window - 1) + (xs[:, None] - xs[None, :] + window - 1)
+
+
+def _microsoft_patch_merging(x: torch.Tensor, hw, norm_weight, norm_bias, reduction) -> torch.Tensor:
+    """microsoft/Swin-Transformer PatchMerging.forward (even sides): the four pixels of each 2x2
+    neighbourhood concatenated as [x(0,0), x(1,0), x(0,1), x(1,1)], then LayerNorm and Linear."""
+    b, _, c = x.shape
+    x = x.view(b, *hw, c)
+    x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1).view(b, -1, 4 * c)
+    x = torch.nn.functional.layer_norm(x, (4 * c,), norm_weight, norm_bias)
+    return x @ reduction.t()
+
+
+def _swin_microsoft_release() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(release state dict, our key -> the release tensor it should arrive as, outside patch merging)."""
+    torch.manual_seed(1)
+    own = _swin_model().backbone.state_dict()
+    release, expected = {}, {}
+    for key, value in own.items():
+        name = _swin_to_microsoft_name(key)
+        if name is None:
+            continue
+        if key.endswith("relative_position_index"):
+            release[name] = _microsoft_relative_position_index(7)
+            continue
+        release[name] = torch.randn_like(value) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0)
+        if ".downsample." not in key:
+            expected[key] = release[name]
+    # what else the release holds: shifted-window masks of the 224-pixel model, final norm, classifier
+    release["layers.2.blocks.1.attn_mask"] = torch.zeros(4, 49, 49)
+    release["norm.weight"], release["norm.bias"] = torch.ones(256), torch.zeros(256)
+    release["head.weight"], release["head.bias"] = torch.randn(1000, 256), torch.zeros(1000)
+    return release, expected
+
+
+def test_swin_release_format():
+    release, _ = _swin_microsoft_release()
+    assert swin_release_format(release) == "microsoft"
+    converted = convert_swin(release)
+    assert swin_release_format(converted) == "mmseg"
+    assert convert_swin(converted) == converted  # MMSegmentation's names pass unchanged
+    assert not any("attn_mask" in k or k.startswith("head.") for k in converted)
+
+
+def test_swin_microsoft_release(tmp_path):
+    release, expected = _swin_microsoft_release()
+    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    torch.save({"model": release}, path)
+
+    model = _swin_model()
+    backbone = model.backbone
+    own_before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    report = load_backbone_weights(model, path)
+
+    own = backbone.state_dict()
+    merging = {k for k in own if ".downsample." in k}
+    output_norms = {k for k in own if re.fullmatch(r"norm\d\..+", k)}
+    index_tables = {k for k in own if k.endswith("relative_position_index")}
+    assert set(report.loaded) == set(own) - output_norms
+    assert set(report.new) == output_norms  # the per-stage output norms only
+    assert report.unused == ["norm.bias", "norm.weight"]  # head and masks are dropped
+    _assert_loaded(model, expected, expected)
+    for key in output_norms:
+        assert torch.equal(own[key], own_before[key]), key
+    for key in index_tables:  # the release's index tables are the ones we build
+        assert torch.equal(own_before[key], release[_swin_to_microsoft_name(key)]), key
+
+    # the re-ordered patch merging computes what the release's does
+    assert len(merging) == 3 * 3
+    torch.manual_seed(2)
+    for i, stage in enumerate(backbone.stages[:-1]):
+        c = backbone.out_channels[i]
+        x = torch.randn(2, 6 * 10, c)
+        ours, hw = stage.downsample(x, (6, 10))
+        theirs = _microsoft_patch_merging(x, (6, 10), release[f"layers.{i}.downsample.norm.weight"],
+                                          release[f"layers.{i}.downsample.norm.bias"],
+                                          release[f"layers.{i}.downsample.reduction.weight"])
+        assert hw == (3, 5)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        # without the re-ordering the outputs differ: the test does see the channel order
+        assert not torch.allclose(stage.downsample.reduction(stage.downsample.norm(
+            torch.cat([x.view(2, 6, 10, c)[:, dy::2, dx::2] for dy, dx in ((0, 0), (1, 0), (0, 1), (1, 1))], -1)
+            .view(2, -1, 4 * c))), ours, atol=1e-3)
+
+
+def test_swin_mmseg_names_load_as_they_are(tmp_path):
+    source = {k: v + 0.01 * torch.randn_like(v) + 0.5 if v.is_floating_point() else v.clone()
+              for k, v in _swin_model().backbone.state_dict().items()}
+    segmentor = {f"backbone.{k}": v for k, v in source.items()}
+    segmentor["decode_head.cls_embed.weight"] = torch.randn(5, 64)
+    path = tmp_path / "swin_tiny_mmseg.pth"
+    torch.save({"meta": {}, "state_dict": segmentor}, path)
+
+    fresh = _swin_model()
+    report = load_backbone_weights(fresh, path)
+    assert set(report.loaded) == set(source) and not report.new and not report.unused
+    _assert_loaded(fresh, source, source)

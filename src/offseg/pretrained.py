@@ -18,6 +18,11 @@ Release formats per backbone class:
 - MSCAN (SegNeXt): the SegNeXt release (Visual-Attention-Network) names the depthwise conv of the
   MLP `mlp.dwconv.dwconv`, MMSegmentation `mlp.dwconv`; everything else already matches. Its
   classifier (`head.*`) is reported unused.
+- SwinTransformer: the Microsoft release ({'model': {'patch_embed.proj', 'layers.*', 'norm.*',
+  'head.*'}}, see `convert_swin`) and MMSegmentation's converted files (our names already). The
+  release's patch-merging weights are re-ordered to our `nn.Unfold` layout; its classifier head and
+  its attention-mask buffers are dropped, its final `norm` is reported unused, and the per-stage output
+  norms `norm0`..`norm3` are new.
 """
 from __future__ import annotations
 
@@ -147,6 +152,76 @@ def convert_mscan(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SegNeXt release names -> MMSegmentation's: `blockS.J.mlp.dwconv.dwconv.*` -> `blockS.J.mlp.dwconv.*`.
     Files already in MMSegmentation's names pass unchanged."""
     return {re.sub(r"(^block\d+\.\d+\.mlp\.dwconv)\.dwconv\.", r"\1.", key): value for key, value in state.items()}
+
+
+# --- Swin ---------------------------------------------------------------------------------------
+# Our names (MMSegmentation's) against the Microsoft release (microsoft/Swin-Transformer):
+#   patch_embed.projection                     patch_embed.proj
+#   stages.i.blocks.j.attn.w_msa.*             layers.i.blocks.j.attn.*   (qkv, proj, bias table)
+#   stages.i.blocks.j.ffn.layers.0.0 / .1      layers.i.blocks.j.mlp.fc1 / fc2
+#   stages.i.blocks.j.norm1 / norm2            layers.i.blocks.j.norm1 / norm2
+#   stages.i.downsample.reduction / .norm      layers.i.downsample.*      (re-ordered, see below)
+#   norm0..norm3 (per-stage outputs)           -                          (new)
+#   -                                          norm, head                 (unused / dropped)
+# In both, stage i's downsample (patch merging) comes after stage i's blocks.
+
+_SWIN_MICROSOFT_RULES = [
+    (r"patch_embed\.proj\.(.+)", "patch_embed.projection.{0}"),
+    (r"layers\.(\d+)\.blocks\.(\d+)\.attn\.(.+)", "stages.{0}.blocks.{1}.attn.w_msa.{2}"),
+    (r"layers\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.(.+)", "stages.{0}.blocks.{1}.ffn.layers.0.0.{2}"),
+    (r"layers\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.(.+)", "stages.{0}.blocks.{1}.ffn.layers.1.{2}"),
+    (r"layers\.(\d+)\.(.+)", "stages.{0}.{1}"),  # block norms, downsample
+]
+# The classifier, and the shifted-window masks the release stores for its 224-pixel input (ours are
+# built per input size). Its relative-position index tables are kept: for window 7 they equal ours.
+_SWIN_MICROSOFT_DROPPED = r"head\..*|.*\.attn_mask"
+
+
+def swin_release_format(state: Mapping[str, torch.Tensor]) -> str:
+    """'microsoft' (the microsoft/Swin-Transformer release) or 'mmseg' (our names)."""
+    if any(k.startswith("stages.") for k in state):
+        return "mmseg"
+    if any(k.startswith("layers.") or ".attn.qkv." in k for k in state):
+        return "microsoft"
+    return "mmseg"
+
+
+def swin_merge_order_to_unfold(weight: torch.Tensor) -> torch.Tensor:
+    """Re-order the 4C input channels of a patch-merging norm (4C,) or reduction (out, 4C).
+
+    Why: the Microsoft PatchMerging concatenates the four pixels of each 2x2 neighbourhood as
+    [x(0,0) | x(1,0) | x(0,1) | x(1,1)] (row, column offsets), C channels each: index k*C + c.
+    Ours, like MMSegmentation's, gathers them with nn.Unfold, channel-major over the kernel
+    positions in row-major order (0,0), (0,1), (1,0), (1,1): index c*4 + p. Position p of the
+    unfold is block [0, 2, 1, 3][p] of the concatenation."""
+    *lead, channels = weight.shape
+    blocks = weight.reshape(*lead, 4, channels // 4)[..., [0, 2, 1, 3], :]  # (..., p, c)
+    return blocks.transpose(-1, -2).reshape(*lead, channels)  # (..., c, p) flattened
+
+
+def _rename_swin_microsoft(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if re.fullmatch(_SWIN_MICROSOFT_DROPPED, key):
+            continue
+        for pattern, template in _SWIN_MICROSOFT_RULES:
+            found = re.fullmatch(pattern, key)
+            if found:
+                key = template.format(*found.groups())
+                break
+        if re.fullmatch(r"stages\.\d+\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)", key):
+            value = swin_merge_order_to_unfold(value)
+        out[key] = value  # the final `norm.*` (and anything unknown) keeps its name: reported unused
+    return out
+
+
+@register_key_converter("SwinTransformer")
+def convert_swin(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Swin weights from the Microsoft release -> our (MMSegmentation) names; files already in
+    MMSegmentation's names pass unchanged."""
+    if swin_release_format(state) == "microsoft":
+        return _rename_swin_microsoft(state)
+    return dict(state)
 
 
 @dataclass
