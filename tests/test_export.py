@@ -48,6 +48,18 @@ def test_small_fixed_size_export_matches_pytorch(tmp_path):
     assert json.loads(meta["mean"]) == [123.675, 116.28, 103.53]
 
 
+@pytest.mark.parametrize("name", ["mask2former-swin-t", "mask2former-swin-t-ol"])
+def test_mask2former_fixed_size_export_matches_pytorch(tmp_path, name):
+    # The reduced configuration of the reference vectors; the graph computes model(x), the
+    # semantic scores. Dynamic exports work too (dynamo, minutes), see docs/export in the README.
+    from offseg.models.mask2former import MASK2FORMER_REDUCED
+
+    torch.manual_seed(0)
+    model = offseg.create_model(name, num_classes=5, **MASK2FORMER_REDUCED).eval()
+    result = export_onnx(model, tmp_path / f"{name}.onnx", size=(64, 96), exporter="torchscript")
+    assert result.checks[0].max_rel_error <= TOLERANCE, str(result.checks[0])
+
+
 def test_raw_input_and_labels(tmp_path):
     """uint8 RGB in, int64 labels out: equal to normalise -> model -> argmax in PyTorch."""
     from offseg.data import normalize_image

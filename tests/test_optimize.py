@@ -223,6 +223,15 @@ def test_bench_cli_small_run(capsys):
     assert "offseg-t reference forward" in out and "offseg-t fast forward" in out
 
 
+@pytest.mark.slow  # about a minute: the full-size Swin-T model, three rows
+def test_bench_cli_mask2former(capsys):
+    from offseg.cli.main import main
+
+    assert main(["bench", "--model", "mask2former-swin-t-ol", "--size", "64", "64", "--num-classes", "5",
+                 "--runs", "1", "--warmup", "0", "--no-memory"]) == 0
+    assert "mask2former-swin-t-ol fast forward" in capsys.readouterr().out
+
+
 def test_carafe_export_formulation_equals_reference():
     from offseg.models.layers.carafe import _carafe_for_export
 
