@@ -127,8 +127,8 @@ SAFETENSORS_CONFIG_KEY = "offseg_config"
 class CheckpointInfo:
     """A checkpoint's tensors and what the file says about itself.
 
-    metadata may hold: model_name, num_classes, class_names, palette, mean, std, dataset (whatever
-    the file records; nothing is guessed). kind: 'offseg' (own format), 'training' (written by
+    metadata may hold: model_name, num_classes, class_names, palette, mean, std, dataset, test_scale
+    (whatever the file records; nothing is guessed). kind: 'offseg' (own format), 'training' (written by
     `offseg train`), 'mmseg' (official, with 'meta' and 'state_dict'), 'release' (an ImageNet
     release, {'model': ...}), 'safetensors' or 'state_dict' (bare tensors).
     """
@@ -183,8 +183,20 @@ def _clean_metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
         value = raw.get(key)
         if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
             meta[key] = [float(v) for v in value]
-    if isinstance(raw.get("dataset"), str):
-        meta["dataset"] = raw["dataset"]
+    recipe_data = raw["recipe"].get("data") if isinstance(raw.get("recipe"), Mapping) else None
+    recipe_data = recipe_data if isinstance(recipe_data, Mapping) else {}
+    dataset = raw.get("dataset", recipe_data.get("name"))
+    if isinstance(dataset, str):
+        meta["dataset"] = dataset
+    # The test resize (w, h) of a training run's validation (e.g. a CPU-scale run at half
+    # resolution), so that eval and predict see images as the run did.
+    test_scale = raw.get("test_scale")
+    test_options = recipe_data.get("test_options")
+    if test_scale is None and isinstance(test_options, Mapping):
+        test_scale = test_options.get("test_scale", test_options.get("scale"))
+    if (isinstance(test_scale, (list, tuple)) and len(test_scale) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in test_scale)):
+        meta["test_scale"] = [int(v) for v in test_scale]
     # Architecture options the weights were built with (a training run's recipe records them).
     options = raw.get("model_options")
     if options is None and isinstance(raw.get("recipe"), Mapping):

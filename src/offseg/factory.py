@@ -16,8 +16,8 @@ def create_model(name: str, num_classes: int | None = None, checkpoint: str | os
     checkpoint: weights to load strictly (official MMSegmentation checkpoint, training
     checkpoint, the project's own safetensors + JSON); read without executing pickled code. A
     file that records its model must record this one; architecture options it records (a
-    training run's `model_options`) are applied unless overridden here. Class names and palette
-    it records become `model.class_names` / `model.palette`.
+    training run's `model_options`) are applied unless overridden here. Class names, palette and
+    test resize it records become `model.class_names` / `model.palette` / `model.test_scale`.
     overrides: architecture options of the builder (e.g. `freeze_bn=True`).
     """
     from .checkpoint import infer_num_classes, load_checkpoint, read_checkpoint
@@ -39,7 +39,7 @@ def create_model(name: str, num_classes: int | None = None, checkpoint: str | os
     model = builder(num_classes=150 if num_classes is None else num_classes, **overrides)
     if state_dict is not None:
         load_checkpoint(model, state_dict, source=str(checkpoint))
-        for key in ("class_names", "palette"):
+        for key in ("class_names", "palette", "test_scale"):
             if key in metadata:
                 setattr(model, key, metadata[key])
     return model

@@ -7,9 +7,11 @@ what the weights are for:
      "model_name": "offseg-t", "num_classes": 150, "dataset": "ade20k",
      "class_names": [...], "palette": [[r, g, b], ...],
      "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375],
-     "input": "RGB, 0-255, normalised as (x - mean) / std, H and W multiples of 32"}
+     "input": "RGB, 0-255, normalised as (x - mean) / std, H and W multiples of 32",
+     "test_scale": [w, h]}
 
-class_names, palette and dataset are null when unknown. A copy of the JSON also sits in the
+class_names, palette, dataset and test_scale (the keep-ratio test resize a training run validated
+at; `offseg eval` and `offseg predict` default to it) are null when unknown. A copy of the JSON also sits in the
 safetensors header, so the weights file alone still says what it is.
 
     offseg.save_pretrained(model, "weights/offseg-t_ade20k", dataset="ade20k")
@@ -86,6 +88,8 @@ def pretrained_config(model: nn.Module, class_names: Sequence[str] | None = None
         "mean": mean,
         "std": std,
         "input": f"RGB, 0-255, normalised as (x - mean) / std, H and W multiples of {getattr(model, 'size_divisor', 32)}",
+        # the keep-ratio test resize (w, h) the weights were validated at, when a training run recorded one
+        "test_scale": getattr(model, "test_scale", None),
     }
 
 
@@ -126,5 +130,6 @@ def load_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     load_checkpoint(model, info.state_dict, source=str(info.path))
     model.class_names = info.metadata.get("class_names")
     model.palette = info.metadata.get("palette")
+    model.test_scale = info.metadata.get("test_scale")
     return model
 

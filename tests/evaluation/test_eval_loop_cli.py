@@ -160,3 +160,39 @@ def test_evaluate_sees_through_a_subset(standin):
     res = evaluate(standin, torch.utils.data.Subset(data, [0, 1]), progress=False)
     assert res["num_images"] == 2 and res["class_names"] == data.class_names
     assert res["aAcc"] == pytest.approx(100)  # 255 is out of range, so it counts nowhere
+
+
+def _half_resolution_run_checkpoint(path) -> None:
+    """A checkpoint as `offseg train` writes it for a CamVid run validated at half resolution."""
+    import offseg
+
+    model = offseg.create_model("offseg-t", num_classes=11)
+    recipe = {"model": "offseg-t", "data": {"name": "camvid", "options": {"scale": [240, 180]},
+                                            "test_options": {"scale": [240, 180]}}}
+    torch.save({"model": model.state_dict(), "optimizer": {}, "iteration": 1, "model_name": "offseg-t",
+                "num_classes": 11, "recipe": recipe}, path)
+
+
+@skip_camvid
+def test_eval_and_predict_default_to_the_training_runs_test_scale(tmp_path, capsys):
+    import offseg
+
+    ckpt = tmp_path / "best.pth"
+    _half_resolution_run_checkpoint(ckpt)
+    model = offseg.create_model("offseg-t", checkpoint=ckpt)
+    assert model.test_scale == [240, 180]
+    offseg.save_pretrained(model, tmp_path / "own", dataset="camvid")  # the own format keeps it
+    assert offseg.create_model("offseg-t", checkpoint=tmp_path / "own").test_scale == [240, 180]
+
+    common = ["eval", "--model", "offseg-t", "--checkpoint", str(ckpt), "--data", "camvid",
+              "--data-root", str(CAMVID_ROOT), "--limit", "1", "--no-progress"]
+    assert main(common) == 0
+    assert "test scale 240x180 (the training run's" in capsys.readouterr().out
+    assert main(common + ["--scale", "480", "360"]) == 0
+    assert "the training run's" not in capsys.readouterr().out
+
+    image = sorted((CAMVID_ROOT / "val" / "images").iterdir())[0]
+    assert main(["predict", "--model", "offseg-t", "--checkpoint", str(ckpt), str(image),
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "resized to fit 240x180" in capsys.readouterr().err
+    assert any((tmp_path / "out").rglob("*.png")) or any((tmp_path / "out").rglob("*.jpg"))
