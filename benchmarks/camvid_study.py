@@ -1,7 +1,7 @@
 """The paper's comparison rerun at CPU scale on real CamVid, from scratch, with seeds.
 
     python benchmarks/camvid_study.py [--data-root ../shared/data/camvid] [--out runs/camvid_study]
-                                      [--runs N] [--report-only]
+                                      [--results benchmarks/results/camvid] [--runs N] [--report-only]
 
 Every variant trains with the same recipe (`camvid`: half resolution, crop 160, batch 8, the
 same iterations, optimiser and schedule), the same data and the same seeds; the checkpoint with
@@ -10,6 +10,10 @@ first: per-pixel vs full Offset Learning (3 seeds each), then the single-branch 
 SegFormer-B0 vs SegFormer-B0-OL. Finished runs are skipped and unfinished ones resumed, so the
 study can span sessions; `--runs N` stops after N runs were trained in this call. After each run
 it rewrites docs/results-camvid.md and docs/results-camvid.png from everything finished so far.
+
+A finished run is its `result.json` and `log.jsonl` under --results (committed: small, and what
+the report is made of); checkpoints stay in the run's work dir under --out (not committed). An
+unfinished run resumes from its work dir while that exists, else it starts again.
 """
 from __future__ import annotations
 
@@ -42,9 +46,9 @@ def train_command(model: str, seed: int, data_root: Path, work_dir: Path) -> lis
             "--resume", "--no-progress"]
 
 
-def run_one(model: str, seed: int, data_root: Path, work_dir: Path) -> dict:
-    """Train (or finish) one run, then test its best-on-val checkpoint; cached in result.json."""
-    result_path = work_dir / "result.json"
+def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: Path) -> dict:
+    """Train (or finish) one run, then test its best-on-val checkpoint; kept in result_dir."""
+    result_path = result_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -70,8 +74,10 @@ def run_one(model: str, seed: int, data_root: Path, work_dir: Path) -> dict:
     best = torch.load(work_dir / "best.pth", weights_only=True)
     log = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
     val_curve = [(r["iter"], r["val"]["mIoU"]) for r in log if "val" in r]
-    # Wall time of the whole run, also across resumed sessions: the logs' per-iteration times.
-    train_seconds = sum(r["sec_per_iter"] * recipe["train"]["log_interval"] for r in log if "sec_per_iter" in r)
+    # Training time of the whole run, also across resumed sessions and pauses: the median logged
+    # time per iteration times the iterations (a paused or shared interval would skew a sum).
+    per_iter = sorted(r["sec_per_iter"] for r in log if "sec_per_iter" in r)
+    train_seconds = per_iter[len(per_iter) // 2] * recipe["train"]["iters"]
     crop = tuple(recipe["data"]["options"]["crop_size"])
     result = {
         "model": model, "seed": seed, "test": {k: tested[k] for k in ("mIoU", "mAcc", "aAcc")},
@@ -80,6 +86,8 @@ def run_one(model: str, seed: int, data_root: Path, work_dir: Path) -> dict:
         "params": count_parameters(net), "gflops_at_crop": count_flops(net, crop, convention="full").gflops,
         "train_seconds_logged": train_seconds, "seconds_this_call": elapsed, "command": " ".join(cmd[1:]),
     }
+    result_dir.mkdir(parents=True, exist_ok=True)
+    (result_dir / "log.jsonl").write_text((work_dir / "log.jsonl").read_text())
     result_path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -87,7 +95,9 @@ def run_one(model: str, seed: int, data_root: Path, work_dir: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "camvid"))
-    parser.add_argument("--out", default=str(REPO / "runs" / "camvid_study"))
+    parser.add_argument("--out", default=str(REPO / "runs" / "camvid_study"), help="work dirs (checkpoints)")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "camvid"),
+                        help="finished runs' result.json and log.jsonl (committed)")
     parser.add_argument("--runs", type=int, default=None, help="train at most N runs in this call")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
@@ -95,16 +105,16 @@ def main() -> int:
 
     done = 0
     for variant, model, seed in planned_runs():
-        work = Path(args.out) / f"{model}_s{seed}"
-        if args.report_only or (args.runs is not None and done >= args.runs and not (work / "result.json").is_file()):
+        work, kept = Path(args.out) / f"{model}_s{seed}", Path(args.results) / f"{model}_s{seed}"
+        fresh = not (kept / "result.json").is_file()
+        if args.report_only or (args.runs is not None and done >= args.runs and fresh):
             continue
-        fresh = not (work / "result.json").is_file()
         print(f"== {variant} ({model}), seed {seed}: {'training' if fresh else 'done'}", flush=True)
-        result = run_one(model, seed, Path(args.data_root), work)
+        result = run_one(model, seed, Path(args.data_root), work, kept)
         done += fresh
         print(f"   test mIoU {result['test']['mIoU']:.2f}  best val {result['best_val_mIoU']:.2f}", flush=True)
-        write_report(Path(args.out), planned_runs(), VARIANTS, REPO / "docs")
-    write_report(Path(args.out), planned_runs(), VARIANTS, REPO / "docs")
+        write_report(Path(args.results), planned_runs(), VARIANTS, REPO / "docs")
+    write_report(Path(args.results), planned_runs(), VARIANTS, REPO / "docs")
     return 0
 
 
