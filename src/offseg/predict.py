@@ -72,10 +72,10 @@ def _normalise(image: ImageLike) -> torch.Tensor:
 
 def fit_scale(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
     """(H, W) after a keep-ratio resize that fits inside `scale` = (long, short) edges, rounded
-    like MMSegmentation's Resize(scale=..., keep_ratio=True)."""
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    like MMSegmentation's Resize(scale=..., keep_ratio=True): the data pipeline's `fit_size`."""
+    from .data.transforms import fit_size
+
+    return fit_size(height, width, scale)
 
 
 def _model_device(model: nn.Module) -> torch.device:

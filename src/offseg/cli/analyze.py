@@ -107,6 +107,10 @@ def run_ideal_repr(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data_root}: no {args.split} images found for dataset {args.data}")
     classes = resolve_classes(args.classes, dataset.class_names)
     model = _build_model(args, args.num_classes or dataset.num_classes)
+    recorded = getattr(model, "test_scale", None)
+    if recorded:  # a run trained at its own scale is analysed on images as its validation saw them
+        dataset = build_dataset(args.data, args.data_root, args.split, pipeline="test", test_scale=tuple(recorded))
+        print(f"test scale {recorded[0]}x{recorded[1]} (the training run's, recorded in the checkpoint)")
     if model.num_classes != dataset.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but {args.data} has {dataset.num_classes}")
     _check_matplotlib()
@@ -166,8 +170,13 @@ def run_offsets(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "checkpoint": args.checkpoint, "images": {}}
+    recorded = getattr(model, "test_scale", None)
     for path, stem in files:
         image = np.asarray(load_image(path))
+        if recorded:  # as the training run's validation saw its images (e.g. half resolution)
+            from ..data.transforms import fit_size, resize_image
+
+            image = resize_image(image, fit_size(*image.shape[:2], recorded))
         quantities = offset_quantities(model, image)
         target = out / stem.parent / f"{stem.name}_offsets.png"
         target.parent.mkdir(parents=True, exist_ok=True)
