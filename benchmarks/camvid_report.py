@@ -38,6 +38,10 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
         return
     docs.mkdir(parents=True, exist_ok=True)
     any_run = next(iter(results.values()))[0]
+    repo = docs.resolve().parent
+    # the command as run from the repository (the study passes absolute paths)
+    command = any_run["command"].replace(str(repo) + "/", "").replace(str(repo.parent) + "/", "../")
+    finished = sum(len(r) for r in results.values())
     lines = [
         "# Offset Learning at CPU scale: CamVid, from scratch",
         "",
@@ -50,7 +54,11 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
         "poly decay, the same iterations, data and seeds. Model selection on val (best val mIoU checkpoint),",
         "reported on test. Whole-image inference at half resolution, scored at full resolution.",
         "",
-        f"One run's command: `offseg {any_run['command'].split(' ', 2)[-1]}`",
+        f"One run's command: `offseg {command.split(' ', 2)[-1]}`",
+        "",
+        f"Finished: {finished} of the {len(planned)} planned runs (3 seeds per variant, the most telling first). "
+        "`python benchmarks/camvid_study.py` trains the next ones and rewrites this page; finished runs are kept "
+        "in `benchmarks/results/camvid/` (result and training log of each).",
         "",
         "| variant | model | seeds | test mIoU | best val mIoU | params (M) | GFLOPs at 160² | train time / run |",
         "|---|---|---|---|---|---|---|---|",
@@ -64,13 +72,17 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
         lines.append(
             f"| {variant} | `{model}` | {len(runs)} | {_pm([r['test']['mIoU'] for r in runs])} | "
             f"{_pm([r['best_val_mIoU'] for r in runs])} | {runs[0]['params'] / 1e6:.2f} | {runs[0]['gflops_at_crop']:.2f} | {minutes:.0f} min |")
-    lines += ["", "Mean ± sample standard deviation over seeds.", "", "## What the numbers say", ""]
+    lines += ["", "Mean ± sample standard deviation over seeds. Train time: the median logged time per iteration "
+              "times the iterations, on this project's 2-core CPU machines (runs that shared the machine with "
+              "other work show it).", "", "## What the numbers say", ""]
     pairs = [("offseg-t-pixel", "offseg-t"), ("offseg-t-pixel", "offseg-t-co"), ("offseg-t-pixel", "offseg-t-fo"),
              ("segformer-b0", "segformer-b0-ol")]
     names = {m: v for v, m in variants}
     for a, b in pairs:
         if a in results and b in results:
             lines.append("- " + _verdict(names[a], [r["test"]["mIoU"] for r in results[a]], names[b], [r["test"]["mIoU"] for r in results[b]]))
+        else:
+            lines.append(f"- {names[b]} vs {names[a]}: not compared yet (a variant has no finished run).")
     lines += ["", "The paper's setting differs: ADE20K (150 classes) at 512², ImageNet-pretrained backbones,",
               "160k iterations with batch 16 on 8 GPUs. Here the backbones start from random weights and train",
               "for minutes, so absolute numbers are far lower and the comparison measures the paradigm in a",
