@@ -183,8 +183,8 @@ def _clean_metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
         value = raw.get(key)
         if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
             meta[key] = [float(v) for v in value]
-    recipe_data = raw["recipe"].get("data") if isinstance(raw.get("recipe"), Mapping) else None
-    recipe_data = recipe_data if isinstance(recipe_data, Mapping) else {}
+    recipe = raw["recipe"] if isinstance(raw.get("recipe"), Mapping) else {}
+    recipe_data = recipe["data"] if isinstance(recipe.get("data"), Mapping) else {}
     dataset = raw.get("dataset", recipe_data.get("name"))
     if isinstance(dataset, str):
         meta["dataset"] = dataset
@@ -198,9 +198,7 @@ def _clean_metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in test_scale)):
         meta["test_scale"] = [int(v) for v in test_scale]
     # Architecture options the weights were built with (a training run's recipe records them).
-    options = raw.get("model_options")
-    if options is None and isinstance(raw.get("recipe"), Mapping):
-        options = raw["recipe"].get("model_options")
+    options = raw.get("model_options", recipe.get("model_options"))
     if isinstance(options, Mapping) and options and all(isinstance(k, str) for k in options):
         meta["model_options"] = dict(options)
     return meta

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .data.transforms import fit_size as fit_scale  # (H, W) of a keep-ratio resize to fit (long, short)
 from .inference import DEFAULT_TTA_SCALES, infer
 from .optimize import fast_model_for
 
@@ -68,14 +69,6 @@ def _normalise(image: ImageLike) -> torch.Tensor:
     from .data import normalize_image
 
     return normalize_image(array)
-
-
-def fit_scale(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
-    """(H, W) after a keep-ratio resize that fits inside `scale` = (long, short) edges, rounded
-    like MMSegmentation's Resize(scale=..., keep_ratio=True): the data pipeline's `fit_size`."""
-    from .data.transforms import fit_size
-
-    return fit_size(height, width, scale)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -96,6 +96,16 @@ def mit_release_format(state: Mapping[str, torch.Tensor]) -> str:
     return "mmseg"
 
 
+def _renamed(key: str, rules, **extra) -> str | None:
+    """`key` renamed by the first (pattern, template) rule that matches it whole, else None; the
+    template gets the pattern's groups (and `extra`) as format arguments."""
+    for pattern, template in rules:
+        found = re.fullmatch(pattern, key)
+        if found:
+            return template.format(*found.groups(), **{k: f(found.groups()) for k, f in extra.items()})
+    return None
+
+
 def _rename_mit(state: Mapping[str, torch.Tensor], rules, qkv, stage_base: int) -> dict[str, torch.Tensor]:
     qkv_pattern, qkv_order = qkv
     out: dict[str, torch.Tensor] = {}
@@ -107,17 +117,13 @@ def _rename_mit(state: Mapping[str, torch.Tensor], rules, qkv, stage_base: int) 
             stage, block, which, kind = found.groups()
             projections.setdefault((stage, block, kind), {})[which] = (key, value)
             continue
-        for pattern, template in rules:
-            found = re.fullmatch(pattern, key)
-            if found:
-                groups = found.groups()
-                new_key = template.format(*groups, s=int(groups[0]) - stage_base)
-                if new_key.endswith(("ffn.layers.0.weight", "ffn.layers.4.weight")) and value.ndim == 2:
-                    value = value.reshape(*value.shape, 1, 1)  # Linear -> 1x1 conv
-                out[new_key] = value
-                break
-        else:
+        new_key = _renamed(key, rules, s=lambda groups: int(groups[0]) - stage_base)
+        if new_key is None:
             out[key] = value  # classifier heads etc.: left as they are, reported unused
+            continue
+        if new_key.endswith(("ffn.layers.0.weight", "ffn.layers.4.weight")) and value.ndim == 2:
+            value = value.reshape(*value.shape, 1, 1)  # Linear -> 1x1 conv
+        out[new_key] = value
     for (stage, block, kind), parts in projections.items():
         if set(parts) == set(qkv_order):
             packed = torch.cat([parts[name][1] for name in qkv_order])
@@ -204,11 +210,7 @@ def _rename_swin_microsoft(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     for key, value in state.items():
         if re.fullmatch(_SWIN_MICROSOFT_DROPPED, key):
             continue
-        for pattern, template in _SWIN_MICROSOFT_RULES:
-            found = re.fullmatch(pattern, key)
-            if found:
-                key = template.format(*found.groups())
-                break
+        key = _renamed(key, _SWIN_MICROSOFT_RULES) or key
         if re.fullmatch(r"stages\.\d+\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)", key):
             value = swin_merge_order_to_unfold(value)
         out[key] = value  # the final `norm.*` (and anything unknown) keeps its name: reported unused

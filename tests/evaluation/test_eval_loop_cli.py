@@ -190,6 +190,8 @@ def test_eval_and_predict_default_to_the_training_runs_test_scale(tmp_path, caps
     assert "test scale 240x180 (the training run's" in capsys.readouterr().out
     assert main(common + ["--scale", "480", "360"]) == 0
     assert "the training run's" not in capsys.readouterr().out
+    assert main(common + ["--scale", "0", "0"]) == 1
+    assert "two positive sizes" in capsys.readouterr().err
 
     image = sorted((CAMVID_ROOT / "val" / "images").iterdir())[0]
     assert main(["predict", "--model", "offseg-t", "--checkpoint", str(ckpt), str(image),

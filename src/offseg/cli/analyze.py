@@ -170,12 +170,12 @@ def run_offsets(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "checkpoint": args.checkpoint, "images": {}}
+    from ..data.transforms import fit_size, resize_image
+
     recorded = getattr(model, "test_scale", None)
     for path, stem in files:
         image = np.asarray(load_image(path))
         if recorded:  # as the training run's validation saw its images (e.g. half resolution)
-            from ..data.transforms import fit_size, resize_image
-
             image = resize_image(image, fit_size(*image.shape[:2], recorded))
         quantities = offset_quantities(model, image)
         target = out / stem.parent / f"{stem.name}_offsets.png"

@@ -65,6 +65,8 @@ def fit_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
     side would pass 2048.
     """
     long_edge, short_edge = max(scale), min(scale)
+    if short_edge <= 0:
+        raise ValueError(f"a resize scale must be two positive sizes, got {tuple(scale)}")
     factor = min(long_edge / max(height, width), short_edge / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
