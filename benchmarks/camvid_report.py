@@ -28,6 +28,19 @@ def _verdict(name_a: str, a: list[float], name_b: str, b: list[float]) -> str:
     return f"{name_b} vs {name_a}: {diff:+.2f} mIoU, within twice the seed spread ({spread:.2f}): not distinguishable at this scale."
 
 
+def _setting(run: dict) -> str:
+    # Runs finished before the study had --jobs ran alone with the machine's 2 threads.
+    threads, jobs = run.get("threads", 2), run.get("jobs", 1)
+    return "alone, 2 threads" if jobs == 1 else f"{jobs} at a time, {threads} thread{'s' * (threads > 1)} each"
+
+
+def _times(runs: list[dict]) -> str:
+    by_setting: dict[str, list[float]] = {}
+    for r in runs:
+        by_setting.setdefault(_setting(r), []).append(r["train_seconds_logged"] / 60)
+    return "; ".join(f"{sum(m) / len(m):.0f} min ({s})" for s, m in by_setting.items())
+
+
 def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
     results: dict[str, list[dict]] = {}
     for _, model, seed in planned:
@@ -57,7 +70,7 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
         f"One run's command: `offseg {command.split(' ', 2)[-1]}`",
         "",
         f"Finished: {finished} of the {len(planned)} planned runs (3 seeds per variant, the most telling first). "
-        "`python benchmarks/camvid_study.py` trains the next ones and rewrites this page; finished runs are kept "
+        "`python benchmarks/camvid_study.py --jobs 2` trains the next ones (two at a time) and rewrites this page; finished runs are kept "
         "in `benchmarks/results/camvid/` (result and training log of each).",
         "",
         "| variant | model | seeds | test mIoU | best val mIoU | params (M) | GFLOPs at 160² | train time / run |",
@@ -68,13 +81,14 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
         if not runs:
             lines.append(f"| {variant} | `{model}` | 0 | (not run yet) | | | | |")
             continue
-        minutes = sum(r["train_seconds_logged"] for r in runs) / len(runs) / 60
         lines.append(
             f"| {variant} | `{model}` | {len(runs)} | {_pm([r['test']['mIoU'] for r in runs])} | "
-            f"{_pm([r['best_val_mIoU'] for r in runs])} | {runs[0]['params'] / 1e6:.2f} | {runs[0]['gflops_at_crop']:.2f} | {minutes:.0f} min |")
+            f"{_pm([r['best_val_mIoU'] for r in runs])} | {runs[0]['params'] / 1e6:.2f} | {runs[0]['gflops_at_crop']:.2f} | {_times(runs)} |")
     lines += ["", "Mean ± sample standard deviation over seeds. Train time: the median logged time per iteration "
-              "times the iterations, on this project's 2-core CPU machines (runs that shared the machine with "
-              "other work show it).", "", "## What the numbers say", ""]
+              "times the iterations, on this project's 2-core CPU machines, by the setting the run trained in: "
+              "alone with 2 threads, or two runs at a time with 1 thread each (`--jobs 2`: longer per run, "
+              "1.6x the study's throughput). A run resumed in another setting is listed by the setting that "
+              "finished it.", "", "## What the numbers say", ""]
     pairs = [("offseg-t-pixel", "offseg-t"), ("offseg-t-pixel", "offseg-t-co"), ("offseg-t-pixel", "offseg-t-fo"),
              ("segformer-b0", "segformer-b0-ol")]
     names = {m: v for v, m in variants}
@@ -98,7 +112,13 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
         typical = min(runs, key=lambda r: abs(r["test"]["mIoU"] - mean))
         cells = ["—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}" for v in typical["test_iou"]]
         lines.append(f"| {variant} (seed {typical['seed']}) | " + " | ".join(cells) + " |")
-    lines += ["", "![val mIoU against iteration](results-camvid.png)", ""]
+    lines += ["", "![val mIoU against iteration](results-camvid.png)", "", "## Every run", "",
+              "| model | seed | test mIoU | best val mIoU (iteration) | train time | setting |", "|---|---|---|---|---|---|"]
+    for variant, model in variants:
+        for r in sorted(results.get(model, []), key=lambda r: r["seed"]):
+            lines.append(f"| `{model}` | {r['seed']} | {r['test']['mIoU']:.2f} | {r['best_val_mIoU']:.2f} ({r['best_iter']}) | "
+                         f"{r['train_seconds_logged'] / 60:.0f} min | {_setting(r)} |")
+    lines.append("")
     (docs / "results-camvid.md").write_text("\n".join(lines))
     _plot(results, variants, docs / "results-camvid.png")
 

@@ -1,7 +1,8 @@
 """The paper's comparison rerun at CPU scale on real CamVid, from scratch, with seeds.
 
     python benchmarks/camvid_study.py [--data-root ../shared/data/camvid] [--out runs/camvid_study]
-                                      [--results benchmarks/results/camvid] [--runs N] [--report-only]
+                                      [--results benchmarks/results/camvid] [--runs N] [--jobs J]
+                                      [--report-only]
 
 Every variant trains with the same recipe (`camvid`: half resolution, crop 160, batch 8, the
 same iterations, optimiser and schedule), the same data and the same seeds; the checkpoint with
@@ -11,6 +12,11 @@ SegFormer-B0 vs SegFormer-B0-OL. Finished runs are skipped and unfinished ones r
 study can span sessions; `--runs N` stops after N runs were trained in this call. After each run
 it rewrites docs/results-camvid.md and docs/results-camvid.png from everything finished so far.
 
+`--jobs J` trains J runs at a time, each with cores/J threads. On the 2-core machines here two
+one-thread runs (1.65 s/iteration each) got through the study 1.6x faster than one two-thread run
+(1.3 s/iteration), because small convolutions do not scale across threads; the results record
+the threads and jobs, and the report shows each run's time with the setting it ran in.
+
 A finished run is its `result.json` and `log.jsonl` under --results (committed: small, and what
 the report is made of); checkpoints stay in the run's work dir under --out (not committed). An
 unfinished run resumes from its work dir while that exists, else it starts again.
@@ -19,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +54,7 @@ def train_command(model: str, seed: int, data_root: Path, work_dir: Path) -> lis
             "--resume", "--no-progress"]
 
 
-def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: Path) -> dict:
+def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: Path, threads: int, jobs: int) -> dict:
     """Train (or finish) one run, then test its best-on-val checkpoint; kept in result_dir."""
     result_path = result_dir / "result.json"
     if result_path.is_file():
@@ -55,10 +63,12 @@ def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: 
     cmd = train_command(model, seed, data_root, work_dir)
     started = time.time()
     with (work_dir / "train.out").open("a") as out:
-        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT)
+        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     elapsed = time.time() - started
 
     import torch
+
+    torch.set_num_threads(threads)
 
     import offseg
     from offseg.engine.recipes import load_recipe
@@ -85,6 +95,7 @@ def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: 
         "best_val_mIoU": max(v for _, v in val_curve), "best_iter": int(best["iteration"]), "val_curve": val_curve,
         "params": count_parameters(net), "gflops_at_crop": count_flops(net, crop, convention="full").gflops,
         "train_seconds_logged": train_seconds, "seconds_this_call": elapsed, "command": " ".join(cmd[1:]),
+        "threads": threads, "jobs": jobs,
     }
     result_dir.mkdir(parents=True, exist_ok=True)
     (result_dir / "log.jsonl").write_text((work_dir / "log.jsonl").read_text())
@@ -99,22 +110,37 @@ def main() -> int:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "camvid"),
                         help="finished runs' result.json and log.jsonl (committed)")
     parser.add_argument("--runs", type=int, default=None, help="train at most N runs in this call")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time (each with cores/J threads)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     from camvid_report import write_report  # benchmarks/camvid_report.py
 
-    done = 0
+    def report() -> None:
+        write_report(Path(args.results), planned_runs(), VARIANTS, REPO / "docs")
+
+    todo, started = [], 0
     for variant, model, seed in planned_runs():
         work, kept = Path(args.out) / f"{model}_s{seed}", Path(args.results) / f"{model}_s{seed}"
-        fresh = not (kept / "result.json").is_file()
-        if args.report_only or (args.runs is not None and done >= args.runs and fresh):
-            continue
-        print(f"== {variant} ({model}), seed {seed}: {'training' if fresh else 'done'}", flush=True)
-        result = run_one(model, seed, Path(args.data_root), work, kept)
-        done += fresh
-        print(f"   test mIoU {result['test']['mIoU']:.2f}  best val {result['best_val_mIoU']:.2f}", flush=True)
-        write_report(Path(args.results), planned_runs(), VARIANTS, REPO / "docs")
-    write_report(Path(args.results), planned_runs(), VARIANTS, REPO / "docs")
+        if (kept / "result.json").is_file():
+            print(f"== {variant} ({model}), seed {seed}: done", flush=True)
+        elif not args.report_only and (args.runs is None or started < args.runs):
+            todo.append((variant, model, seed, work, kept))
+            started += 1
+    jobs = max(1, min(args.jobs, len(todo) or 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # Worker processes, not threads: each run's test evaluation needs its own torch thread setting.
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        pending = {}
+        for variant, model, seed, work, kept in todo:
+            print(f"== {variant} ({model}), seed {seed}: queued ({threads} thread(s), {jobs} at a time)", flush=True)
+            pending[pool.submit(run_one, model, seed, Path(args.data_root), work, kept, threads, jobs)] = (variant, model, seed)
+        for future in as_completed(pending):
+            variant, model, seed = pending[future]
+            result = future.result()
+            print(f"== {variant} ({model}), seed {seed}: test mIoU {result['test']['mIoU']:.2f}  "
+                  f"best val {result['best_val_mIoU']:.2f}", flush=True)
+            report()
+    report()
     return 0
 
 
