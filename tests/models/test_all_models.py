@@ -30,3 +30,18 @@ def test_every_family_is_registered():
     families = {name.split("-")[0] for name in ALL_MODELS}
     assert {"offseg", "segformer", "segnext", "mask2former"} <= families
     assert len(ALL_MODELS) == 12 + 12 + 8 + 2
+
+
+@pytest.mark.parametrize("name", ["offseg-t-co", "segformer-b0-ol", "segnext-t", "mask2former-swin-t-ol"])
+def test_unknown_option_names_the_model_and_what_it_accepts(name):
+    # The variant's own arguments (size, head type) are fixed by its name, not options.
+    with pytest.raises(TypeError, match=rf"^{name}: unknown option\(s\) offset_learning, sizes?; accepted: .*drop_path_rate"):
+        offseg.create_model(name, size="b1", offset_learning=True)
+
+
+def test_builders_have_names_and_docs():
+    from offseg.models.registry import get_builder
+
+    for name in ALL_MODELS:
+        builder = get_builder(name)
+        assert builder.__name__ == name.replace("-", "_") and builder.__doc__

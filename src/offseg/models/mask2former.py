@@ -34,7 +34,7 @@ import torch.nn as nn
 from .backbones.swin import SWIN_T, SwinTransformer
 from .heads.mask2former_head import Mask2FormerHead, semantic_scores
 from .losses.mask2former_loss import Mask2FormerLoss
-from .registry import register_model
+from .registry import register_variant
 from .segmentor import Segmentor
 
 # The reduced configuration of the reference vectors (mask2former_swin_reduced*): same structure,
@@ -144,13 +144,8 @@ def build_mask2former(
     return Mask2FormerSegmentor(backbone, head, size_divisor=32, name=name)
 
 
-@register_model("mask2former-swin-t")
-def mask2former_swin_t(num_classes: int = 150, **overrides) -> Mask2FormerSegmentor:
-    """Mask2Former Swin-T (MMSegmentation); overrides: see `build_mask2former`."""
-    return build_mask2former(num_classes, offset_learning=False, **overrides)
-
-
-@register_model("mask2former-swin-t-ol")
-def mask2former_swin_t_ol(num_classes: int = 150, **overrides) -> Mask2FormerSegmentor:
-    """Mask2Former Swin-T with Offset Learning (OffSeg); overrides: see `build_mask2former`."""
-    return build_mask2former(num_classes, offset_learning=True, **overrides)
+register_variant("mask2former-swin-t", build_mask2former,
+                 "Mask2Former Swin-T (MMSegmentation); overrides: see `build_mask2former`.", offset_learning=False)
+register_variant("mask2former-swin-t-ol", build_mask2former,
+                 "Mask2Former Swin-T with Offset Learning (OffSeg); overrides: see `build_mask2former`.",
+                 offset_learning=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .backbones.efficientformer_v2 import EfficientFormerV2
 from .heads.offseg_head import OffSegHead
-from .registry import register_model
+from .registry import register_variant
 from .segmentor import Segmentor
 
 OFFSEG_SIZES = {
@@ -32,15 +32,7 @@ def build_offseg(size: str, num_classes: int = 150, classifier: str = "offset", 
     return Segmentor(backbone, head, size_divisor=32, name=f"offseg-{size}{suffix}")
 
 
-def _register(size: str, suffix: str, classifier: str) -> None:
-    @register_model(f"offseg-{size}{suffix}")
-    def builder(num_classes: int = 150, **overrides) -> Segmentor:
-        return build_offseg(size, num_classes, classifier=classifier, **overrides)
-
-    builder.__name__ = f"offseg_{size}{suffix.replace('-', '_')}"
-    builder.__doc__ = f"OffSeg-{size.upper()} ({classifier} classifier)."
-
-
 for _size in OFFSEG_SIZES:
     for _suffix, _classifier in OFFSEG_VARIANTS.items():
-        _register(_size, _suffix, _classifier)
+        register_variant(f"offseg-{_size}{_suffix}", build_offseg, f"OffSeg-{_size.upper()} ({_classifier} classifier).",
+                         size=_size, classifier=_classifier)

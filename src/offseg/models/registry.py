@@ -1,7 +1,8 @@
 """Model registry: small builder functions registered by name, one `create_model` to call them."""
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any, Callable
 
 import torch.nn as nn
 
@@ -18,6 +19,26 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
         return fn
 
     return decorator
+
+
+def register_variant(name: str, build: Callable[..., nn.Module], doc: str, **fixed: Any) -> None:
+    """Register `build(num_classes, **fixed, **overrides)` under `name`, for one member of a family.
+
+    `fixed` are the arguments that make this variant (size, head type); the other keyword
+    arguments of `build` are the overrides it accepts, and anything else is a TypeError that
+    names the model and lists them.
+    """
+    accepted = [p for p in inspect.signature(build).parameters if p != "num_classes" and p not in fixed]
+
+    def builder(num_classes: int = 150, **overrides: Any) -> nn.Module:
+        unknown = sorted(set(overrides) - set(accepted))
+        if unknown:
+            raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+        return build(num_classes=num_classes, **fixed, **overrides)
+
+    builder.__name__ = name.replace("-", "_")
+    builder.__doc__ = doc
+    register_model(name)(builder)
 
 
 def list_models(pattern: str | None = None) -> list[str]:

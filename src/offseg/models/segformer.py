@@ -11,11 +11,8 @@ from __future__ import annotations
 
 from .backbones.mit import MIT_ARCHS, MixVisionTransformer
 from .heads.segformer_head import SegformerHead, SegformerHeadOffsetLearning
-from .registry import register_model
+from .registry import register_variant
 from .segmentor import Segmentor
-
-SEGFORMER_OPTIONS = ("drop_path_rate", "channels", "dropout_ratio")
-
 
 def build_segformer(
     size: str,
@@ -35,21 +32,8 @@ def build_segformer(
     return Segmentor(backbone, head, size_divisor=32, name=name)
 
 
-def _register(size: str, offset_learning: bool) -> None:
-    name = f"segformer-{size}{'-ol' if offset_learning else ''}"
-
-    @register_model(name)
-    def builder(num_classes: int = 150, **overrides) -> Segmentor:
-        unknown = sorted(set(overrides) - set(SEGFORMER_OPTIONS))
-        if unknown:
-            raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(SEGFORMER_OPTIONS)}")
-        return build_segformer(size, num_classes, offset_learning=offset_learning, **overrides)
-
-    builder.__name__ = name.replace("-", "_")
-    head = "Offset Learning, logits at 1/8" if offset_learning else "per-pixel classifier, logits at 1/4"
-    builder.__doc__ = f"SegFormer-{size.upper()} (MiT-{size.upper()} + all-MLP head, {head})."
-
-
 for _size in MIT_ARCHS:
-    _register(_size, offset_learning=False)
-    _register(_size, offset_learning=True)
+    for _ol, _head in ((False, "per-pixel classifier, logits at 1/4"), (True, "Offset Learning, logits at 1/8")):
+        register_variant(f"segformer-{_size}{'-ol' if _ol else ''}", build_segformer,
+                         f"SegFormer-{_size.upper()} (MiT-{_size.upper()} + all-MLP head, {_head}).",
+                         size=_size, offset_learning=_ol)

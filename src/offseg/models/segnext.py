@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from .backbones.mscan import MSCAN, MSCAN_ARCHS
 from .heads.ham_head import LightHamHead, LightHamHeadOffsetLearning
-from .registry import register_model
+from .registry import register_variant
 from .segmentor import Segmentor
 
 SEGNEXT_HEAD_WIDTHS = {"t": 256, "s": 256, "b": 512, "l": 1024}
-SEGNEXT_OPTIONS = ("drop_path_rate", "dropout_ratio", "nmf_seed")
 
 
 def build_segnext(
@@ -54,23 +53,11 @@ def build_segnext(
     return Segmentor(backbone, head, size_divisor=32, name=name)
 
 
-def _register(size: str, offset_learning: bool) -> None:
-    name = f"segnext-{size}{'-ol' if offset_learning else ''}"
-
-    @register_model(name)
-    def builder(num_classes: int = 150, **overrides) -> Segmentor:
-        unknown = sorted(set(overrides) - set(SEGNEXT_OPTIONS))
-        if unknown:
-            raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(SEGNEXT_OPTIONS)}")
-        return build_segnext(size, num_classes, offset_learning=offset_learning, **overrides)
-
-    builder.__name__ = name.replace("-", "_")
-    head = "Offset Learning" if offset_learning else "per-pixel classifier"
-    note = " No official OffSeg config exists for L: MMSegmentation's L settings with the OL head." if (
-        size == "l" and offset_learning) else ""
-    builder.__doc__ = f"SegNeXt-{size.upper()} (MSCAN-{size.upper()} + LightHam head, {head}, logits at 1/8).{note}"
-
-
 for _size in MSCAN_ARCHS:
-    _register(_size, offset_learning=False)
-    _register(_size, offset_learning=True)
+    for _ol in (False, True):
+        _note = " No official OffSeg config exists for L: MMSegmentation's L settings with the OL head." if (
+            _size == "l" and _ol) else ""
+        register_variant(f"segnext-{_size}{'-ol' if _ol else ''}", build_segnext,
+                         f"SegNeXt-{_size.upper()} (MSCAN-{_size.upper()} + LightHam head, "
+                         f"{'Offset Learning' if _ol else 'per-pixel classifier'}, logits at 1/8).{_note}",
+                         size=_size, offset_learning=_ol)

@@ -15,13 +15,13 @@ stage i is `layers.i` = [patch embedding, blocks, norm] (keys `layers.i.0.*`, `l
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from ..layers.drop_path import DropPath
+from ..layers.weight_init import init_backbone_
 
 # All MiT sizes share heads (1, 2, 5, 8), patch sizes (7, 3, 3, 3), strides (4, 2, 2, 2),
 # spatial-reduction ratios (8, 4, 2, 1) and MLP ratio 4; they differ in width and depth.
@@ -199,19 +199,7 @@ class MixVisionTransformer(nn.Module):
         """MMSegmentation's from-scratch init: truncated-normal linears, unit LayerNorms, and
         He-normal convs over fan-out (per group). The packed attention in-projection is not an
         nn.Linear and keeps PyTorch's Xavier init, as in MMSegmentation."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_backbone_(self, linear=True, conv=True)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []

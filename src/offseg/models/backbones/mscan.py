@@ -22,13 +22,13 @@ behaviour). Unlike EfficientFormerV2, MSCAN never freezes its BatchNorms while t
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from ..layers.drop_path import DropPath
+from ..layers.weight_init import init_backbone_
 
 # Every size uses MLP ratios (8, 8, 4, 4); the drop-path rates are those of the SegNeXt configs
 # (MMSegmentation's and OffSeg's agree): 0.1 for T/S/B, 0.3 for L.
@@ -197,15 +197,7 @@ class MSCAN(nn.Module):
     def init_weights(self) -> None:
         """MMSegmentation's from-scratch init: He-normal convs over fan-out (per group) with zero
         bias, unit LayerNorms; BatchNorms and layer scales keep their constructor values."""
-        for m in self.modules():
-            if isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_backbone_(self, linear=False, conv=True)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.drop_path import DropPath
+from ..layers.weight_init import init_backbone_
 
 # Swin-T, as in the Mask2Former Swin-T configs.
 SWIN_T = dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
@@ -259,14 +260,7 @@ class SwinTransformer(nn.Module):
     def reset_parameters(self) -> None:
         """MMSegmentation's from-scratch init: truncated-normal (0.02) Linear weights with zero bias,
         unit LayerNorms. The patch conv keeps PyTorch's default; the bias tables stay zero."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_backbone_(self, linear=True, conv=False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x, hw = self.patch_embed(x)
