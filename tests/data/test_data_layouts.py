@@ -148,6 +148,10 @@ def test_options_defaults_and_overrides(tmp_path):
     assert ds[0]["image"].shape == (3, 48, 64)  # an explicit scale is the test scale too
     ds = build_dataset("ade20k", tmp_path, "val", pipeline="test", test_scale=None)
     assert ds[0]["image"].shape == (3, 24, 32)
+    ds.set_test_scale((16, 12))  # e.g. the test scale a checkpoint records, without listing the files again
+    assert ds[0]["image"].shape == (3, 12, 16) and ds[0]["label"].shape == (24, 32)
+    with pytest.raises(ValueError, match="test pipeline"):
+        build_dataset("ade20k", tmp_path, "train").set_test_scale((16, 12))
     with pytest.raises(ValueError, match="unknown dataset option"):
         build_dataset("ade20k", tmp_path, "train", crop=(4, 4))
     with pytest.raises(ValueError, match="150 classes"):

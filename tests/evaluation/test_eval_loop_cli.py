@@ -187,14 +187,14 @@ def test_eval_and_predict_default_to_the_training_runs_test_scale(tmp_path, caps
     common = ["eval", "--model", "offseg-t", "--checkpoint", str(ckpt), "--data", "camvid",
               "--data-root", str(CAMVID_ROOT), "--limit", "1", "--no-progress"]
     assert main(common) == 0
-    assert "test scale 240x180 (the training run's" in capsys.readouterr().out
+    assert "test scale 240x180 (the training run's" in capsys.readouterr().err
     assert main(common + ["--scale", "480", "360"]) == 0
-    assert "the training run's" not in capsys.readouterr().out
+    assert "the training run's" not in capsys.readouterr().err
     assert main(common + ["--scale", "0", "0"]) == 1
     assert "two positive sizes" in capsys.readouterr().err
 
     image = sorted((CAMVID_ROOT / "val" / "images").iterdir())[0]
     assert main(["predict", "--model", "offseg-t", "--checkpoint", str(ckpt), str(image),
                  "--out", str(tmp_path / "out"), "--no-progress"]) == 0
-    assert "resized to fit 240x180" in capsys.readouterr().err
+    assert "offseg predict: test scale 240x180 (the training run's" in capsys.readouterr().err
     assert any((tmp_path / "out").rglob("*.png")) or any((tmp_path / "out").rglob("*.jpg"))

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from ._options import add_scale_argument, choose_test_scale
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -37,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ideal.add_argument("--data", required=True, help="dataset name: ade20k, cityscapes, coco-stuff164k, pascal-context-59, camvid, folder")
     ideal.add_argument("--data-root", required=True, help="dataset root folder")
     ideal.add_argument("--split", default="val", help="split (default: val)")
+    add_scale_argument(ideal, "the dataset's official test scale")
     ideal.add_argument("--images", type=int, default=10, metavar="N", help="number of images, spread evenly over the split (default: 10)")
     ideal.add_argument("--classes", nargs="+", metavar="CLASS",
                        help="classes (names or indices) to draw similarity maps for (default: every class in two or more images)")
@@ -56,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     offsets.add_argument("inputs", nargs="+", metavar="IMAGE", help="image file or folder (searched recursively)")
     _model_arguments(offsets)
+    add_scale_argument(offsets, "none")
     offsets.add_argument("--palette", metavar="DATASET", help="class names, colours and default class count of this dataset")
     offsets.add_argument("--classes", nargs="+", metavar="CLASS", help="classes (names or indices) whose attention to show")
     offsets.add_argument("--top", type=int, default=4, metavar="N", help="without --classes, show the N largest predicted classes (default: 4)")
@@ -107,10 +111,9 @@ def run_ideal_repr(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data_root}: no {args.split} images found for dataset {args.data}")
     classes = resolve_classes(args.classes, dataset.class_names)
     model = _build_model(args, args.num_classes or dataset.num_classes)
-    recorded = getattr(model, "test_scale", None)
-    if recorded:  # a run trained at its own scale is analysed on images as its validation saw them
-        dataset = build_dataset(args.data, args.data_root, args.split, pipeline="test", test_scale=tuple(recorded))
-        print(f"test scale {recorded[0]}x{recorded[1]} (the training run's, recorded in the checkpoint)")
+    scale = choose_test_scale(model, args.scale, "analyze")
+    if scale is not None:
+        dataset.set_test_scale(scale)
     if model.num_classes != dataset.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but {args.data} has {dataset.num_classes}")
     _check_matplotlib()
@@ -172,11 +175,11 @@ def run_offsets(args: argparse.Namespace) -> int:
     report = {"model": args.model, "checkpoint": args.checkpoint, "images": {}}
     from ..data.transforms import fit_size, resize_image
 
-    recorded = getattr(model, "test_scale", None)
+    scale = choose_test_scale(model, args.scale, "analyze")
     for path, stem in files:
         image = np.asarray(load_image(path))
-        if recorded:  # as the training run's validation saw its images (e.g. half resolution)
-            image = resize_image(image, fit_size(*image.shape[:2], recorded))
+        if scale is not None:
+            image = resize_image(image, fit_size(*image.shape[:2], scale))
         quantities = offset_quantities(model, image)
         target = out / stem.parent / f"{stem.name}_offsets.png"
         target.parent.mkdir(parents=True, exist_ok=True)

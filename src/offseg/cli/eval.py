@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+from ._options import add_scale_argument, choose_test_scale
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -24,9 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("whole", "slide"), help="test mode (default: the official one for this model and dataset)")
     p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="sliding-window size")
     p.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)")
-    p.add_argument("--scale", nargs=2, type=int, metavar=("W", "H"),
-                   help="test resize keeping the aspect ratio, to fit W x H (default: the training run's, when the "
-                        "checkpoint records one, else the dataset's official test scale)")
+    add_scale_argument(p, "the dataset's official test scale")
     p.add_argument("--tta", action="store_true", help="multi-scale + horizontal-flip test-time augmentation")
     p.add_argument("--scales", nargs="+", type=float, metavar="R", help="TTA scale ratios (default: 0.5 0.75 1.0 1.25 1.5 1.75)")
     p.add_argument("--num-classes", type=int, help="number of classes (default: the dataset's)")
@@ -82,19 +82,16 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
     test_mode = resolve_test_mode(args)
-    scale_option = {"test_scale": tuple(args.scale)} if args.scale else {}
-    dataset = build_dataset(args.data, args.data_root, args.split, pipeline="test", **scale_option)
+    dataset = build_dataset(args.data, args.data_root, args.split, pipeline="test")
     if len(dataset) == 0:
         raise ValueError(f"{args.data_root}: no {args.split} images found for dataset {args.data}")
     num_classes = args.num_classes or dataset.num_classes
     if args.checkpoint is None:
         print(f"offseg eval: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr)
     model = create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
-    recorded = getattr(model, "test_scale", None)
-    if recorded and not args.scale:
-        # a run trained at its own scale (e.g. CamVid at half resolution) is tested as its validation was
-        dataset = build_dataset(args.data, args.data_root, args.split, pipeline="test", test_scale=tuple(recorded))
-        print(f"test scale {recorded[0]}x{recorded[1]} (the training run's, recorded in the checkpoint; --scale to change)")
+    scale = choose_test_scale(model, args.scale, "eval")
+    if scale is not None:
+        dataset.set_test_scale(scale)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)

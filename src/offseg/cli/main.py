@@ -1,6 +1,7 @@
 """`offseg` command line. Each sub-command lives in its own module of this package and exposes
 `register(subparsers)`, which adds its parser with `set_defaults(run=callable)`; modules are
-found automatically, so adding a command is adding a file."""
+found automatically, so adding a command is adding a file. Modules named `_*` hold what several
+commands share."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ from pathlib import Path
 
 def command_modules() -> list[str]:
     """Names of the sub-command modules of this package, alphabetically."""
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "main")
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "main" and not m.name.startswith("_"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,8 @@ import sys
 from itertools import islice
 from pathlib import Path
 
+from ._options import add_scale_argument, choose_test_scale
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -26,8 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="sliding-window size")
     p.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)")
     p.add_argument("--tta", action="store_true", help="multi-scale + horizontal-flip test-time augmentation")
-    p.add_argument("--scale", nargs=2, type=int, metavar=("LONG", "SHORT"), help="resize to fit these edges, keeping the aspect ratio, before inference "
-                   "(default: the training run's test scale when the checkpoint records one, else none)")
+    add_scale_argument(p, "none")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours (default: 0.5)")
     p.add_argument("--video-frames", action="store_true", help="for videos, write per-frame PNGs instead of an overlay video")
     p.add_argument("--max-frames", type=int, metavar="N", help="segment at most N frames of each video")
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         print(f"offseg predict: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr)
     model = create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
-    recorded = getattr(model, "test_scale", None)
+    scale = choose_test_scale(model, args.scale, "predict")
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
@@ -92,11 +93,6 @@ def run(args: argparse.Namespace) -> int:
         model = optimize_for_inference(model.eval())
     palette = _palette(args, model.num_classes)
     out_root = Path(args.out)
-    scale = args.scale
-    if scale is None and recorded:
-        scale = tuple(recorded)  # a run trained at its own scale sees its inputs as its validation did
-        print(f"offseg predict: inputs resized to fit {scale[0]}x{scale[1]} (the training run's test scale; --scale to change)",
-              file=sys.stderr)
     options = dict(**test_mode, tta=args.tta, scale=scale)
 
     def segment(image, label_path: Path | None, overlay_path: Path):

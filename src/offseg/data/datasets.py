@@ -294,6 +294,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
         else:
             self.transform = TestPipeline(test_scale)
 
+    def set_test_scale(self, scale: tuple[int, int] | None) -> None:
+        """Use another keep-ratio test resize (w, h), e.g. the one a checkpoint records; test pipeline only."""
+        if not isinstance(self.transform, TestPipeline):
+            raise ValueError(f"{self.name}: set_test_scale is for the test pipeline")
+        self.transform = TestPipeline(_pair_of_ints(scale, "test_scale"))
+
     @property
     def crop_size(self) -> tuple[int, int] | None:
         return self.transform.crop_size if isinstance(self.transform, TrainPipeline) else None
