@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .evaluation import SegMetric
+from .inference import model_device
 
 __all__ = [
     "DEFAULT_RCOND",
@@ -105,17 +106,11 @@ def model_class_representation(model: nn.Module) -> torch.Tensor:
     return weight.detach().clone()
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _as_input(image: Any) -> torch.Tensor:
     """Normalised float (3, H, W) from a path, PIL image, uint8 RGB array or normalised tensor."""
-    from .predict import _normalise  # the same accepted forms as offseg.predict
+    from .predict import preprocess  # the same accepted forms as offseg.predict
 
-    return _normalise(image)
+    return preprocess(image)[0]
 
 
 @dataclass
@@ -136,7 +131,7 @@ def _head_features(model: nn.Module, image: Any) -> _HeadOutput:
     from .inference import pad_to_divisor
 
     _, classifier = _classifier_module(model)
-    x = _as_input(image).to(_model_device(model))
+    x = _as_input(image).to(model_device(model))
     height, width = x.shape[-2:]
     padded = pad_to_divisor(x[None], int(getattr(model, "size_divisor", 1) or 1))
     captured: list[torch.Tensor] = []

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .inference import DEFAULT_TTA_SCALES, infer
+from .inference import DEFAULT_TTA_SCALES, infer, model_device
 
 __all__ = ["SegMetric", "evaluate", "format_table", "summary_line"]
 
@@ -157,12 +157,6 @@ def format_table(results: Mapping[str, Any], class_names: Sequence[str] | None =
     return "\n".join(body) + "\n" + summary_line(results)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _dataset_attr(dataset: Any, name: str, default: Any = None) -> Any:
     """An attribute of the dataset, looking through torch Subset wrappers (which drop them)."""
     while dataset is not None:
@@ -225,7 +219,7 @@ def evaluate(
         shuffle=False,
         num_workers=num_workers,
     )
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     try:

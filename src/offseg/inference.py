@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_TTA_SCALES",
     "default_test_mode",
     "infer",
+    "model_device",
     "pad_to_divisor",
     "slide_inference",
     "slide_windows",
@@ -25,6 +26,13 @@ __all__ = [
 
 # Scale ratios of the official test-time-augmentation pipelines.
 DEFAULT_TTA_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _pair(value: Sequence[int] | int, what: str) -> tuple[int, int]:

@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .data.transforms import TestPipeline
 from .data.transforms import fit_size as fit_scale  # (H, W) of a keep-ratio resize to fit (long, short)
-from .inference import DEFAULT_TTA_SCALES, infer
+from .inference import DEFAULT_TTA_SCALES, infer, model_device
 from .optimize import fast_model_for
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "label_image",
     "load_image",
     "predict",
+    "preprocess",
     "VideoWriter",
     "is_video",
     "video_frame_rate",
@@ -50,15 +52,23 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
         raise ValueError(f"{path}: cannot read image ({err})") from err
 
 
-def _normalise(image: ImageLike) -> torch.Tensor:
-    """Normalised float tensor (3, H, W) from any accepted image form."""
+def preprocess(image: ImageLike, scale: Sequence[int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The model input of a picture, a normalised float tensor (3, h, w), and the picture's own (H, W).
+
+    A path, PIL image or uint8 RGB array (H, W, 3) goes through evaluation's test pipeline: resized
+    to fit `scale` = (long, short) keeping its aspect ratio by the same OpenCV-exact bilinear, then
+    normalised, so predict and eval see identical inputs. A float tensor (3, H, W) is taken as
+    already normalised (like dataset items) and resized by bilinear interpolation.
+    """
+    if isinstance(image, torch.Tensor) and image.is_floating_point():
+        tensor = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
+        if tensor.dim() != 3 or tensor.shape[0] != 3:
+            raise ValueError(f"predict: a float tensor must be a normalised image (3, H, W), got {tuple(image.shape)}")
+        size = (int(tensor.shape[1]), int(tensor.shape[2]))
+        if scale is not None:
+            tensor = F.interpolate(tensor[None], size=fit_scale(*size, scale), mode="bilinear", align_corners=False)[0]
+        return tensor, size
     if isinstance(image, torch.Tensor):
-        if image.is_floating_point():
-            # Float tensors are taken as already normalised, like dataset items.
-            tensor = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
-            if tensor.dim() != 3 or tensor.shape[0] != 3:
-                raise ValueError(f"predict: a float tensor must be a normalised image (3, H, W), got {tuple(image.shape)}")
-            return tensor
         image = image.cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -66,15 +76,8 @@ def _normalise(image: ImageLike) -> torch.Tensor:
         array = image
     else:
         array = np.asarray(load_image(image))
-    from .data import normalize_image
-
-    return normalize_image(array)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
+    size = (int(array.shape[0]), int(array.shape[1]))
+    return TestPipeline(scale)(array, np.zeros(size, np.uint8))[0], size
 
 
 @torch.no_grad()
@@ -92,20 +95,18 @@ def predict(
     """Label map (H, W) int64 at the image's own size.
 
     image: a path, a PIL image, a uint8 RGB array (H, W, 3), or an already normalised float
-    tensor (3, H, W). It is normalised, optionally resized to fit `scale` = (long, short) keeping
-    its aspect ratio, padded to the model's size divisor and inferred (`mode` 'whole' or
-    'slide', optional multi-scale + flip `tta`); the scores are resized back before the argmax.
+    tensor (3, H, W). It is prepared by `preprocess` (evaluation's test pipeline: resized to fit
+    `scale` = (long, short) keeping its aspect ratio, normalised), padded to the model's size
+    divisor and inferred (`mode` 'whole' or 'slide', optional multi-scale + flip `tta`); the
+    scores are resized back before the argmax.
     With `tta` the scale ratios apply to the image's own size, so `scale` then only changes the
     source of the resized views (as in the official TTA pipeline, which ignores the test scale).
     `fast` (default) runs the inference-optimised copy of the model (`offseg.optimize_for_inference`,
     built once and reused while the weights stay the same; same logits within float32 rounding);
     `fast=False` runs `model` itself.
     """
-    x = _normalise(image)
-    out_size = tuple(x.shape[-2:])
-    x = x.unsqueeze(0).to(_model_device(model))
-    if scale is not None:
-        x = F.interpolate(x, size=fit_scale(*out_size, scale), mode="bilinear", align_corners=False)
+    x, out_size = preprocess(image, scale)
+    x = x.unsqueeze(0).to(model_device(model))
     was_training = model.training
     model.eval()
     try:

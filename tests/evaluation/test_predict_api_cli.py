@@ -37,6 +37,23 @@ def test_predict_accepts_array_pil_and_path(standin, tmp_path):
     np.testing.assert_array_equal(by_array, want.numpy())
 
 
+def test_predict_sees_what_evaluation_sees(standin):
+    # A resized picture: the uint8 image through the test pipeline's OpenCV-exact resize, then
+    # normalised, as dataset items are; so predict and eval agree label for label.
+    from offseg.data.transforms import TestPipeline
+    from offseg.inference import infer
+    from offseg.predict import preprocess
+
+    array = small_rgb(2, size=(45, 61))
+    x, size = preprocess(array, scale=(32, 24))
+    want_x = TestPipeline((32, 24))(array, np.zeros((45, 61), np.uint8))[0]
+    assert size == (45, 61) and torch.equal(x, want_x) and x.shape == (3, 24, 32)
+    want = infer(standin, want_x[None], mode="whole", out_size=size).argmax(1)[0]
+    np.testing.assert_array_equal(offseg.predict(standin, array, scale=(32, 24), fast=False), want.numpy())
+    # a normalised tensor is resized as a tensor, to the same size
+    assert preprocess(want_x, scale=(16, 12))[0].shape == (3, 12, 16)
+
+
 def test_predict_options_and_errors(standin, tmp_path):
     array = small_rgb(1)
     assert offseg.predict(standin, array, mode="slide", crop_size=16, stride=8).shape == (40, 52)
