@@ -239,13 +239,19 @@ _SCANNERS = {
 
 def scan_split(name: str, root: str | Path, split: str) -> Scan:
     """The (image, label) pairs of a split plus unpairing problems, without opening any file."""
+    key, root = _known_dataset_at(name, root)
+    return _SCANNERS[key](root, split)
+
+
+def _known_dataset_at(name: str, root: str | Path) -> tuple[str, Path]:
+    """The canonical dataset name and its root, or a clear error for an unknown name or a missing root."""
     key = canonical_name(name)
     if key not in _SCANNERS:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASET_NAMES)}")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset root not found")
-    return _SCANNERS[key](root, split)
+    return key, root
 
 
 # --- the dataset -----------------------------------------------------------------------------
@@ -449,12 +455,7 @@ def make_dataset(name: str, root: str | Path, split: str = "train", pipeline: st
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ValueError(f"unknown dataset option(s): {', '.join(sorted(unknown))} (known: {', '.join(sorted(_OPTIONS))})")
-    key = canonical_name(name)
-    if key not in _SCANNERS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASET_NAMES)}")
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset root not found")
+    key, root = _known_dataset_at(name, root)
     options = dict(options)
     if key == "folder":
         info = _folder_info(root, options)
