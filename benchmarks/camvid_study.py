@@ -83,10 +83,12 @@ def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: 
     tested = evaluate(net, build_dataset("camvid", data_root, "test", pipeline="test", **test_options), progress=False, **recipe["test"])
     best = torch.load(work_dir / "best.pth", weights_only=True)
     log = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
-    val_curve = [(r["iter"], r["val"]["mIoU"]) for r in log if "val" in r]
+    # by iteration, the last record winning: logs written before the trainer dropped the records of
+    # re-run iterations on resume hold a few twice
+    val_curve = sorted({r["iter"]: r["val"]["mIoU"] for r in log if "val" in r}.items())
     # Training time of the whole run, also across resumed sessions and pauses: the median logged
     # time per iteration times the iterations (a paused or shared interval would skew a sum).
-    per_iter = sorted(r["sec_per_iter"] for r in log if "sec_per_iter" in r)
+    per_iter = sorted({r["iter"]: r["sec_per_iter"] for r in log if "sec_per_iter" in r}.values())
     train_seconds = per_iter[len(per_iter) // 2] * recipe["train"]["iters"]
     crop = tuple(recipe["data"]["options"]["crop_size"])
     result = {

@@ -1,4 +1,5 @@
 """Training: exact resumption after SIGKILL, and two-process DDP on CPU (gloo)."""
+import json
 import os
 import signal
 import subprocess
@@ -56,6 +57,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_data):
     expected = _weights(straight / "last.pth")
     for key, value in final["model"].items():
         assert torch.equal(value, expected[key]), f"{key} differs after resuming from iteration {stopped_at}"
+    # The log reads as one run: what the killed process logged after its checkpoint is dropped
+    # (those iterations ran again), each iteration appears once, and the resumption is noted.
+    logs = {run: [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (straight, killed)}
+    assert [r["iter"] for r in logs[killed] if "loss" in r] == [r["iter"] for r in logs[straight] if "loss" in r]
+    assert {"event": "resume", "iter": stopped_at} in logs[killed]
 
 
 def test_checkpoint_is_plain_data_and_loads_for_eval(tmp_path, tiny_data):

@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    import torch
+
+    # Every command: subnormal floats slow trained models' CPU arithmetic several-fold (see
+    # benchmarks/bench_denormals.py); flushing them to zero only changes values below 1.2e-38.
+    torch.set_flush_denormal(True)
     try:
         return int(args.run(args) or 0)
     except (FileNotFoundError, ValueError, KeyError) as err:

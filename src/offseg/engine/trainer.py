@@ -8,6 +8,7 @@ from its last checkpoint therefore ends with the same parameters as a run never 
 from __future__ import annotations
 
 import json
+import os
 import math
 import random
 import sys
@@ -141,6 +142,19 @@ class JsonlLog:
             except Exception:  # tensorboard is optional
                 self.tb = None
 
+    def resume_at(self, iteration: int) -> None:
+        """Drop what was logged after the checkpoint being resumed (those iterations run again),
+        so the log reads as one run with each iteration once; then note the resumption."""
+        if not self.enabled:
+            return
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iter", 0) <= iteration]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self.write({"event": "resume", "iter": iteration})
+
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
@@ -175,6 +189,9 @@ def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pr
 
     work_dir = Path(work_dir)
     dist_info = init_distributed(device)
+    # Subnormal floats appear in FreqFusion's sampler as a model trains and make a CPU step up to
+    # 3x slower (benchmarks/bench_denormals.py); flushing them to zero only changes values below 1.2e-38.
+    torch.set_flush_denormal(True)
     cfg_train = recipe["train"]
     last_path, best_path = work_dir / "last.pth", work_dir / "best.pth"
 
@@ -241,9 +258,11 @@ def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pr
     batches = iter(loader)
 
     log = JsonlLog(work_dir / "log.jsonl", dist_info.is_main)
-    if dist_info.is_main and state is None:
+    if state is None:
         log.write({"event": "start", "model": recipe["model"], "num_classes": num_classes, "iters": iters,
                    "batch_size": total_batch, "world_size": world})
+    else:
+        log.resume_at(start_iter)
     bar = None
     if progress and dist_info.is_main:
         from tqdm import tqdm
