@@ -31,7 +31,9 @@ def _verdict(name_a: str, a: list[float], name_b: str, b: list[float]) -> str:
 def _setting(run: dict) -> str:
     # Runs finished before the study had --jobs ran alone with the machine's 2 threads.
     threads, jobs = run.get("threads", 2), run.get("jobs", 1)
-    return "alone, 2 threads" if jobs == 1 else f"{jobs} at a time, {threads} thread{'s' * (threads > 1)} each"
+    setting = "alone, 2 threads" if jobs == 1 else f"{jobs} at a time, {threads} thread{'s' * (threads > 1)} each"
+    # Runs trained (wholly or partly) before the trainer flushed subnormal floats ran slower late on.
+    return setting if run.get("subnormals_flushed") else setting + ", subnormals not flushed"
 
 
 def _times(runs: list[dict]) -> str:
@@ -88,8 +90,10 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
               "times the iterations, on this project's 2-core CPU machines, by the setting the run trained in: "
               "alone with 2 threads, or two runs at a time with 1 thread each (`--jobs 2`: longer per run, but "
               "in a one-minute A/B 1.65 s/iteration for each of two runs against 1.3 s alone, 1.6x the "
-              "throughput; the machine's speed drifts by more than that over a session). A run resumed in another setting is listed by the setting that "
-              "finished it.", "", "## What the numbers say", ""]
+              "throughput). \"Subnormals not flushed\": the run trained, wholly or in part, before the trainer "
+              "flushed subnormal floats, which trained models produce and which made late iterations up to 3x "
+              "slower (docs/training.md, \"Subnormal floats\"); numerically it only zeroes values below 1.2e-38. A run "
+              "resumed in another setting is listed by the setting that finished it.", "", "## What the numbers say", ""]
     pairs = [("offseg-t-pixel", "offseg-t"), ("offseg-t-pixel", "offseg-t-co"), ("offseg-t-pixel", "offseg-t-fo"),
              ("segformer-b0", "segformer-b0-ol")]
     names = {m: v for v, m in variants}

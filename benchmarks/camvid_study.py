@@ -97,7 +97,7 @@ def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: 
         "best_val_mIoU": max(v for _, v in val_curve), "best_iter": int(best["iteration"]), "val_curve": val_curve,
         "params": count_parameters(net), "gflops_at_crop": count_flops(net, crop, convention="full").gflops,
         "train_seconds_logged": train_seconds, "seconds_this_call": elapsed, "command": " ".join(cmd[1:]),
-        "threads": threads, "jobs": jobs,
+        "threads": threads, "jobs": jobs, "subnormals_flushed": True,  # the trainer flushes them since 8bda9ef
     }
     result_dir.mkdir(parents=True, exist_ok=True)
     (result_dir / "log.jsonl").write_text((work_dir / "log.jsonl").read_text())

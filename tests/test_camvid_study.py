@@ -36,7 +36,8 @@ def test_report_states_spread_verdicts_and_each_runs_setting(tmp_path: Path):
     values = {"offseg-t-pixel": [36.0, 36.5, 37.0], "offseg-t": [30.0, 30.5, 31.0], "offseg-t-co": [36.2, 36.9]}
     for model, mious in values.items():
         for seed, miou in enumerate(mious):
-            setting = {} if seed == 0 else {"threads": 1, "jobs": 2}  # seed 0 as written before --jobs existed
+            # seed 0 as written before --jobs and subnormal flushing existed
+            setting = {} if seed == 0 else {"threads": 1, "jobs": 2, "subnormals_flushed": True}
             (results / f"{model}_s{seed}").mkdir(parents=True)
             (results / f"{model}_s{seed}" / "result.json").write_text(json.dumps(_fake_result(model, seed, miou, **setting)))
     docs = tmp_path / "docs"
@@ -48,6 +49,6 @@ def test_report_states_spread_verdicts_and_each_runs_setting(tmp_path: Path):
     assert "offset learning vs per-pixel: -6.00 mIoU, more than twice the seed spread" in page
     assert "class offsets only vs per-pixel: +0.05 mIoU, within twice the seed spread" in page
     assert "SegFormer-B0 + OL vs SegFormer-B0: not compared yet" in page
-    assert "30 min (alone, 2 threads); 30 min (2 at a time, 1 thread each)" in page
+    assert "30 min (alone, 2 threads, subnormals not flushed); 30 min (2 at a time, 1 thread each)" in page
     assert "| `offseg-t` | 2 | 31.00 | 32.00 (1000) | 30 min | 2 at a time, 1 thread each |" in page
     assert "| Sky | Pole |" in page and "| — |" in page  # a class absent from test shows as a dash
