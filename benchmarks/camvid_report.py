@@ -119,6 +119,8 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
         if a in results and b in results:
             for split, value in (("test", lambda r: r["test"]["mIoU"]), ("best val", lambda r: r["best_val_mIoU"])):
                 lines.append("- " + _verdict(names[a], [value(r) for r in results[a]], names[b], [value(r) for r in results[b]], split))
+                if "not enough seeds" in lines[-1]:
+                    break  # said once, not per split
         else:
             lines.append(f"- {names[b]} vs {names[a]}: not compared yet (a variant has no finished run).")
     lines += ["", "The paper's setting differs: ADE20K (150 classes) at 512², ImageNet-pretrained backbones,",
