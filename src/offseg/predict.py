@@ -77,7 +77,7 @@ def preprocess(image: ImageLike, scale: Sequence[int] | None = None) -> tuple[to
     else:
         array = np.asarray(load_image(image))
     size = (int(array.shape[0]), int(array.shape[1]))
-    return TestPipeline(scale)(array, np.zeros(size, np.uint8))[0], size
+    return TestPipeline(scale).prepare_image(array), size
 
 
 @torch.no_grad()

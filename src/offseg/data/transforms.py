@@ -432,9 +432,13 @@ class TestPipeline:
         self.scale = None if scale is None else (int(scale[0]), int(scale[1]))
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prepare_image(image), torch.from_numpy(label.astype(np.int64))
+
+    def prepare_image(self, image: np.ndarray) -> torch.Tensor:
+        """The image alone (what `offseg.predict` needs): resized, normalised, (3, h, w)."""
         if self.scale is not None:
             image = resize_image(image, fit_size(image.shape[0], image.shape[1], self.scale))
-        return torch.from_numpy(normalize_array(image)), torch.from_numpy(label.astype(np.int64))
+        return torch.from_numpy(normalize_array(image))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scale={self.scale})"

@@ -8,8 +8,8 @@ from its last checkpoint therefore ends with the same parameters as a run never 
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import random
 import sys
 import time
