@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import offseg
+from offseg.flops import count_parameters
 from offseg.models.backbones.swin import SwinTransformer
 from offseg.models.heads.mask2former_head import semantic_scores, sine_positional_encoding
 from offseg.models.layers.ms_deform_attn import multi_scale_deformable_attention
@@ -19,10 +20,6 @@ NAMES = {False: "mask2former-swin-t", True: "mask2former-swin-t-ol"}
 NUM_LAYERS_REDUCED = MASK2FORMER_REDUCED["decoder_layers"]
 
 
-def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @pytest.mark.parametrize(
     "offset_learning, manifest, count",
     [(False, "mask2former_swin_t", 47_439_633), (True, "mask2former_swin_t_offset_learning", 47_570_705)],
@@ -31,7 +28,7 @@ def num_params(model: torch.nn.Module) -> int:
 def test_full_size_matches_official_manifest(offset_learning: bool, manifest: str, count: int) -> None:
     model = offseg.create_model(NAMES[offset_learning], num_classes=150)
     assert_manifest(model, manifest)
-    assert num_params(model) == count
+    assert count_parameters(model) == count
     assert model.num_classes == 150 and model.size_divisor == 32
 
 

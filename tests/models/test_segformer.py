@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import offseg
+from offseg.flops import count_parameters
+from modelhelpers import check_train_step
 from reference import TOLERANCE, assert_close, assert_manifest, load_vector
 
 SIZES = ("b0", "b1", "b2", "b3", "b4", "b5")
@@ -20,10 +22,6 @@ PAPER_PARAMS_M = {
     "b4": (61.4, 61.6),
     "b5": (82.0, 82.2),
 }
-
-
-def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name, manifest", [("segformer-b0", "segformer_b0"), ("segformer-b0-ol", "segformer_b0_offset_learning")])
@@ -50,39 +48,26 @@ def test_b0_offset_learning_reproduces_official_outputs() -> None:
 @pytest.mark.parametrize("offset_learning", [False, True], ids=["pixel", "ol"])
 def test_parameter_count_matches_paper(size: str, offset_learning: bool) -> None:
     name = f"segformer-{size}{'-ol' if offset_learning else ''}"
-    count = num_params(offseg.create_model(name, num_classes=150)) / 1e6
+    count = count_parameters(offseg.create_model(name, num_classes=150)) / 1e6
     paper = PAPER_PARAMS_M[size][int(offset_learning)]
     assert abs(count - paper) <= 0.1, f"{name}: {count:.3f} M vs paper {paper} M"
     assert round(count, 1) == paper, f"{name}: {count:.3f} M does not round to the paper's {paper} M"
 
 
-def _train_step(name: str, offset_learning: bool) -> None:
-    torch.manual_seed(0)
-    model = offseg.create_model(name, num_classes=5)
-    model.train()
-    x = torch.randn(2, 3, 64, 64)
-    raw = model.forward_logits(x)
-    assert raw.shape[-2:] == ((8, 8) if offset_learning else (16, 16))  # 1/8 with OL, 1/4 without
-    out = model(x)
-    assert out.shape == (2, 5, 64, 64)
-    out.square().mean().backward()
-    for pname, p in model.named_parameters():
-        if "conv_seg" in pname and offset_learning:
-            assert p.grad is None  # built for checkpoint compatibility, never used
-        else:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+def _logits_size(offset_learning: bool) -> tuple[int, int]:
+    return (8, 8) if offset_learning else (16, 16)  # of a 64² input: 1/8 with OL, 1/4 without
 
 
 @pytest.mark.parametrize("offset_learning", [False, True], ids=["pixel", "ol"])
 def test_b0_forward_backward(offset_learning: bool) -> None:
-    _train_step(f"segformer-b0{'-ol' if offset_learning else ''}", offset_learning)
+    check_train_step(f"segformer-b0{'-ol' if offset_learning else ''}", _logits_size(offset_learning), offset_learning)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES[1:])
 @pytest.mark.parametrize("offset_learning", [False, True], ids=["pixel", "ol"])
 def test_forward_backward_all_sizes(size: str, offset_learning: bool) -> None:
-    _train_step(f"segformer-{size}{'-ol' if offset_learning else ''}", offset_learning)
+    check_train_step(f"segformer-{size}{'-ol' if offset_learning else ''}", _logits_size(offset_learning), offset_learning)
 
 
 def test_all_twelve_registered() -> None:

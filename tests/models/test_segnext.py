@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import offseg
+from offseg.flops import count_parameters
 from offseg.models.backbones.mscan import MSCAN
 from offseg.models.heads.ham_head import NMF2D
+from modelhelpers import check_train_step
 from reference import TOLERANCE, assert_close, assert_manifest, load_vector
 
 SIZES = ("t", "s", "b", "l")
@@ -24,10 +26,6 @@ EXACT_PARAMS = {
     "segnext-b": 27_636_310, "segnext-b-ol": 28_237_698,
     "segnext-l": 48_926_550, "segnext-l-ol": 51_177_602,
 }
-
-
-def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def loaded_model(vector_name: str, model_name: str) -> tuple[torch.nn.Module, object]:
@@ -185,7 +183,7 @@ def test_nmf_steps_and_bad_arguments() -> None:
 @pytest.mark.parametrize("offset_learning", [False, True], ids=["pixel", "ol"])
 def test_parameter_counts(size: str, offset_learning: bool) -> None:
     name = f"segnext-{size}{'-ol' if offset_learning else ''}"
-    count = num_params(offseg.create_model(name, num_classes=150))
+    count = count_parameters(offseg.create_model(name, num_classes=150))
     assert count == EXACT_PARAMS[name]
     paper = PAPER_PARAMS_M[size][int(offset_learning)]
     if paper is not None:
@@ -195,32 +193,16 @@ def test_parameter_counts(size: str, offset_learning: bool) -> None:
 
 # --- (e) training step --------------------------------------------------------------------------
 
-def _train_step(name: str, offset_learning: bool) -> None:
-    torch.manual_seed(0)
-    model = offseg.create_model(name, num_classes=5)
-    model.train()
-    x = torch.randn(2, 3, 64, 64)
-    assert model.forward_logits(x).shape == (2, 5, 8, 8)  # 1/8 in both heads
-    out = model(x)
-    assert out.shape == (2, 5, 64, 64)
-    out.square().mean().backward()
-    for pname, p in model.named_parameters():
-        if "conv_seg" in pname and offset_learning:
-            assert p.grad is None  # built for checkpoint compatibility, never used
-        else:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-
-
 @pytest.mark.parametrize("offset_learning", [False, True], ids=["pixel", "ol"])
 def test_t_forward_backward(offset_learning: bool) -> None:
-    _train_step(f"segnext-t{'-ol' if offset_learning else ''}", offset_learning)
+    check_train_step(f"segnext-t{'-ol' if offset_learning else ''}", (8, 8), offset_learning)  # 1/8 in both heads
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES[1:])
 @pytest.mark.parametrize("offset_learning", [False, True], ids=["pixel", "ol"])
 def test_forward_backward_all_sizes(size: str, offset_learning: bool) -> None:
-    _train_step(f"segnext-{size}{'-ol' if offset_learning else ''}", offset_learning)
+    check_train_step(f"segnext-{size}{'-ol' if offset_learning else ''}", (8, 8), offset_learning)
 
 
 # --- configuration and errors -------------------------------------------------------------------
