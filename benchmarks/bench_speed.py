@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             "mmap threshold so freed tensors leave the process (`offseg bench --malloc default` for glibc's adaptive "
             "default, which retains more). `max rel. error` is max|out - ref| / max(1, max|ref|) against the first row "
             "of the same model: logits for forwards; the loss and every parameter gradient of a first step from the "
-            "same weights for training steps.", "",
+            "same weights for training steps. Random weights give no subnormal floats; trained OffSeg models do "
+            "(FreqFusion's sampler), which on CPU makes a forward a further 1.5-1.9x slower unless they are flushed "
+            "to zero, as the `offseg` commands do: `benchmarks/bench_denormals.py` measures that on trained "
+            "checkpoints ([training.md](training.md#subnormal-floats-cpu)).", "",
             "Rows: **reference** = the model computing as the official implementation does "
             "(`offseg.optimize.reference_computation()`: CARAFE by unfold + nearest upsampling of the unfold + multiply "
             "+ sum, FreqFusion's similarity by a dilated unfold and F.cosine_similarity, its kernel normaliser with "
