@@ -16,9 +16,12 @@ from camvid_report import write_report  # noqa: E402
 
 def test_plan_puts_the_main_comparison_first_and_covers_every_variant_three_times():
     runs = camvid_study.planned_runs()
-    assert [(m, s) for _, m, s in runs[:6]] == [(m, s) for s in (0, 1, 2) for m in ("offseg-t-pixel", "offseg-t")]
-    assert len(runs) == len(set(runs)) == 3 * len(camvid_study.VARIANTS)
-    assert [m for _, m, _ in runs[-6:]] == ["segformer-b0", "segformer-b0-ol"] * 3
+    main = ("offseg-t-pixel", "offseg-t")
+    assert [(m, s) for _, m, s in runs[:6]] == [(m, s) for s in (0, 1, 2) for m in main]
+    assert len(runs) == len(set(runs)) == 3 * len(camvid_study.VARIANTS) + 4
+    assert [m for _, m, _ in runs[12:18]] == ["segformer-b0", "segformer-b0-ol"] * 3
+    # added after the first 18, so the runs already made keep their places
+    assert [(m, s) for _, m, s in runs[18:]] == [(m, s) for s in (3, 4) for m in main]
 
 
 def _fake_result(model: str, seed: int, miou: float, **setting) -> dict:
@@ -44,7 +47,7 @@ def test_report_states_spread_verdicts_and_each_runs_setting(tmp_path: Path):
     write_report(results, camvid_study.planned_runs(), camvid_study.VARIANTS, docs)
     page = (docs / "results-camvid.md").read_text()
     assert (docs / "results-camvid.png").stat().st_size > 0
-    assert "Finished: 8 of the 18 planned runs" in page
+    assert "Finished: 8 of the 22 planned runs (3 seeds per variant and 5 for per-pixel vs offset learning" in page
     assert "| per-pixel | `offseg-t-pixel` | 3 | 36.50 ± 0.50 |" in page
     assert "In short: at this scale Offset Learning does not beat the per-pixel classifier" in page
     assert "offset learning vs per-pixel, test: -6.00 mIoU, more than twice the larger seed spread (0.50" in page
