@@ -103,18 +103,25 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
               "resumed in another setting is listed by the setting that finished it.", "", "## What the numbers say", "",
               "Test is the fair comparison: best val is the maximum over the ten validations of a run, chosen on",
               "that same split, so it flatters every variant (and the noisier ones most).", ""]
-    main_a, main_b = results.get("offseg-t-pixel", []), results.get("offseg-t", [])
-    if len(main_a) >= 2 and len(main_b) >= 2:
-        test_diff = _stats([r["test"]["mIoU"] for r in main_b])[0] - _stats([r["test"]["mIoU"] for r in main_a])[0]
-        val_diff = _stats([r["best_val_mIoU"] for r in main_b])[0] - _stats([r["best_val_mIoU"] for r in main_a])[0]
+    def outcome(per_pixel: str, offset: str, where: str) -> str | None:
+        a, b = results.get(per_pixel, []), results.get(offset, [])
+        if len(a) < 2 or len(b) < 2:
+            return None
+        test_diff = _stats([r["test"]["mIoU"] for r in b])[0] - _stats([r["test"]["mIoU"] for r in a])[0]
+        val_diff = _stats([r["best_val_mIoU"] for r in b])[0] - _stats([r["best_val_mIoU"] for r in a])[0]
         if test_diff < 0 and val_diff < 0:
-            headline = "In short: at this scale Offset Learning does not beat the per-pixel classifier; it scores lower"
+            verb = "does not beat the per-pixel classifier; it scores lower"
         elif test_diff > 0 and val_diff > 0:
-            headline = "In short: at this scale Offset Learning scores higher than the per-pixel classifier"
+            verb = "scores higher than the per-pixel classifier"
         else:
-            headline = "In short: at this scale Offset Learning and the per-pixel classifier trade places"
-        lines += [f"{headline} (test {test_diff:+.2f}, best val {val_diff:+.2f} mIoU, means over "
-                  f"{len(main_b)} and {len(main_a)} seeds). Whether that exceeds the seed spread:", ""]
+            verb = "and the per-pixel classifier trade places"
+        return (f"{where} Offset Learning {verb} (test {test_diff:+.2f}, best val {val_diff:+.2f} mIoU, means over "
+                f"{len(b)} and {len(a)} seeds)")
+
+    said = [o for o in (outcome("offseg-t-pixel", "offseg-t", "in OffSeg-T"),
+                        outcome("segformer-b0", "segformer-b0-ol", "in SegFormer-B0")) if o]
+    if said:
+        lines += ["In short, at this scale: " + "; ".join(said) + ". Whether that exceeds the seed spread:", ""]
     pairs = [("offseg-t-pixel", "offseg-t"), ("offseg-t-pixel", "offseg-t-co"), ("offseg-t-pixel", "offseg-t-fo"),
              ("segformer-b0", "segformer-b0-ol")]
     names = {m: v for v, m in variants}

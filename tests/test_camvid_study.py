@@ -36,7 +36,8 @@ def _fake_result(model: str, seed: int, miou: float, **setting) -> dict:
 def test_report_states_spread_verdicts_and_each_runs_setting(tmp_path: Path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "results"
-    values = {"offseg-t-pixel": [36.0, 36.5, 37.0], "offseg-t": [30.0, 30.5, 31.0], "offseg-t-co": [36.2, 36.9]}
+    values = {"offseg-t-pixel": [36.0, 36.5, 37.0], "offseg-t": [30.0, 30.5, 31.0], "offseg-t-co": [36.2, 36.9],
+              "segformer-b0": [30.0, 31.0], "segformer-b0-ol": [32.0, 33.0]}
     for model, mious in values.items():
         for seed, miou in enumerate(mious):
             # seed 0 as written before --jobs and subnormal flushing existed
@@ -47,13 +48,16 @@ def test_report_states_spread_verdicts_and_each_runs_setting(tmp_path: Path):
     write_report(results, camvid_study.planned_runs(), camvid_study.VARIANTS, docs)
     page = (docs / "results-camvid.md").read_text()
     assert (docs / "results-camvid.png").stat().st_size > 0
-    assert "Finished: 8 of the 22 planned runs (3 seeds per variant and 5 for per-pixel vs offset learning" in page
+    assert "Finished: 12 of the 22 planned runs (3 seeds per variant and 5 for per-pixel vs offset learning" in page
     assert "| per-pixel | `offseg-t-pixel` | 3 | 36.50 ± 0.50 |" in page
-    assert "In short: at this scale Offset Learning does not beat the per-pixel classifier" in page
+    assert ("In short, at this scale: in OffSeg-T Offset Learning does not beat the per-pixel classifier; it scores "
+            "lower (test -6.00, best val -6.00 mIoU, means over 3 and 3 seeds); in SegFormer-B0 Offset Learning scores "
+            "higher than the per-pixel classifier (test +2.00, best val +2.00 mIoU, means over 2 and 2 seeds). Whether") in page
     assert "offset learning vs per-pixel, test: -6.00 mIoU, more than twice the larger seed spread (0.50" in page
     assert "offset learning vs per-pixel, best val: -6.00 mIoU" in page
     assert "class offsets only vs per-pixel, test: +0.05 mIoU, within twice the larger seed spread" in page
-    assert "SegFormer-B0 + OL vs SegFormer-B0: not compared yet" in page
+    assert "SegFormer-B0 + OL vs SegFormer-B0, test: +2.00 mIoU, more than twice the larger seed spread" in page
+    assert "feature offsets only vs per-pixel: not compared yet" in page
     assert "30 min (alone, 2 threads, subnormals not flushed); 30 min (2 at a time, 1 thread each)" in page
     assert "| `offseg-t` | 2 | 31.00 | 32.00 (1000) | 30 min | 2 at a time, 1 thread each |" in page
     assert "| Sky | Pole |" in page and "| — |" in page  # a class absent from test shows as a dash
