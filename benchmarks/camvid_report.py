@@ -179,7 +179,9 @@ def _plot(results: dict, variants: list, path: Path) -> None:
         iters = [i for i, _ in runs[0]["val_curve"]]
         curves = [[v for _, v in r["val_curve"]] for r in runs if len(r["val_curve"]) == len(iters)]
         mean = [sum(c[k] for c in curves) / len(curves) for k in range(len(iters))]
-        ax.plot(iters, mean, marker="o", ms=3, label=f"{variant} (n={len(curves)})")
+        # one line style per model family, so the OffSeg-T and SegFormer-B0 comparisons read apart
+        style = "--" if model.startswith("segformer") else "-"
+        ax.plot(iters, mean, style, marker="o", ms=3, label=f"{variant} (n={len(curves)})")
         if len(curves) > 1:
             lo = [min(c[k] for c in curves) for k in range(len(iters))]
             hi = [max(c[k] for c in curves) for k in range(len(iters))]
