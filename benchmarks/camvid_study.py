@@ -52,19 +52,22 @@ def planned_runs() -> list[tuple[str, str, int]]:
     return runs
 
 
-def train_command(model: str, seed: int, data_root: Path, work_dir: Path) -> list[str]:
+def train_command(model: str, seed: int, data_root: Path, work_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "offseg.cli.main", "train", "--model", model, "--data", "camvid",
             "--data-root", str(data_root), "--recipe", "camvid", "--seed", str(seed), "--work-dir", str(work_dir),
-            "--resume", "--no-progress"]
+            "--resume", "--no-progress", *extra]
 
 
-def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: Path, threads: int, jobs: int) -> dict:
-    """Train (or finish) one run, then test its best-on-val checkpoint; kept in result_dir."""
+def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: Path, threads: int, jobs: int,
+            extra: tuple[str, ...] = ()) -> dict:
+    """Train (or finish) one run, then test its best-on-val checkpoint; kept in result_dir.
+
+    `extra`: further `offseg train` arguments (round 2's arms: head lr rule, pretrained backbone)."""
     result_path = result_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
     work_dir.mkdir(parents=True, exist_ok=True)
-    cmd = train_command(model, seed, data_root, work_dir)
+    cmd = train_command(model, seed, data_root, work_dir, extra)
     started = time.time()
     with (work_dir / "train.out").open("a") as out:
         subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
