@@ -10,6 +10,7 @@ process. Below 1 the pipeline keeps up even without workers.
     python benchmarks/bench_data.py                 # CamVid, crop 512, batch 2
     python benchmarks/bench_data.py --crop 352 480 --batch 4 --workers 0 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,13 @@ from offseg.data import InfiniteSampler, build_dataset, worker_init_fn
 def pipeline_throughput(dataset, batch_size: int, workers: int, samples: int, seed: int = 0) -> float:
     """Samples per second once the loader is running (the first batch, which includes the
     worker start-up, is not timed)."""
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=InfiniteSampler(dataset, seed=seed), num_workers=workers,
-                        worker_init_fn=worker_init_fn if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=InfiniteSampler(dataset, seed=seed),
+        num_workers=workers,
+        worker_init_fn=worker_init_fn if workers else None,
+    )
     batches = iter(loader)
     next(batches)
     count = max(1, samples // batch_size)
@@ -64,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="camvid")
     parser.add_argument("--root", default="/work/shared/data/camvid")
-    parser.add_argument("--crop", type=int, nargs="+", default=[512], metavar="N", help="crop size: N or H W (default 512)")
+    parser.add_argument(
+        "--crop", type=int, nargs="+", default=[512], metavar="N", help="crop size: N or H W (default 512)"
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--samples", type=int, default=48, help="samples timed per loader")
@@ -75,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     crop = (args.crop[0], args.crop[0]) if len(args.crop) == 1 else tuple(args.crop[:2])
     dataset = build_dataset(args.dataset, args.root, "train", crop_size=crop, seed=0)
-    print(f"{args.dataset} train: {len(dataset)} images, crop {crop[0]}x{crop[1]}, batch {args.batch}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{args.dataset} train: {len(dataset)} images, crop {crop[0]}x{crop[1]}, batch {args.batch}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     rates = {}
     for workers in args.workers:
@@ -87,8 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"OffSeg-T train step (fwd+bwd+AdamW): {step:.3f} s/step  ({step / args.batch * 1000:.0f} ms/sample)")
     for workers, rate in rates.items():
         load = args.batch / rate
-        print(f"ratio load/step, {workers} workers: {load / step:.3f}  "
-              f"(batch loads in {load * 1000:.0f} ms vs {step * 1000:.0f} ms step)")
+        print(
+            f"ratio load/step, {workers} workers: {load / step:.3f}  "
+            f"(batch loads in {load * 1000:.0f} ms vs {step * 1000:.0f} ms step)"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ an inference forward on one real CamVid batch (8 crops of 160x160 at half resolu
 drift falls on both, and prints the medians and their ratio. `offseg` commands and
 `offseg.engine.train` flush subnormals (torch.set_flush_denormal) because of this.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ def subnormal_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str
                 count = int(((output != 0) & (output.abs() < tiny)).sum())
                 if count:
                     found.append((name, count, output.numel()))
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
@@ -85,8 +87,10 @@ def main() -> int:
     y = torch.stack([item["label"] for item in items])
 
     print(f"one CamVid batch 8x3x160x160, {args.threads} thread(s), medians of {args.reps} alternated runs")
-    print(f"{'checkpoint':<48} {'subnormal outputs':>18} {'step no-flush':>14} {'flush':>7} {'ratio':>6} "
-          f"{'forward no-flush':>17} {'flush':>7} {'ratio':>6}")
+    print(
+        f"{'checkpoint':<48} {'subnormal outputs':>18} {'step no-flush':>14} {'flush':>7} {'ratio':>6} "
+        f"{'forward no-flush':>17} {'flush':>7} {'ratio':>6}"
+    )
     for path in args.checkpoints:
         name = read_checkpoint(path).metadata.get("model_name")
         if not name:
@@ -106,9 +110,11 @@ def main() -> int:
                 model(x)
 
         train_t, eval_t = timed(step, args.reps), timed(forward, args.reps)
-        print(f"{str(path)[-48:]:<48} {total:>9} in {len(found):>2} mod. {train_t[False]:>12.2f} s {train_t[True]:>5.2f} s "
-              f"{train_t[False] / train_t[True]:>5.2f}x {eval_t[False]:>15.2f} s {eval_t[True]:>5.2f} s "
-              f"{eval_t[False] / eval_t[True]:>5.2f}x")
+        print(
+            f"{str(path)[-48:]:<48} {total:>9} in {len(found):>2} mod. {train_t[False]:>12.2f} s {train_t[True]:>5.2f} s "
+            f"{train_t[False] / train_t[True]:>5.2f}x {eval_t[False]:>15.2f} s {eval_t[True]:>5.2f} s "
+            f"{eval_t[False] / eval_t[True]:>5.2f}x"
+        )
         for module, count, numel in found[:3]:
             print(f"    {module}: {count} of {numel} values subnormal")
     return 0

@@ -1,4 +1,5 @@
 """docs/results-camvid.md and docs/results-camvid.png from the study's finished runs."""
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,15 @@ def _verdict(name_a: str, a: list[float], name_b: str, b: list[float], split: st
     seeds = f"{len(b)} and {len(a)} seeds"
     # A difference counts as real here only when it exceeds twice the larger seed spread.
     if abs(diff) > 2 * spread:
-        return (f"{name_b} vs {name_a}, {split}: {diff:+.2f} mIoU, more than twice the larger seed spread "
-                f"({spread:.2f}; {seeds}): the difference holds at this scale.")
+        return (
+            f"{name_b} vs {name_a}, {split}: {diff:+.2f} mIoU, more than twice the larger seed spread "
+            f"({spread:.2f}; {seeds}): the difference holds at this scale."
+        )
     close = " (close to the line: more seeds would settle it)" if abs(diff) > 1.5 * spread else ""
-    return (f"{name_b} vs {name_a}, {split}: {diff:+.2f} mIoU, within twice the larger seed spread "
-            f"({spread:.2f}; {seeds}): not distinguishable at this scale{close}.")
+    return (
+        f"{name_b} vs {name_a}, {split}: {diff:+.2f} mIoU, within twice the larger seed spread "
+        f"({spread:.2f}; {seeds}): not distinguishable at this scale{close}."
+    )
 
 
 def _setting(run: dict) -> str:
@@ -79,8 +84,11 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
         f"Finished: {finished} of the {len(planned)} planned runs (3 seeds per variant and {main_seeds} for per-pixel vs "
         "offset learning, the most telling first; seeds 3 and 4 of those two were added after the first 18 runs, "
         "because three seeds left their test difference close to the line). "
-        + ("All are done; `python benchmarks/camvid_study.py --report-only` rewrites this page from them. " if finished == len(planned) else
-           "`python benchmarks/camvid_study.py --jobs 2` trains the next ones (two at a time) and rewrites this page. ")
+        + (
+            "All are done; `python benchmarks/camvid_study.py --report-only` rewrites this page from them. "
+            if finished == len(planned)
+            else "`python benchmarks/camvid_study.py --jobs 2` trains the next ones (two at a time) and rewrites this page. "
+        )
         + "Finished runs are kept in `benchmarks/results/camvid/` (result and training log of each).",
         "",
         "| variant | model | seeds | test mIoU | best val mIoU | params (M) | GFLOPs at 160² | train time / run |",
@@ -93,17 +101,26 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
             continue
         lines.append(
             f"| {variant} | `{model}` | {len(runs)} | {_pm([r['test']['mIoU'] for r in runs])} | "
-            f"{_pm([r['best_val_mIoU'] for r in runs])} | {runs[0]['params'] / 1e6:.2f} | {runs[0]['gflops_at_crop']:.2f} | {_times(runs)} |")
-    lines += ["", "Mean ± sample standard deviation over seeds. Train time: the median logged time per iteration "
-              "times the iterations, on this project's 2-core CPU machines, by the setting the run trained in: "
-              "alone with 2 threads, or two runs at a time with 1 thread each (`--jobs 2`: longer per run, but "
-              "in a one-minute A/B 1.65 s/iteration for each of two runs against 1.3 s alone, 1.6x the "
-              "throughput). \"Subnormals not flushed\": the run trained, wholly or in part, before the trainer "
-              "flushed subnormal floats, which trained models produce and which made late iterations up to 3x "
-              "slower (docs/training.md, \"Subnormal floats\"); numerically it only zeroes values below 1.2e-38. A run "
-              "resumed in another setting is listed by the setting that finished it.", "", "## What the numbers say", "",
-              "Test is the fair comparison: best val is the maximum over the ten validations of a run, chosen on",
-              "that same split, so it flatters every variant (and the noisier ones most).", ""]
+            f"{_pm([r['best_val_mIoU'] for r in runs])} | {runs[0]['params'] / 1e6:.2f} | {runs[0]['gflops_at_crop']:.2f} | {_times(runs)} |"
+        )
+    lines += [
+        "",
+        "Mean ± sample standard deviation over seeds. Train time: the median logged time per iteration "
+        "times the iterations, on this project's 2-core CPU machines, by the setting the run trained in: "
+        "alone with 2 threads, or two runs at a time with 1 thread each (`--jobs 2`: longer per run, but "
+        "in a one-minute A/B 1.65 s/iteration for each of two runs against 1.3 s alone, 1.6x the "
+        'throughput). "Subnormals not flushed": the run trained, wholly or in part, before the trainer '
+        "flushed subnormal floats, which trained models produce and which made late iterations up to 3x "
+        'slower (docs/training.md, "Subnormal floats"); numerically it only zeroes values below 1.2e-38. A run '
+        "resumed in another setting is listed by the setting that finished it.",
+        "",
+        "## What the numbers say",
+        "",
+        "Test is the fair comparison: best val is the maximum over the ten validations of a run, chosen on",
+        "that same split, so it flatters every variant (and the noisier ones most).",
+        "",
+    ]
+
     def outcome(per_pixel: str, offset: str, where: str) -> str | None:
         a, b = results.get(per_pixel, []), results.get(offset, [])
         if len(a) < 2 or len(b) < 2:
@@ -116,11 +133,17 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
             verb = "scores higher than the per-pixel classifier"
         else:
             verb = "and the per-pixel classifier trade places"
-        return (f"{where} Offset Learning {verb} (test {test_diff:+.2f}, best val {val_diff:+.2f} mIoU, means over "
-                f"{len(b)} and {len(a)} seeds)")
+        return (
+            f"{where} Offset Learning {verb} (test {test_diff:+.2f}, best val {val_diff:+.2f} mIoU, means over "
+            f"{len(b)} and {len(a)} seeds)"
+        )
 
-    pairs = [("offseg-t-pixel", "offseg-t"), ("offseg-t-pixel", "offseg-t-co"), ("offseg-t-pixel", "offseg-t-fo"),
-             ("segformer-b0", "segformer-b0-ol")]
+    pairs = [
+        ("offseg-t-pixel", "offseg-t"),
+        ("offseg-t-pixel", "offseg-t-co"),
+        ("offseg-t-pixel", "offseg-t-fo"),
+        ("segformer-b0", "segformer-b0-ol"),
+    ]
     # the one-line outcome: full Offset Learning against its per-pixel baseline, in each family
     said = [o for o in (outcome(*pairs[0], "in OffSeg-T"), outcome(*pairs[3], "in SegFormer-B0")) if o]
     if said:
@@ -129,19 +152,29 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
     for a, b in pairs:
         if a in results and b in results:
             for split, value in (("test", lambda r: r["test"]["mIoU"]), ("best val", lambda r: r["best_val_mIoU"])):
-                lines.append("- " + _verdict(names[a], [value(r) for r in results[a]], names[b], [value(r) for r in results[b]], split))
+                lines.append(
+                    "- "
+                    + _verdict(
+                        names[a], [value(r) for r in results[a]], names[b], [value(r) for r in results[b]], split
+                    )
+                )
                 if "not enough seeds" in lines[-1]:
                     break  # said once, not per split
         else:
             lines.append(f"- {names[b]} vs {names[a]}: not compared yet (a variant has no finished run).")
-    lines += ["", "The paper's setting differs: ADE20K (150 classes) at 512², ImageNet-pretrained backbones,",
-              "160k iterations with batch 16 on 8 GPUs. Here the backbones start from random weights and train",
-              "for minutes, so absolute numbers are far lower and the comparison measures the paradigm in a",
-              "small-data, from-scratch regime. The recipe keeps the paper's parameter-group rules, so the",
-              "head (Offset Learning included) learns at 10x the backbone's rate, which the paper tuned for",
-              "pretrained backbones. [analysis.md](analysis.md) looks inside the seed-0 models",
-              "(ideal class representations, and the size of the offsets against the class weights).", "",
-              "## Per-class test IoU (the run closest to its variant's mean)", ""]
+    lines += [
+        "",
+        "The paper's setting differs: ADE20K (150 classes) at 512², ImageNet-pretrained backbones,",
+        "160k iterations with batch 16 on 8 GPUs. Here the backbones start from random weights and train",
+        "for minutes, so absolute numbers are far lower and the comparison measures the paradigm in a",
+        "small-data, from-scratch regime. The recipe keeps the paper's parameter-group rules, so the",
+        "head (Offset Learning included) learns at 10x the backbone's rate, which the paper tuned for",
+        "pretrained backbones. [analysis.md](analysis.md) looks inside the seed-0 models",
+        "(ideal class representations, and the size of the offsets against the class weights).",
+        "",
+        "## Per-class test IoU (the run closest to its variant's mean)",
+        "",
+    ]
     class_names = any_run.get("class_names") or [str(i) for i in range(len(any_run["test_iou"]))]
     lines.append("| variant | " + " | ".join(class_names) + " |")
     lines.append("|---" * (len(class_names) + 1) + "|")
@@ -151,14 +184,25 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
             continue
         mean = _stats([r["test"]["mIoU"] for r in runs])[0]
         typical = min(runs, key=lambda r: abs(r["test"]["mIoU"] - mean))
-        cells = ["—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}" for v in typical["test_iou"]]
+        cells = [
+            "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}" for v in typical["test_iou"]
+        ]
         lines.append(f"| {variant} (seed {typical['seed']}) | " + " | ".join(cells) + " |")
-    lines += ["", "![val mIoU against iteration](results-camvid.png)", "", "## Every run", "",
-              "| model | seed | test mIoU | best val mIoU (iteration) | train time | setting |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "![val mIoU against iteration](results-camvid.png)",
+        "",
+        "## Every run",
+        "",
+        "| model | seed | test mIoU | best val mIoU (iteration) | train time | setting |",
+        "|---|---|---|---|---|---|",
+    ]
     for variant, model in variants:
         for r in sorted(results.get(model, []), key=lambda r: r["seed"]):
-            lines.append(f"| `{model}` | {r['seed']} | {r['test']['mIoU']:.2f} | {r['best_val_mIoU']:.2f} ({r['best_iter']}) | "
-                         f"{r['train_seconds_logged'] / 60:.0f} min | {_setting(r)} |")
+            lines.append(
+                f"| `{model}` | {r['seed']} | {r['test']['mIoU']:.2f} | {r['best_val_mIoU']:.2f} ({r['best_iter']}) | "
+                f"{r['train_seconds_logged'] / 60:.0f} min | {_setting(r)} |"
+            )
     lines.append("")
     (docs / "results-camvid.md").write_text("\n".join(lines))
     _plot(results, variants, docs / "results-camvid.png")

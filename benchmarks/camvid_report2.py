@@ -1,4 +1,5 @@
 """docs/results-camvid-round2.md and its plot, from round 2's finished runs (benchmarks/camvid_round2.py)."""
+
 from __future__ import annotations
 
 import json
@@ -70,28 +71,45 @@ def write_report(results_dir: Path, round1_dir: Path, planned: list, arms: dict,
     settings = {"round 1": ("10x", "from scratch"), **{a: (lr, start) for a, (lr, start, _) in arms.items()}}
     pixel, offset = variants[0][1], variants[1][1]
 
-    lines = ["# When does Offset Learning pay? CamVid, round 2: head learning rate x starting point", "",
-             "Written by `python benchmarks/camvid_round2.py` from the runs it finished; do not edit by hand. "
-             "Round 1: [results-camvid.md](results-camvid.md).", "", PLAN, "",
-             f"Finished: {finished} of the {len(planned)} planned fine-tunes"
-             + (", and the pretraining." if pretrain else "; the pretraining is not finished.")
-             + (" All are done." if finished == len(planned) and pretrain else
-                " `python benchmarks/camvid_round2.py --jobs 2` trains the rest (two at a time) and rewrites this page."), ""]
+    lines = [
+        "# When does Offset Learning pay? CamVid, round 2: head learning rate x starting point",
+        "",
+        "Written by `python benchmarks/camvid_round2.py` from the runs it finished; do not edit by hand. "
+        "Round 1: [results-camvid.md](results-camvid.md).",
+        "",
+        PLAN,
+        "",
+        f"Finished: {finished} of the {len(planned)} planned fine-tunes"
+        + (", and the pretraining." if pretrain else "; the pretraining is not finished.")
+        + (
+            " All are done."
+            if finished == len(planned) and pretrain
+            else " `python benchmarks/camvid_round2.py --jobs 2` trains the rest (two at a time) and rewrites this page."
+        ),
+        "",
+    ]
 
     lines += ["## The pretrained stand-in", ""]
     if pretrain:
         curve = ", ".join(f"{it}: {v:.1f}" for it, v in pretrain["val_curve"])
         minutes = (pretrain.get("train_seconds_logged") or 0) / 60
-        lines += [f"`{pretrain['model']}`, {pretrain['iterations']} iterations on {pretrain['data']['num_train']} generated "
-                  f"scenes (val: {pretrain['data']['num_val']} more), {minutes:.0f} min with {pretrain['threads']} thread(s). "
-                  f"Val mIoU over its 8 classes by iteration: {curve}.", "",
-                  "Made by: " + "; ".join(f"`{c}`" for c in pretrain["commands"]), ""]
+        lines += [
+            f"`{pretrain['model']}`, {pretrain['iterations']} iterations on {pretrain['data']['num_train']} generated "
+            f"scenes (val: {pretrain['data']['num_val']} more), {minutes:.0f} min with {pretrain['threads']} thread(s). "
+            f"Val mIoU over its 8 classes by iteration: {curve}.",
+            "",
+            "Made by: " + "; ".join(f"`{c}`" for c in pretrain["commands"]),
+            "",
+        ]
     else:
         lines += ["(not finished yet)", ""]
 
-    lines += ["## Test mIoU by cell", "",
-              "| arm | head lr | start | per-pixel | Offset Learning | D = OL - per-pixel | 2 x larger std | counts? |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Test mIoU by cell",
+        "",
+        "| arm | head lr | start | per-pixel | Offset Learning | D = OL - per-pixel | 2 x larger std | counts? |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     d_cells: dict[str, tuple[float, float]] = {}
     for arm, (lr, start) in settings.items():
         a = [r["test"]["mIoU"] for r in cells.get(arm, {}).get(pixel, [])]
@@ -105,31 +123,51 @@ def write_report(results_dir: Path, round1_dir: Path, planned: list, arms: dict,
             dcol, lcol, verdict = "", "", "not enough seeds yet"
         fmt = lambda v: f"{_pm(v)} (n={len(v)})" if v else "—"  # noqa: E731
         lines.append(f"| {arm} | {lr} | {start} | {fmt(a)} | {fmt(b)} | {dcol} | {lcol} | {verdict} |")
-    lines += ["", "Mean ± sample standard deviation over seeds; round 1's rows are its seeds 0-2 only "
-              "(its seeds 3 and 4 were added after looking and are left out here).", ""]
+    lines += [
+        "",
+        "Mean ± sample standard deviation over seeds; round 1's rows are its seeds 0-2 only "
+        "(its seeds 3 and 4 were added after looking and are left out here).",
+        "",
+    ]
 
     lines += ["## Effects on D (the 2x2 read as a whole)", ""]
     if all(k in d_cells for k in ("round 1", "A", "B", "C")):
         d = {k: v[0] for k, v in d_cells.items()}
         se = {k: v[1] for k, v in d_cells.items()}
-        all_se = math.sqrt(sum(s ** 2 for s in se.values()))
-        effects = [("head lr 1x vs 10x", ((d["A"] - d["round 1"]) + (d["C"] - d["B"])) / 2, all_se / 2),
-                   ("pretrained vs scratch", ((d["B"] - d["round 1"]) + (d["C"] - d["A"])) / 2, all_se / 2),
-                   ("interaction", (d["C"] - d["B"]) - (d["A"] - d["round 1"]), all_se)]
+        all_se = math.sqrt(sum(s**2 for s in se.values()))
+        effects = [
+            ("head lr 1x vs 10x", ((d["A"] - d["round 1"]) + (d["C"] - d["B"])) / 2, all_se / 2),
+            ("pretrained vs scratch", ((d["B"] - d["round 1"]) + (d["C"] - d["A"])) / 2, all_se / 2),
+            ("interaction", (d["C"] - d["B"]) - (d["A"] - d["round 1"]), all_se),
+        ]
         lines += ["| effect | estimate | standard error | counts (> 2 SE)? |", "|---|---|---|---|"]
-        lines += [f"| {name} | {est:+.2f} | {s:.2f} | {'yes' if abs(est) > 2 * s else 'no'} |" for name, est, s in effects]
-        lines += ["", "The same effects on each variant's own test mIoU (does a factor help both?):", "",
-                  "| variant | 1x vs 10x | pretrained vs scratch |", "|---|---|---|"]
+        lines += [
+            f"| {name} | {est:+.2f} | {s:.2f} | {'yes' if abs(est) > 2 * s else 'no'} |" for name, est, s in effects
+        ]
+        lines += [
+            "",
+            "The same effects on each variant's own test mIoU (does a factor help both?):",
+            "",
+            "| variant | 1x vs 10x | pretrained vs scratch |",
+            "|---|---|---|",
+        ]
         for variant, model in variants:
             m = {arm: _stats([r["test"]["mIoU"] for r in cells[arm][model]])[0] for arm in ("round 1", "A", "B", "C")}
-            lines.append(f"| {variant} | {((m['A'] - m['round 1']) + (m['C'] - m['B'])) / 2:+.2f} | "
-                         f"{((m['B'] - m['round 1']) + (m['C'] - m['A'])) / 2:+.2f} |")
+            lines.append(
+                f"| {variant} | {((m['A'] - m['round 1']) + (m['C'] - m['B'])) / 2:+.2f} | "
+                f"{((m['B'] - m['round 1']) + (m['C'] - m['A'])) / 2:+.2f} |"
+            )
         lines.append("")
     else:
         lines += ["(every cell needs two seeds of each variant first)", ""]
-    lines += ["## What the numbers say", "",
-              "(written once all 18 runs are finished, from the tables above)" if finished < len(planned) else
-              "(see the conclusion below)", ""]
+    lines += [
+        "## What the numbers say",
+        "",
+        "(written once all 18 runs are finished, from the tables above)"
+        if finished < len(planned)
+        else "(see the conclusion below)",
+        "",
+    ]
 
     lines += ["## Per-class test IoU (the run closest to its cell's mean)", ""]
     any_run = next((r for by_model in cells.values() for runs in by_model.values() for r in runs), None)
@@ -143,18 +181,29 @@ def write_report(results_dir: Path, round1_dir: Path, planned: list, arms: dict,
                     continue
                 mean = _stats([r["test"]["mIoU"] for r in runs])[0]
                 typical = min(runs, key=lambda r: abs(r["test"]["mIoU"] - mean))
-                vals = ["—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}" for v in typical["test_iou"]]
+                vals = [
+                    "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+                    for v in typical["test_iou"]
+                ]
                 lines.append(f"| {arm} | {variant} (seed {typical['seed']}) | " + " | ".join(vals) + " |")
         lines.append("")
 
-    lines += ["## Do the class offsets still swamp W?", "",
-              "`offseg analyze` on the best-val Offset-Learning run of each arm (its files under "
-              "`benchmarks/results/camvid_round2/<run>/analysis/`). Round 1 (seed 0, docs/analysis.md): "
-              "‖dW_k‖ 11.9-17.5 against ‖W_k‖ 0.50-0.86; aligned W + dW cosine ≥ 0.99 across images.", "",
-              "| arm | run | ‖W_k‖ (min-max) | ‖dW_k‖ (min-max) | W + dW cosine across images (min-max) | ideal W* mIoU | model mIoU (head res.) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Do the class offsets still swamp W?",
+        "",
+        "`offseg analyze` on the best-val Offset-Learning run of each arm (its files under "
+        "`benchmarks/results/camvid_round2/<run>/analysis/`). Round 1 (seed 0, docs/analysis.md): "
+        "‖dW_k‖ 11.9-17.5 against ‖W_k‖ 0.50-0.86; aligned W + dW cosine ≥ 0.99 across images.",
+        "",
+        "| arm | run | ‖W_k‖ (min-max) | ‖dW_k‖ (min-max) | W + dW cosine across images (min-max) | ideal W* mIoU | model mIoU (head res.) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm in arms:
-        runs = [r for r in cells.get(arm, {}).get(offset, []) if (results_dir / f"{arm}_{offset}_s{r['seed']}" / "analysis").is_dir()]
+        runs = [
+            r
+            for r in cells.get(arm, {}).get(offset, [])
+            if (results_dir / f"{arm}_{offset}_s{r['seed']}" / "analysis").is_dir()
+        ]
         if not runs:
             lines.append(f"| {arm} | (no analysed run yet) | | | | | |")
             continue
@@ -167,18 +216,29 @@ def write_report(results_dir: Path, round1_dir: Path, planned: list, arms: dict,
             w, dw = list(image["class_repr_norm"].values()), list(image["class_offset_norm"].values())
             cols[0], cols[1] = f"{min(w):.2f}-{max(w):.2f}", f"{min(dw):.2f}-{max(dw):.2f}"
         if summary:
-            sims = [c["model_mean_similarity"] for c in summary["classes"] if c.get("model_mean_similarity") is not None]
+            sims = [
+                c["model_mean_similarity"] for c in summary["classes"] if c.get("model_mean_similarity") is not None
+            ]
             cols[2] = f"{min(sims):.2f}-{max(sims):.2f}" if sims else ""
             cols[3], cols[4] = f"{summary['ideal_mIoU']:.1f}", f"{summary['model_mIoU']:.1f}"
         lines.append(f"| {arm} | seed {best['seed']} | " + " | ".join(cols) + " |")
-    lines += ["", "![val mIoU against iteration, per arm](results-camvid-round2.png)", "", "## Every run", "",
-              "| arm | model | seed | test mIoU | best val mIoU (iteration) | train time | command |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "![val mIoU against iteration, per arm](results-camvid-round2.png)",
+        "",
+        "## Every run",
+        "",
+        "| arm | model | seed | test mIoU | best val mIoU (iteration) | train time | command |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm in arms:
         for _, model in variants:
             for r in sorted(cells.get(arm, {}).get(model, []), key=lambda r: r["seed"]):
                 extra = r["command"].split("--no-progress", 1)[-1].replace(str(docs.resolve().parent) + "/", "").strip()
-                lines.append(f"| {arm} | `{model}` | {r['seed']} | {r['test']['mIoU']:.2f} | {r['best_val_mIoU']:.2f} ({r['best_iter']}) | "
-                             f"{r['train_seconds_logged'] / 60:.0f} min | `{extra or '(recipe as is)'}` |")
+                lines.append(
+                    f"| {arm} | `{model}` | {r['seed']} | {r['test']['mIoU']:.2f} | {r['best_val_mIoU']:.2f} ({r['best_iter']}) | "
+                    f"{r['train_seconds_logged'] / 60:.0f} min | `{extra or '(recipe as is)'}` |"
+                )
     lines.append("")
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "results-camvid-round2.md").write_text("\n".join(lines))
@@ -206,8 +266,12 @@ def _plot(cells: dict, settings: dict, variants: list, path: Path) -> None:
             mean = [sum(c[k] for c in curves) / len(curves) for k in range(len(iters))]
             ax.plot(iters, mean, marker="o", ms=3, label=f"{variant} (n={len(curves)})")
             if len(curves) > 1:
-                ax.fill_between(iters, [min(c[k] for c in curves) for k in range(len(iters))],
-                                [max(c[k] for c in curves) for k in range(len(iters))], alpha=0.15)
+                ax.fill_between(
+                    iters,
+                    [min(c[k] for c in curves) for k in range(len(iters))],
+                    [max(c[k] for c in curves) for k in range(len(iters))],
+                    alpha=0.15,
+                )
         ax.set_title(f"{arm}: head {lr}, {start}", fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

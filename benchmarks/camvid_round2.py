@@ -41,6 +41,7 @@ in benchmarks/results/camvid_round2/ (result, training log, analysis) and skippe
 resume from their work dir while it exists. After each run docs/results-camvid-round2.md and its
 plot are rewritten from everything finished so far.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,10 +79,30 @@ def planned_runs() -> list[tuple[str, str, str, int]]:
 
 
 def pretrain_command(data_root: Path, work_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "offseg.cli.main", "train", "--model", PRETRAIN_MODEL, "--data", "folder",
-            "--data-root", str(data_root), "--recipe", "camvid", "--iters", str(PRETRAIN_ITERS),
-            "--seed", str(PRETRAIN_SEED), "--val-interval", str(PRETRAIN_VAL_INTERVAL), "--work-dir", str(work_dir),
-            "--resume", "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "offseg.cli.main",
+        "train",
+        "--model",
+        PRETRAIN_MODEL,
+        "--data",
+        "folder",
+        "--data-root",
+        str(data_root),
+        "--recipe",
+        "camvid",
+        "--iters",
+        str(PRETRAIN_ITERS),
+        "--seed",
+        str(PRETRAIN_SEED),
+        "--val-interval",
+        str(PRETRAIN_VAL_INTERVAL),
+        "--work-dir",
+        str(work_dir),
+        "--resume",
+        "--no-progress",
+    ]
 
 
 def pretrain(out: Path, threads: int) -> Path:
@@ -94,20 +115,31 @@ def pretrain(out: Path, threads: int) -> Path:
     from offseg.data import generate_synthetic_dataset
 
     data_root, work_dir = out / "synthetic", out / "pretrain"
-    if not (data_root / "classes.txt").is_file() or len(list((data_root / "train" / "images").glob("*.png"))) < PRETRAIN_DATA["num_train"]:
-        print(f"== generating {PRETRAIN_DATA['num_train']} + {PRETRAIN_DATA['num_val']} street scenes in {data_root}", flush=True)
+    if (
+        not (data_root / "classes.txt").is_file()
+        or len(list((data_root / "train" / "images").glob("*.png"))) < PRETRAIN_DATA["num_train"]
+    ):
+        print(
+            f"== generating {PRETRAIN_DATA['num_train']} + {PRETRAIN_DATA['num_val']} street scenes in {data_root}",
+            flush=True,
+        )
         generate_synthetic_dataset(data_root, **PRETRAIN_DATA)
     work_dir.mkdir(parents=True, exist_ok=True)
     cmd = pretrain_command(data_root, work_dir)
     print(f"== pretraining {PRETRAIN_MODEL} for {PRETRAIN_ITERS} iterations ({threads} thread(s))", flush=True)
     started = time.time()
     with (work_dir / "train.out").open("a") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        subprocess.run(
+            cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads))
+        )
     state = torch.load(work_dir / "last.pth", weights_only=True)
     if int(state["iteration"]) < PRETRAIN_ITERS:
         raise RuntimeError(f"pretraining stopped at iteration {state['iteration']} of {PRETRAIN_ITERS}")
-    backbone = {k[len("backbone."):]: (v.half() if v.is_floating_point() else v).contiguous()
-                for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+    backbone = {
+        k[len("backbone.") :]: (v.half() if v.is_floating_point() else v).contiguous()
+        for k, v in state["state_dict"].items()
+        if k.startswith("backbone.")
+    }
     kept = PRETRAINED_BACKBONE.parent
     kept.mkdir(parents=True, exist_ok=True)
     save_file(backbone, str(PRETRAINED_BACKBONE), metadata={"source": f"{PRETRAIN_MODEL} iteration {PRETRAIN_ITERS}"})
@@ -116,16 +148,31 @@ def pretrain(out: Path, threads: int) -> Path:
     val_curve = sorted({r["iter"]: r["val"]["mIoU"] for r in records if "val" in r}.items())
     per_iter = sorted({r["iter"]: r["sec_per_iter"] for r in records if "sec_per_iter" in r}.values())
     (kept / "log.jsonl").write_text(log_text)
-    (kept / "result.json").write_text(json.dumps({
-        "model": PRETRAIN_MODEL, "iterations": PRETRAIN_ITERS, "seed": PRETRAIN_SEED, "data": PRETRAIN_DATA,
-        "val_curve": val_curve, "final_val_mIoU": val_curve[-1][1] if val_curve else None,
-        "train_seconds_logged": per_iter[len(per_iter) // 2] * PRETRAIN_ITERS if per_iter else None,
-        "seconds_this_call": time.time() - started, "threads": threads,
-        "commands": [f"offseg.data.generate_synthetic_dataset(ROOT, **{PRETRAIN_DATA})",
-                     " ".join(cmd[1:]).replace(str(REPO) + "/", ""),
-                     "backbone.* of last.pth, float tensors as fp16 -> backbone.safetensors"],
-    }, indent=1))
-    print(f"== pretrained backbone kept: {PRETRAINED_BACKBONE} ({PRETRAINED_BACKBONE.stat().st_size / 1e6:.1f} MB)", flush=True)
+    (kept / "result.json").write_text(
+        json.dumps(
+            {
+                "model": PRETRAIN_MODEL,
+                "iterations": PRETRAIN_ITERS,
+                "seed": PRETRAIN_SEED,
+                "data": PRETRAIN_DATA,
+                "val_curve": val_curve,
+                "final_val_mIoU": val_curve[-1][1] if val_curve else None,
+                "train_seconds_logged": per_iter[len(per_iter) // 2] * PRETRAIN_ITERS if per_iter else None,
+                "seconds_this_call": time.time() - started,
+                "threads": threads,
+                "commands": [
+                    f"offseg.data.generate_synthetic_dataset(ROOT, **{PRETRAIN_DATA})",
+                    " ".join(cmd[1:]).replace(str(REPO) + "/", ""),
+                    "backbone.* of last.pth, float tensors as fp16 -> backbone.safetensors",
+                ],
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"== pretrained backbone kept: {PRETRAINED_BACKBONE} ({PRETRAINED_BACKBONE.stat().st_size / 1e6:.1f} MB)",
+        flush=True,
+    )
     return PRETRAINED_BACKBONE
 
 
@@ -135,20 +182,62 @@ def analyse(model: str, checkpoint: Path, data_root: Path, kept: Path, threads: 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     base = [sys.executable, "-m", "offseg.cli.main", "analyze"]
     image = data_root / "val" / "images" / "0016E5_07997.jpg"  # round 1's picture (docs/analysis.md)
-    subprocess.run([*base, "ideal-repr", "--model", model, "--checkpoint", str(checkpoint), "--data", "camvid",
-                    "--data-root", str(data_root), "--split", "val", "--images", "10", "--out", str(scratch / "ideal-repr")],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run([*base, "offsets", "--model", model, "--checkpoint", str(checkpoint), "--palette", "camvid",
-                    "--out", str(scratch / "offsets"), str(image)], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            *base,
+            "ideal-repr",
+            "--model",
+            model,
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            "camvid",
+            "--data-root",
+            str(data_root),
+            "--split",
+            "val",
+            "--images",
+            "10",
+            "--out",
+            str(scratch / "ideal-repr"),
+        ],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [
+            *base,
+            "offsets",
+            "--model",
+            model,
+            "--checkpoint",
+            str(checkpoint),
+            "--palette",
+            "camvid",
+            "--out",
+            str(scratch / "offsets"),
+            str(image),
+        ],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     target = kept / "analysis"
     target.mkdir(parents=True, exist_ok=True)
-    for source in [scratch / "ideal-repr" / "summary.json", scratch / "ideal-repr" / "similarity.png",
-                   scratch / "offsets" / "offsets.json", *sorted((scratch / "offsets").glob("*_offsets.png"))]:
+    for source in [
+        scratch / "ideal-repr" / "summary.json",
+        scratch / "ideal-repr" / "similarity.png",
+        scratch / "offsets" / "offsets.json",
+        *sorted((scratch / "offsets").glob("*_offsets.png")),
+    ]:
         if source.is_file():
             shutil.copy(source, target / (source.parent.name + "_" + source.name))
 
 
-def finish_one(arm: str, model: str, seed: int, data_root: Path, work: Path, kept: Path, threads: int, jobs: int) -> dict:
+def finish_one(
+    arm: str, model: str, seed: int, data_root: Path, work: Path, kept: Path, threads: int, jobs: int
+) -> dict:
     from camvid_study import run_one  # benchmarks/camvid_study.py
 
     result = run_one(model, seed, data_root, work, kept, threads, jobs, extra=ARMS[arm][2])
@@ -198,16 +287,27 @@ def main() -> int:
                     if pending[future] is None:
                         future.result()
                         break
-            print(f"== arm {arm}, {variant} ({model}), seed {seed}: queued ({threads} thread(s), {jobs} at a time)", flush=True)
-            pending[pool.submit(finish_one, arm, model, seed, Path(args.data_root), work, kept, threads, jobs)] = (arm, variant, model, seed)
+            print(
+                f"== arm {arm}, {variant} ({model}), seed {seed}: queued ({threads} thread(s), {jobs} at a time)",
+                flush=True,
+            )
+            pending[pool.submit(finish_one, arm, model, seed, Path(args.data_root), work, kept, threads, jobs)] = (
+                arm,
+                variant,
+                model,
+                seed,
+            )
         for future in as_completed(pending):
             if pending[future] is None:
                 future.result()
                 continue
             arm, variant, model, seed = pending[future]
             result = future.result()
-            print(f"== arm {arm}, {variant} ({model}), seed {seed}: test mIoU {result['test']['mIoU']:.2f}  "
-                  f"best val {result['best_val_mIoU']:.2f}", flush=True)
+            print(
+                f"== arm {arm}, {variant} ({model}), seed {seed}: test mIoU {result['test']['mIoU']:.2f}  "
+                f"best val {result['best_val_mIoU']:.2f}",
+                flush=True,
+            )
             report()
     report()
     return 0

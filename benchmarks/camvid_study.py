@@ -23,6 +23,7 @@ A finished run is its `result.json` and `log.jsonl` under --results (committed: 
 the report is made of); checkpoints stay in the run's work dir under --out (not committed). An
 unfinished run resumes from its work dir while that exists, else it starts again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 MAIN_EXTRA_SEEDS = (3, 4)  # per-pixel vs full Offset Learning only (see the docstring)
 # (variant name in the report, registered model)
-VARIANTS = [("per-pixel", "offseg-t-pixel"), ("offset learning", "offseg-t"),
-            ("class offsets only", "offseg-t-co"), ("feature offsets only", "offseg-t-fo"),
-            ("SegFormer-B0", "segformer-b0"), ("SegFormer-B0 + OL", "segformer-b0-ol")]
+VARIANTS = [
+    ("per-pixel", "offseg-t-pixel"),
+    ("offset learning", "offseg-t"),
+    ("class offsets only", "offseg-t-co"),
+    ("feature offsets only", "offseg-t-fo"),
+    ("SegFormer-B0", "segformer-b0"),
+    ("SegFormer-B0 + OL", "segformer-b0-ol"),
+]
 
 
 def planned_runs() -> list[tuple[str, str, int]]:
@@ -53,13 +59,39 @@ def planned_runs() -> list[tuple[str, str, int]]:
 
 
 def train_command(model: str, seed: int, data_root: Path, work_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "offseg.cli.main", "train", "--model", model, "--data", "camvid",
-            "--data-root", str(data_root), "--recipe", "camvid", "--seed", str(seed), "--work-dir", str(work_dir),
-            "--resume", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "offseg.cli.main",
+        "train",
+        "--model",
+        model,
+        "--data",
+        "camvid",
+        "--data-root",
+        str(data_root),
+        "--recipe",
+        "camvid",
+        "--seed",
+        str(seed),
+        "--work-dir",
+        str(work_dir),
+        "--resume",
+        "--no-progress",
+        *extra,
+    ]
 
 
-def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: Path, threads: int, jobs: int,
-            extra: tuple[str, ...] = ()) -> dict:
+def run_one(
+    model: str,
+    seed: int,
+    data_root: Path,
+    work_dir: Path,
+    result_dir: Path,
+    threads: int,
+    jobs: int,
+    extra: tuple[str, ...] = (),
+) -> dict:
     """Train (or finish) one run, then test its best-on-val checkpoint; kept in result_dir.
 
     `extra`: further `offseg train` arguments (round 2's arms: head lr rule, pretrained backbone)."""
@@ -70,7 +102,9 @@ def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: 
     cmd = train_command(model, seed, data_root, work_dir, extra)
     started = time.time()
     with (work_dir / "train.out").open("a") as out:
-        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        subprocess.run(
+            cmd, check=True, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads))
+        )
     elapsed = time.time() - started
 
     import torch
@@ -87,7 +121,12 @@ def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: 
 
     net = offseg.create_model(model, checkpoint=work_dir / "best.pth").eval()
     test_options = recipe["data"].get("test_options") or {}
-    tested = evaluate(net, build_dataset("camvid", data_root, "test", pipeline="test", **test_options), progress=False, **recipe["test"])
+    tested = evaluate(
+        net,
+        build_dataset("camvid", data_root, "test", pipeline="test", **test_options),
+        progress=False,
+        **recipe["test"],
+    )
     best = torch.load(work_dir / "best.pth", weights_only=True)
     log = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
     # by iteration, the last record winning: logs written before the trainer dropped the records of
@@ -99,12 +138,22 @@ def run_one(model: str, seed: int, data_root: Path, work_dir: Path, result_dir: 
     train_seconds = per_iter[len(per_iter) // 2] * recipe["train"]["iters"]
     crop = tuple(recipe["data"]["options"]["crop_size"])
     result = {
-        "model": model, "seed": seed, "test": {k: tested[k] for k in ("mIoU", "mAcc", "aAcc")},
-        "test_iou": tested["IoU"], "class_names": tested.get("class_names"),
-        "best_val_mIoU": max(v for _, v in val_curve), "best_iter": int(best["iteration"]), "val_curve": val_curve,
-        "params": count_parameters(net), "gflops_at_crop": count_flops(net, crop, convention="full").gflops,
-        "train_seconds_logged": train_seconds, "seconds_this_call": elapsed, "command": " ".join(cmd[1:]),
-        "threads": threads, "jobs": jobs, "subnormals_flushed": True,  # the trainer flushes them since 8bda9ef
+        "model": model,
+        "seed": seed,
+        "test": {k: tested[k] for k in ("mIoU", "mAcc", "aAcc")},
+        "test_iou": tested["IoU"],
+        "class_names": tested.get("class_names"),
+        "best_val_mIoU": max(v for _, v in val_curve),
+        "best_iter": int(best["iteration"]),
+        "val_curve": val_curve,
+        "params": count_parameters(net),
+        "gflops_at_crop": count_flops(net, crop, convention="full").gflops,
+        "train_seconds_logged": train_seconds,
+        "seconds_this_call": elapsed,
+        "command": " ".join(cmd[1:]),
+        "threads": threads,
+        "jobs": jobs,
+        "subnormals_flushed": True,  # the trainer flushes them since 8bda9ef
     }
     result_dir.mkdir(parents=True, exist_ok=True)
     (result_dir / "log.jsonl").write_text((work_dir / "log.jsonl").read_text())
@@ -116,8 +165,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "camvid"))
     parser.add_argument("--out", default=str(REPO / "runs" / "camvid_study"), help="work dirs (checkpoints)")
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "camvid"),
-                        help="finished runs' result.json and log.jsonl (committed)")
+    parser.add_argument(
+        "--results",
+        default=str(REPO / "benchmarks" / "results" / "camvid"),
+        help="finished runs' result.json and log.jsonl (committed)",
+    )
     parser.add_argument("--runs", type=int, default=None, help="train at most N runs in this call")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time (each with cores/J threads)")
     parser.add_argument("--report-only", action="store_true")
@@ -142,12 +194,19 @@ def main() -> int:
         pending = {}
         for variant, model, seed, work, kept in todo:
             print(f"== {variant} ({model}), seed {seed}: queued ({threads} thread(s), {jobs} at a time)", flush=True)
-            pending[pool.submit(run_one, model, seed, Path(args.data_root), work, kept, threads, jobs)] = (variant, model, seed)
+            pending[pool.submit(run_one, model, seed, Path(args.data_root), work, kept, threads, jobs)] = (
+                variant,
+                model,
+                seed,
+            )
         for future in as_completed(pending):
             variant, model, seed = pending[future]
             result = future.result()
-            print(f"== {variant} ({model}), seed {seed}: test mIoU {result['test']['mIoU']:.2f}  "
-                  f"best val {result['best_val_mIoU']:.2f}", flush=True)
+            print(
+                f"== {variant} ({model}), seed {seed}: test mIoU {result['test']['mIoU']:.2f}  "
+                f"best val {result['best_val_mIoU']:.2f}",
+                flush=True,
+            )
             report()
     report()
     return 0

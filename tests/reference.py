@@ -5,6 +5,7 @@ One loader, driven by each vector's JSON sidecar, serves every test: it gathers 
 for a shared backbone), upcasts the float16 storage to float32, and hands back the inputs,
 intermediates and expected outputs. Tests skip with a reason when the folder is absent.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,7 +77,7 @@ def load_vector(name: str) -> Vector:
         other = {k: v for k, v in _read(info["weights_from"]).items() if _is_weight(k)}
         prefix = info.get("key_prefix_to_strip")
         if prefix:
-            other = {k[len(prefix):]: v for k, v in other.items() if k.startswith(prefix)}
+            other = {k[len(prefix) :]: v for k, v in other.items() if k.startswith(prefix)}
         weights.update(other)
     if info.get("backbone_weights_from"):
         other = _read(info["backbone_weights_from"])

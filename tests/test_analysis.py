@@ -1,6 +1,7 @@
 """offseg.analysis and `offseg analyze`: the ideal class representation W* = M (E^T)^+ on cases
 where it is known exactly, Offset Learning's quantities against `align_by_offsets`, and both
 commands end to end on tiny randomly initialised models (real CamVid images when present)."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from offseg.analysis import (analyze_ideal_representation, cosine_similarity_matrix, downsample_label,
-                             extract_features, ideal_class_representation, mean_off_diagonal,
-                             model_class_representation, offset_quantities, one_hot_masks, resolve_classes)
+from offseg.analysis import (
+    analyze_ideal_representation,
+    cosine_similarity_matrix,
+    downsample_label,
+    extract_features,
+    ideal_class_representation,
+    mean_off_diagonal,
+    model_class_representation,
+    offset_quantities,
+    one_hot_masks,
+    resolve_classes,
+)
 from offseg.cli.main import main
 from offseg.inference import pad_to_divisor
 from offseg.models import registry
@@ -25,7 +35,19 @@ from offseg.models.segmentor import Segmentor
 CAMVID_ROOT = Path("/work/shared/data/camvid")
 CAMVID_MISSING = not (CAMVID_ROOT / "val" / "images").is_dir()
 CAMVID_REASON = f"CamVid data not found at {CAMVID_ROOT}"
-CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist"]
+CAMVID_CLASSES = [
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+]
 pytest.importorskip("matplotlib", reason="figures need matplotlib (the 'plot' extra)")
 
 
@@ -50,7 +72,9 @@ def tiny_model(head: str = "offseg", classifier: str = "offset", num_classes: in
     channels = (8, 8, 16, 16)
     if head == "offseg":
         # FreqFusion wants (lr + hr) // 4 divisible by 8 at every step.
-        decode_head = OffSegHead(channels, (32, 32, 32, 32), num_classes, channels=16, norm_groups=4, classifier=classifier)
+        decode_head = OffSegHead(
+            channels, (32, 32, 32, 32), num_classes, channels=16, norm_groups=4, classifier=classifier
+        )
     elif head == "segformer-ol":
         decode_head = SegformerHeadOffsetLearning(channels, num_classes, channels=16)
     else:
@@ -61,7 +85,10 @@ def tiny_model(head: str = "offseg", classifier: str = "offset", num_classes: in
         # Larger than the 0.02 init, so the softmaxes are far from uniform and the offsets matter.
         with torch.no_grad():
             offset_learning.cls_repr.normal_(0, 1.0)
-            for proj in (getattr(offset_learning, "cls_offset_proj", None), getattr(offset_learning, "feat_offset_proj", None)):
+            for proj in (
+                getattr(offset_learning, "cls_offset_proj", None),
+                getattr(offset_learning, "feat_offset_proj", None),
+            ):
                 if proj is not None:
                     proj.weight.normal_(0, 0.3)
     return model.eval()
@@ -81,7 +108,10 @@ def test_full_rank_features_recover_the_true_class_matrix():
     right_inverse = torch.linalg.pinv(w_true)  # C x K, W_true @ right_inverse = I
     null_basis = torch.linalg.svd(w_true).Vh[num_classes:].T  # C x (C - K), W_true @ null_basis = 0
     labels = torch.arange(num_pixels) % num_classes
-    feats = right_inverse[:, labels].T + (null_basis @ torch.randn(channels - num_classes, num_pixels, generator=gen, dtype=torch.float64)).T
+    feats = (
+        right_inverse[:, labels].T
+        + (null_basis @ torch.randn(channels - num_classes, num_pixels, generator=gen, dtype=torch.float64)).T
+    )
     masks = one_hot_masks(labels, num_classes)
     assert torch.allclose(w_true @ feats.T, masks, atol=1e-10)  # the construction is exact
     assert torch.linalg.matrix_rank(feats) == channels
@@ -119,10 +149,7 @@ def test_rcond_discards_directions_of_rounding_noise():
 
 
 def test_labels_are_voted_down_by_majority():
-    label = torch.tensor([[0, 0, 1, 1],
-                          [0, 2, 1, 255],
-                          [3, 3, 255, 255],
-                          [3, 2, 255, 255]])
+    label = torch.tensor([[0, 0, 1, 1], [0, 2, 1, 255], [3, 3, 255, 255], [3, 2, 255, 255]])
     assert downsample_label(label, (2, 2)).tolist() == [[0, 1], [3, 255]]
     tie = torch.tensor([[4, 255], [4, 255]])
     assert downsample_label(tie, (1, 1)).tolist() == [[4]]  # a real class wins a tie with ignore
@@ -178,14 +205,17 @@ def test_offset_quantities_match_align_by_offsets(classifier):
     channels = full.shape[0]
     pixels = full.reshape(channels, -1).T[None]  # 1, HW, C
     with torch.no_grad():
-        aligned_repr, aligned_feats = align_by_offsets(pixels, module.cls_repr, getattr(module, "cls_offset_proj", None),
-                                                       getattr(module, "feat_offset_proj", None))
+        aligned_repr, aligned_feats = align_by_offsets(
+            pixels, module.cls_repr, getattr(module, "cls_offset_proj", None), getattr(module, "feat_offset_proj", None)
+        )
     cls_repr = module.cls_repr[0].detach()
     assert torch.equal(quantities["class_repr"], cls_repr)
     assert quantities["map_size"] == (24, 32) and quantities["features"].shape == (channels, 18, 25)
     coupled = torch.einsum("kc,chw->khw", cls_repr, full)
     assert torch.allclose(quantities["coupled_attn"], coupled[:, :18, :25], atol=1e-5)
-    assert torch.allclose(quantities["class_attn"], coupled.flatten(1).softmax(1).reshape(6, 24, 32)[:, :18, :25], atol=1e-6)
+    assert torch.allclose(
+        quantities["class_attn"], coupled.flatten(1).softmax(1).reshape(6, 24, 32)[:, :18, :25], atol=1e-6
+    )
     assert torch.allclose(quantities["position_attn"].sum(dim=0), torch.ones(18, 25), atol=1e-5)
 
     expected_dw = aligned_repr[0] - cls_repr
@@ -225,7 +255,9 @@ class ToyDataset:
             gen = torch.Generator().manual_seed(10 + i)
             label = torch.randint(0, 3, (8, 12), generator=gen).repeat_interleave(8, 0).repeat_interleave(8, 1)
             label[:8] = 255  # the first two rows of feature cells are ignored
-            self.items.append({"image": torch.randn(3, 64, 96, generator=gen), "label": label, "image_path": f"toy_{i}.png"})
+            self.items.append(
+                {"image": torch.randn(3, 64, 96, generator=gen), "label": label, "image_path": f"toy_{i}.png"}
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -267,16 +299,41 @@ def test_ideal_representation_analysis_on_toy_data(head):
 @pytest.fixture
 def tiny_registered(monkeypatch):
     # SegFormer heads: no FreqFusion, so a CamVid-sized forward takes milliseconds.
-    for name, (head, classifier) in {"tiny-ol": ("segformer-ol", "offset"), "tiny-pixel": ("segformer", "pixel")}.items():
-        monkeypatch.setitem(registry._BUILDERS, name,
-                            lambda num_classes=150, _h=head, _c=classifier, **kw: tiny_model(_h, _c, num_classes=num_classes))
+    for name, (head, classifier) in {
+        "tiny-ol": ("segformer-ol", "offset"),
+        "tiny-pixel": ("segformer", "pixel"),
+    }.items():
+        monkeypatch.setitem(
+            registry._BUILDERS,
+            name,
+            lambda num_classes=150, _h=head, _c=classifier, **kw: tiny_model(_h, _c, num_classes=num_classes),
+        )
 
 
 @pytest.mark.skipif(CAMVID_MISSING, reason=CAMVID_REASON)
 def test_cli_ideal_repr_on_camvid(tmp_path, tiny_registered, capsys):
     out = tmp_path / "ideal"
-    code = main(["analyze", "ideal-repr", "--model", "tiny-ol", "--data", "camvid", "--data-root", str(CAMVID_ROOT),
-                 "--images", "2", "--classes", "Road", "sky", "--out", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "analyze",
+            "ideal-repr",
+            "--model",
+            "tiny-ol",
+            "--data",
+            "camvid",
+            "--data-root",
+            str(CAMVID_ROOT),
+            "--images",
+            "2",
+            "--classes",
+            "Road",
+            "sky",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "recomputed argmax W* E^T" in printed and "Road" in printed
@@ -294,8 +351,24 @@ def test_cli_ideal_repr_on_camvid(tmp_path, tiny_registered, capsys):
 def test_cli_offsets_on_camvid(tmp_path, tiny_registered, capsys):
     images = sorted((CAMVID_ROOT / "val" / "images").glob("*.jpg"))[:2]
     out = tmp_path / "offsets"
-    code = main(["analyze", "offsets", *map(str, images), "--model", "tiny-ol", "--palette", "camvid",
-                 "--classes", "Road", "Car", "--out", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "analyze",
+            "offsets",
+            *map(str, images),
+            "--model",
+            "tiny-ol",
+            "--palette",
+            "camvid",
+            "--classes",
+            "Road",
+            "Car",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     for image in images:
         figure = out / f"{image.stem}_offsets.png"
@@ -305,7 +378,9 @@ def test_cli_offsets_on_camvid(tmp_path, tiny_registered, capsys):
     assert first["classes_shown"] == ["Road", "Car"] and set(first["class_offset_norm"]) == set(CAMVID_CLASSES)
 
     # A per-pixel model is refused in one line.
-    code = main(["analyze", "offsets", str(images[0]), "--model", "tiny-pixel", "--palette", "camvid", "--out", str(out)])
+    code = main(
+        ["analyze", "offsets", str(images[0]), "--model", "tiny-pixel", "--palette", "camvid", "--out", str(out)]
+    )
     assert code == 1 and "no offsets to show" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
 """Checkpoints are read without executing pickled code and loaded strictly with clear errors."""
+
 import os
 import pickle
 import sys
@@ -14,7 +15,6 @@ from offseg.checkpoint import CheckpointError, read_state_dict
 class HistoryBuffer:  # stands in for MMEngine's bookkeeping objects in a checkpoint's 'message_hub'
     def __init__(self):
         self.values = [1.0, 2.0]
-
 
 
 # Pickled under MMEngine's module path, as a real MMEngine checkpoint names it.
@@ -36,7 +36,9 @@ def test_official_layout_loads(tmp_path, small_state):
     torch.save({"meta": {"mmseg_version": "1.2.2", "iter": 160000}, "state_dict": small_state}, path)
     model = offseg.create_model("offseg-t", checkpoint=path)
     assert model.num_classes == 3
-    assert torch.equal(model.state_dict()["decode_head.offset_learning.cls_repr"], small_state["decode_head.offset_learning.cls_repr"])
+    assert torch.equal(
+        model.state_dict()["decode_head.offset_learning.cls_repr"], small_state["decode_head.offset_learning.cls_repr"]
+    )
 
 
 def test_mmengine_extras_are_read_as_inert_data(tmp_path, small_state, monkeypatch):
@@ -103,8 +105,17 @@ def test_num_classes_conflict_is_an_error(tmp_path, small_state):
 
 def test_training_checkpoint_brings_its_architecture_options_and_model_name(tmp_path, small_state):
     path = tmp_path / "last.pth"
-    torch.save({"model": small_state, "model_name": "offseg-t", "optimizer": {}, "num_classes": 3,
-                "class_names": ["a", "b", "c"], "recipe": {"model_options": {"freeze_bn": True}}}, path)
+    torch.save(
+        {
+            "model": small_state,
+            "model_name": "offseg-t",
+            "optimizer": {},
+            "num_classes": 3,
+            "class_names": ["a", "b", "c"],
+            "recipe": {"model_options": {"freeze_bn": True}},
+        },
+        path,
+    )
     model = offseg.create_model("offseg-t", checkpoint=path)
     assert model.backbone.freeze_bn and model.class_names == ["a", "b", "c"]
     with pytest.raises(ValueError, match="holds weights of model offseg-t, not offseg-b"):

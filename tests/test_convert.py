@@ -1,4 +1,5 @@
 """Weights in and out: `offseg convert`, the own format (safetensors + JSON) and training checkpoints."""
+
 import json
 import os
 
@@ -34,8 +35,11 @@ def _equal(a: dict, b: dict) -> bool:
 
 def test_official_checkpoint_converts_and_loads(tmp_path, trained_state, capsys):
     official = tmp_path / "segformer_ol.pth"
-    meta = {"mmseg_version": "1.2.2", "iter": 160000,
-            "dataset_meta": {"classes": tuple(CLASSES), "palette": [[1, 2, 3], [4, 5, 6], [7, 8, 9]]}}
+    meta = {
+        "mmseg_version": "1.2.2",
+        "iter": 160000,
+        "dataset_meta": {"classes": tuple(CLASSES), "palette": [[1, 2, 3], [4, 5, 6], [7, 8, 9]]},
+    }
     torch.save({"meta": meta, "state_dict": trained_state}, official)
 
     assert main(["convert", str(official), str(tmp_path / "out"), "--model", MODEL]) == 0
@@ -57,12 +61,18 @@ def test_convert_records_a_named_dataset(tmp_path, trained_state):
     torch.manual_seed(0)
     state = offseg.create_model(MODEL, num_classes=info.num_classes).state_dict()
     torch.save({"meta": {}, "state_dict": state}, tmp_path / "in.pth")
-    assert main(["convert", str(tmp_path / "in.pth"), str(tmp_path / "out"), "--model", MODEL, "--dataset", "synthetic"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "in.pth"), str(tmp_path / "out"), "--model", MODEL, "--dataset", "synthetic"])
+        == 0
+    )
     config = json.loads((tmp_path / "out.json").read_text())
     assert config["dataset"] == "synthetic" and config["class_names"] == list(info.class_names)
     # a dataset with another class count is refused
     torch.save({"meta": {}, "state_dict": trained_state}, tmp_path / "three.pth")
-    assert main(["convert", str(tmp_path / "three.pth"), str(tmp_path / "x"), "--model", MODEL, "--dataset", "synthetic"]) == 1
+    assert (
+        main(["convert", str(tmp_path / "three.pth"), str(tmp_path / "x"), "--model", MODEL, "--dataset", "synthetic"])
+        == 1
+    )
 
 
 def test_truncated_file_is_refused(tmp_path, trained_state, capsys):
@@ -97,7 +107,9 @@ def test_code_executing_pickle_is_refused(tmp_path, trained_state, capsys):
 def test_own_format_round_trip(tmp_path, trained_state):
     model = offseg.create_model(MODEL, num_classes=3)
     model.load_state_dict(trained_state)
-    weights = offseg.save_pretrained(model, tmp_path / "mine", class_names=CLASSES, palette=[[0, 0, 0], [9, 9, 9], [255, 0, 0]])
+    weights = offseg.save_pretrained(
+        model, tmp_path / "mine", class_names=CLASSES, palette=[[0, 0, 0], [9, 9, 9], [255, 0, 0]]
+    )
     assert weights == tmp_path / "mine.safetensors" and (tmp_path / "mine.json").is_file()
 
     loaded = offseg.load_pretrained(tmp_path / "mine")
@@ -127,8 +139,18 @@ def test_save_pretrained_checks_its_inputs(tmp_path):
 
 def test_training_checkpoint_loads_everywhere(tmp_path, trained_state):
     path = tmp_path / "last.pth"
-    torch.save({"model": trained_state, "optimizer": {"state": {}, "param_groups": []}, "iteration": 10,
-                "model_name": MODEL, "num_classes": 3, "class_names": CLASSES, "recipe": {"model": MODEL}}, path)
+    torch.save(
+        {
+            "model": trained_state,
+            "optimizer": {"state": {}, "param_groups": []},
+            "iteration": 10,
+            "model_name": MODEL,
+            "num_classes": 3,
+            "class_names": CLASSES,
+            "recipe": {"model": MODEL},
+        },
+        path,
+    )
     info = read_checkpoint(path)
     assert info.kind == "training" and info.metadata["class_names"] == CLASSES
     assert _equal(offseg.create_model(MODEL, checkpoint=path).state_dict(), trained_state)

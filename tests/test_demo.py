@@ -1,4 +1,5 @@
 """`offseg demo`, the README's main job, end to end on its generated dataset (2 iterations)."""
+
 from __future__ import annotations
 
 from offseg.cli.main import main

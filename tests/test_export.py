@@ -4,6 +4,7 @@ The default suite exports at small fixed sizes (the TorchScript exporter, second
 512x512 exports and the dynamic-shape ones (dynamo exporter, minutes for OffSeg) are marked slow:
 run them with `pytest -m slow tests/test_export.py`.
 """
+
 import json
 
 import numpy as np
@@ -83,8 +84,21 @@ def test_cli_export_with_own_format_checkpoint(tmp_path, capsys):
     model = _model("segformer-b0-ol", 3)
     offseg.save_pretrained(model, tmp_path / "weights", class_names=["a", "b", "c"])
     out = tmp_path / "model.onnx"
-    code = main(["export", "--model", "segformer-b0-ol", "--checkpoint", str(tmp_path / "weights.safetensors"),
-                 "--format", "onnx", str(out), "--size", "64", "96"])
+    code = main(
+        [
+            "export",
+            "--model",
+            "segformer-b0-ol",
+            "--checkpoint",
+            str(tmp_path / "weights.safetensors"),
+            "--format",
+            "onnx",
+            str(out),
+            "--size",
+            "64",
+            "96",
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "max relative error vs PyTorch" in printed.out and "opset 17" in printed.out
@@ -93,7 +107,9 @@ def test_cli_export_with_own_format_checkpoint(tmp_path, capsys):
 
 
 def test_cli_export_without_checkpoint_warns_and_bad_sizes_are_refused(tmp_path, capsys):
-    assert main(["export", "--model", "segformer-b0", str(tmp_path / "m.onnx"), "--size", "64", "64", "--no-check"]) == 0
+    assert (
+        main(["export", "--model", "segformer-b0", str(tmp_path / "m.onnx"), "--size", "64", "64", "--no-check"]) == 0
+    )
     assert "randomly initialised" in capsys.readouterr().err
     assert main(["export", "--model", "segformer-b0", str(tmp_path / "m.onnx"), "--size", "100", "64"]) == 1
     assert "multiples of 32" in capsys.readouterr().err
@@ -136,7 +152,9 @@ def test_dynamic_export_matches_pytorch_at_several_sizes(tmp_path, name):
     assert result.exporter == "dynamo" and result.opset >= 18
     if hasattr(model.decode_head, "set_generator"):
         model.decode_head.set_generator(0)  # SegNeXt: the bases the export fixed
-    checks = result.checks + check_onnx(path, ExportWrapper(model).eval(), [(1, 3, 512, 512)], raw_input=False, labels=False)
+    checks = result.checks + check_onnx(
+        path, ExportWrapper(model).eval(), [(1, 3, 512, 512)], raw_input=False, labels=False
+    )
     print(f"{name} dynamic: " + "; ".join(map(str, checks)) + f" (export {result.seconds:.1f} s)")
     assert [c.input_shape for c in checks] == [(1, 3, 256, 320), (2, 3, 128, 192), (1, 3, 512, 512)]
     assert all(c.max_rel_error <= TOLERANCE for c in checks)

@@ -1,6 +1,7 @@
 """FLOP counting (`offseg.flops`) against the reference figures (fvcore and the paper's
 Conv2d-only convention, shared/reference/figures.json), formula checks against fvcore itself
 when it is installed, and the `offseg info` model card."""
+
 from __future__ import annotations
 
 import json
@@ -88,7 +89,9 @@ def test_offseg_figures_both_sizes(key):
         assert round(count_flops(model, size, convention="paper").gflops, 2) == paper_g
 
 
-@pytest.mark.parametrize("key", ["segformer_b0_offset_learning", "segformer_b0", "segnext_t_offset_learning", "segnext_t"])
+@pytest.mark.parametrize(
+    "key", ["segformer_b0_offset_learning", "segformer_b0", "segnext_t_offset_learning", "segnext_t"]
+)
 def test_plug_in_figures(key):
     name = registered(key)
     torch.manual_seed(0)  # SegNeXt draws random NMF bases; FLOPs do not depend on them
@@ -129,6 +132,7 @@ def test_mask2former_figures(key):
 # ------------------------------------------------------------------------------------------
 # Formulas on small modules
 # ------------------------------------------------------------------------------------------
+
 
 class Toy(nn.Module):
     """One of each operator the counter knows, at sizes where fvcore's einsum rounding is exact."""
@@ -218,6 +222,7 @@ def test_matmul_counts_broadcast_batch():
 # ------------------------------------------------------------------------------------------
 # Behaviour of the counter
 # ------------------------------------------------------------------------------------------
+
 
 def test_meta_trace_leaves_model_untouched():
     model = offseg.create_model("offseg-t")

@@ -2,6 +2,7 @@
 give the same logits, and the training-path kernels (CARAFE, local similarity, fused BN -> GELU ->
 conv, talking heads) give the same outputs and gradients as the official computation
 (`reference_computation`)."""
+
 import copy
 
 import pytest
@@ -25,7 +26,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # Kernels against their reference formulations
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n,c,h,w,k,g,s", [(2, 3, 4, 3, 5, 1, 2), (1, 4, 4, 3, 3, 2, 1), (2, 4, 3, 4, 3, 2, 2), (1, 4, 3, 3, 5, 4, 2)])
+
+@pytest.mark.parametrize(
+    "n,c,h,w,k,g,s", [(2, 3, 4, 3, 5, 1, 2), (1, 4, 4, 3, 3, 2, 1), (2, 4, 3, 4, 3, 2, 2), (1, 4, 3, 3, 5, 4, 2)]
+)
 def test_carafe_forward_backward_equal_reference(n, c, h, w, k, g, s):
     torch.manual_seed(0)
     feats = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
@@ -67,7 +71,13 @@ def test_local_similarity_and_normaliser_equal_reference():
     g2 = torch.autograd.grad(ref, x, grad_out)[0]
     assert rel(g1, g2) < 1e-12
     raw = torch.randn(2, 25, 6, 5, dtype=torch.float64)
-    assert rel(freqfusion.normalize_kernels(raw, 5, torch.ones(1)), freqfusion.normalize_kernels_reference(raw, 5, torch.ones(1))) < 1e-12
+    assert (
+        rel(
+            freqfusion.normalize_kernels(raw, 5, torch.ones(1)),
+            freqfusion.normalize_kernels_reference(raw, 5, torch.ones(1)),
+        )
+        < 1e-12
+    )
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -78,7 +88,11 @@ def test_fused_batch_norm_gelu_conv(training, conv_spec):
     with torch.no_grad():
         bn_a.weight.normal_(), bn_a.bias.normal_(), bn_a.running_mean.normal_(), bn_a.running_var.uniform_(0.5, 1.5)
     bn_b = copy.deepcopy(bn_a)
-    conv_a = None if conv_spec is None else nn.Conv2d(8, 12, conv_spec[0], conv_spec[2], conv_spec[0] // 2, groups=conv_spec[1]).double()
+    conv_a = (
+        None
+        if conv_spec is None
+        else nn.Conv2d(8, 12, conv_spec[0], conv_spec[2], conv_spec[0] // 2, groups=conv_spec[1]).double()
+    )
     conv_b = copy.deepcopy(conv_a)
     bn_a.train(training), bn_b.train(training)
     x_a = torch.randn(3, 8, 6, 6, dtype=torch.float64, requires_grad=True)
@@ -100,6 +114,7 @@ def test_fused_batch_norm_gelu_conv(training, conv_spec):
 # --------------------------------------------------------------------------------------------
 # Training: the library's default computation against the official one, whole model
 # --------------------------------------------------------------------------------------------
+
 
 def _loss_and_grads(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     from offseg.engine.trainer import SegmentationLoss
@@ -128,15 +143,26 @@ def test_offseg_training_gradients_equal_reference(dtype):
 
 
 def test_reference_computation_restores_the_default():
-    originals = (freqfusion.carafe, freqfusion.local_cosine_similarity, effv2.Attention4D.forward, effv2.batch_norm_gelu)
+    originals = (
+        freqfusion.carafe,
+        freqfusion.local_cosine_similarity,
+        effv2.Attention4D.forward,
+        effv2.batch_norm_gelu,
+    )
     with reference_computation():
         assert freqfusion.carafe is carafe_reference
-    assert (freqfusion.carafe, freqfusion.local_cosine_similarity, effv2.Attention4D.forward, effv2.batch_norm_gelu) == originals
+    assert (
+        freqfusion.carafe,
+        freqfusion.local_cosine_similarity,
+        effv2.Attention4D.forward,
+        effv2.batch_norm_gelu,
+    ) == originals
 
 
 # --------------------------------------------------------------------------------------------
 # Inference: optimize_for_inference
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["offseg-t", "offseg-t-pixel", "offseg-t-co", "segformer-b0-ol", "segnext-t-ol"])
 def test_optimized_model_gives_the_same_logits(name):
@@ -198,8 +224,12 @@ def test_optimized_mask2former_runs():
 # The benchmark's helpers
 # --------------------------------------------------------------------------------------------
 
+
 def test_bench_table_and_errors():
-    rows = [Result(Row("offseg-t", "reference"), [10.0, 12.0, 11.0], 500.0), Result(Row("offseg-t", "fast"), [4.0, 5.0, 6.0], 250.0, rel_error=1e-6)]
+    rows = [
+        Result(Row("offseg-t", "reference"), [10.0, 12.0, 11.0], 500.0),
+        Result(Row("offseg-t", "fast"), [4.0, 5.0, 6.0], 250.0, rel_error=1e-6),
+    ]
     table = format_table(rows)
     assert "| offseg-t fast forward | 1 | 512x512 | 5 | 4-6 | 200.00 | 0.45 | 250 | 0.50 | 1.0e-06 |" in table
     assert relative_error(torch.ones(3) * 2.0, torch.ones(3)) == 1.0
@@ -218,7 +248,9 @@ def test_bench_cli_rejects_bad_arguments(capsys):
 def test_bench_cli_small_run(capsys):
     from offseg.cli.main import main
 
-    assert main(["bench", "--model", "offseg-t", "--size", "64", "64", "--runs", "1", "--warmup", "0", "--no-memory"]) == 0
+    assert (
+        main(["bench", "--model", "offseg-t", "--size", "64", "64", "--runs", "1", "--warmup", "0", "--no-memory"]) == 0
+    )
     out = capsys.readouterr().out
     assert "offseg-t reference forward" in out and "offseg-t fast forward" in out
 
@@ -227,8 +259,26 @@ def test_bench_cli_small_run(capsys):
 def test_bench_cli_mask2former(capsys):
     from offseg.cli.main import main
 
-    assert main(["bench", "--model", "mask2former-swin-t-ol", "--size", "64", "64", "--num-classes", "5",
-                 "--runs", "1", "--warmup", "0", "--no-memory"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                "mask2former-swin-t-ol",
+                "--size",
+                "64",
+                "64",
+                "--num-classes",
+                "5",
+                "--runs",
+                "1",
+                "--warmup",
+                "0",
+                "--no-memory",
+            ]
+        )
+        == 0
+    )
     assert "mask2former-swin-t-ol fast forward" in capsys.readouterr().out
 
 

@@ -5,6 +5,7 @@ dict with the inverse of the documented key mapping (written here independently 
 converters), loads it into a fresh model and checks that every backbone tensor arrives bit for bit
 and that the classification head is reported unused.
 """
+
 import re
 
 import pytest
@@ -13,7 +14,12 @@ import torch
 import offseg
 from offseg.checkpoint import CheckpointError
 from offseg.pretrained import (
-    convert_mit, convert_mscan, convert_swin, load_backbone_weights, mit_release_format, swin_release_format,
+    convert_mit,
+    convert_mscan,
+    convert_swin,
+    load_backbone_weights,
+    mit_release_format,
+    swin_release_format,
 )
 
 
@@ -42,17 +48,25 @@ def _assert_loaded(model, reference: dict[str, torch.Tensor], keys) -> None:
 
 # --- EfficientFormerV2 ---------------------------------------------------------------------------
 
+
 def test_efficientformer_v2_release(tmp_path):
     source = _perturbed_backbone_state("offseg-t")
     # The ImageNet release has the legacy 224-pixel bias tables but not the segmentation ones, and a
     # classifier: final BN, head and distillation head.
     release = {k: v for k, v in source.items() if "_seg" not in k}
-    release.update({
-        "norm.weight": torch.ones(224), "norm.bias": torch.zeros(224), "norm.running_mean": torch.zeros(224),
-        "norm.running_var": torch.ones(224), "norm.num_batches_tracked": torch.tensor(0),
-        "head.weight": torch.randn(1000, 224), "head.bias": torch.zeros(1000),
-        "dist_head.weight": torch.randn(1000, 224), "dist_head.bias": torch.zeros(1000),
-    })
+    release.update(
+        {
+            "norm.weight": torch.ones(224),
+            "norm.bias": torch.zeros(224),
+            "norm.running_mean": torch.zeros(224),
+            "norm.running_var": torch.ones(224),
+            "norm.num_batches_tracked": torch.tensor(0),
+            "head.weight": torch.randn(1000, 224),
+            "head.bias": torch.zeros(1000),
+            "dist_head.weight": torch.randn(1000, 224),
+            "dist_head.bias": torch.zeros(1000),
+        }
+    )
     path = tmp_path / "eformer_s1_450.pth"
     torch.save({"model": release}, path)
 
@@ -67,6 +81,7 @@ def test_efficientformer_v2_release(tmp_path):
 
 # --- MiT -----------------------------------------------------------------------------------------
 
+
 def _mit_to_segformer_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our names -> the NVlabs SegFormer release (stages from 1, separate q and kv Linears)."""
     out = {}
@@ -74,9 +89,9 @@ def _mit_to_segformer_release(state: dict[str, torch.Tensor]) -> dict[str, torch
         stage, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", key).groups()
         s = int(stage) + 1
         if rest.startswith("0.projection."):
-            out[f"patch_embed{s}.proj.{rest[len('0.projection.'):]}"] = value
+            out[f"patch_embed{s}.proj.{rest[len('0.projection.') :]}"] = value
         elif rest.startswith("0.norm."):
-            out[f"patch_embed{s}.norm.{rest[len('0.norm.'):]}"] = value
+            out[f"patch_embed{s}.norm.{rest[len('0.norm.') :]}"] = value
         elif rest.startswith("2."):
             out[f"norm{s}.{rest[2:]}"] = value
         else:
@@ -90,7 +105,7 @@ def _mit_to_segformer_release(state: dict[str, torch.Tensor]) -> dict[str, torch
             elif inner.startswith("attn.attn.out_proj."):
                 out[prefix + "attn.proj." + inner.rsplit(".", 1)[1]] = value
             elif inner.startswith("ffn.layers."):
-                index, kind = inner[len("ffn.layers."):].split(".")
+                index, kind = inner[len("ffn.layers.") :].split(".")
                 name = {"0": "mlp.fc1", "1": "mlp.dwconv.dwconv", "4": "mlp.fc2"}[index]
                 if index in "04" and kind == "weight":
                     value = value.flatten(1)  # the release's fc1 / fc2 are nn.Linear
@@ -209,15 +224,22 @@ def test_wrong_backbone_is_refused(tmp_path):
 
 # --- MSCAN ---------------------------------------------------------------------------------------
 
+
 def test_mscan_release_names_convert():
     release = {
-        "patch_embed1.proj.0.weight": torch.zeros(1), "block1.0.mlp.dwconv.dwconv.weight": torch.ones(1),
-        "block4.2.mlp.dwconv.dwconv.bias": torch.ones(2), "block1.0.mlp.fc1.weight": torch.zeros(2),
+        "patch_embed1.proj.0.weight": torch.zeros(1),
+        "block1.0.mlp.dwconv.dwconv.weight": torch.ones(1),
+        "block4.2.mlp.dwconv.dwconv.bias": torch.ones(2),
+        "block1.0.mlp.fc1.weight": torch.zeros(2),
         "head.weight": torch.zeros(3),
     }
     assert set(convert_mscan(release)) == {
-        "patch_embed1.proj.0.weight", "block1.0.mlp.dwconv.weight", "block4.2.mlp.dwconv.bias",
-        "block1.0.mlp.fc1.weight", "head.weight"}
+        "patch_embed1.proj.0.weight",
+        "block1.0.mlp.dwconv.weight",
+        "block4.2.mlp.dwconv.bias",
+        "block1.0.mlp.fc1.weight",
+        "head.weight",
+    }
     mmseg = convert_mscan(release)
     assert convert_mscan(mmseg) == mmseg  # MMSegmentation's names pass unchanged
 
@@ -243,6 +265,7 @@ def test_mscan_segnext_release(tmp_path):
 # written from our key names with the inverse of the documented mapping; its patch-merging tensors
 # are random and are checked through a re-implementation of the Microsoft PatchMerging forward.
 
+
 def _swin_model():
     from offseg.models.mask2former import MASK2FORMER_REDUCED
 
@@ -255,7 +278,11 @@ def _swin_to_microsoft_name(key: str) -> str | None:
     if re.fullmatch(r"norm\d\..+", key):
         return None
     key = key.replace("patch_embed.projection.", "patch_embed.proj.")
-    for ours, theirs in ((".attn.w_msa.", ".attn."), (".ffn.layers.0.0.", ".mlp.fc1."), (".ffn.layers.1.", ".mlp.fc2.")):
+    for ours, theirs in (
+        (".attn.w_msa.", ".attn."),
+        (".ffn.layers.0.0.", ".mlp.fc1."),
+        (".ffn.layers.1.", ".mlp.fc2."),
+    ):
         key = key.replace(ours, theirs)
     return re.sub(r"^stages\.", "layers.", key)
 
@@ -338,20 +365,34 @@ def test_swin_microsoft_release(tmp_path):
         c = backbone.out_channels[i]
         x = torch.randn(2, 6 * 10, c)
         ours, hw = stage.downsample(x, (6, 10))
-        theirs = _microsoft_patch_merging(x, (6, 10), release[f"layers.{i}.downsample.norm.weight"],
-                                          release[f"layers.{i}.downsample.norm.bias"],
-                                          release[f"layers.{i}.downsample.reduction.weight"])
+        theirs = _microsoft_patch_merging(
+            x,
+            (6, 10),
+            release[f"layers.{i}.downsample.norm.weight"],
+            release[f"layers.{i}.downsample.norm.bias"],
+            release[f"layers.{i}.downsample.reduction.weight"],
+        )
         assert hw == (3, 5)
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
         # without the re-ordering the outputs differ: the test does see the channel order
-        assert not torch.allclose(stage.downsample.reduction(stage.downsample.norm(
-            torch.cat([x.view(2, 6, 10, c)[:, dy::2, dx::2] for dy, dx in ((0, 0), (1, 0), (0, 1), (1, 1))], -1)
-            .view(2, -1, 4 * c))), ours, atol=1e-3)
+        assert not torch.allclose(
+            stage.downsample.reduction(
+                stage.downsample.norm(
+                    torch.cat(
+                        [x.view(2, 6, 10, c)[:, dy::2, dx::2] for dy, dx in ((0, 0), (1, 0), (0, 1), (1, 1))], -1
+                    ).view(2, -1, 4 * c)
+                )
+            ),
+            ours,
+            atol=1e-3,
+        )
 
 
 def test_swin_mmseg_names_load_as_they_are(tmp_path):
-    source = {k: v + 0.01 * torch.randn_like(v) + 0.5 if v.is_floating_point() else v.clone()
-              for k, v in _swin_model().backbone.state_dict().items()}
+    source = {
+        k: v + 0.01 * torch.randn_like(v) + 0.5 if v.is_floating_point() else v.clone()
+        for k, v in _swin_model().backbone.state_dict().items()
+    }
     segmentor = {f"backbone.{k}": v for k, v in source.items()}
     segmentor["decode_head.cls_embed.weight"] = torch.randn(5, 64)
     path = tmp_path / "swin_tiny_mmseg.pth"

@@ -1,4 +1,5 @@
 """offseg: Offset Learning for efficient semantic segmentation, in pure PyTorch."""
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

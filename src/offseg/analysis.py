@@ -31,6 +31,7 @@ below `rcond` times the largest are treated as zero: features come out of float3
 relative precision is about 1e-7, so directions weaker than about 1e-6 of the strongest are
 rounding noise and would only inflate W*. `DEFAULT_RCOND` is therefore 1e-6.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,17 +85,21 @@ def _classifier_module(model: nn.Module) -> tuple[str, nn.Module]:
     if isinstance(offset_learning, OffsetLearning):
         return "offset", offset_learning
     if offset_learning is not None:
-        raise ValueError(f"{getattr(model, 'name', '') or type(model).__name__}: a mask-classification model; "
-                         "this analysis needs a per-pixel classifier or per-pixel Offset Learning")
+        raise ValueError(
+            f"{getattr(model, 'name', '') or type(model).__name__}: a mask-classification model; "
+            "this analysis needs a per-pixel classifier or per-pixel Offset Learning"
+        )
     conv_seg = getattr(head, "conv_seg", None)
     if not isinstance(conv_seg, nn.Conv2d):
-        raise ValueError(f"{type(head).__name__}: no per-pixel classifier (conv_seg) or Offset Learning module found "
-                         "(mask-classification models such as Mask2Former are not supported)")
+        raise ValueError(
+            f"{type(head).__name__}: no per-pixel classifier (conv_seg) or Offset Learning module found "
+            "(mask-classification models such as Mask2Former are not supported)"
+        )
     return "pixel", conv_seg
 
 
 def classifier_kind(model: nn.Module) -> str:
-    """"offset" for Offset-Learning heads (any branch variant), "pixel" for per-pixel heads."""
+    """ "offset" for Offset-Learning heads (any branch variant), "pixel" for per-pixel heads."""
     return _classifier_module(model)[0]
 
 
@@ -116,7 +121,7 @@ def _as_input(image: Any) -> torch.Tensor:
 @dataclass
 class _HeadOutput:
     features: torch.Tensor  # (C, Hp, Wp): classifier input over the whole padded input
-    logits: torch.Tensor    # (K, Hp, Wp)
+    logits: torch.Tensor  # (K, Hp, Wp)
     stride: int
     valid: tuple[int, int]  # (h, w): the cells that cover the image itself
 
@@ -150,7 +155,9 @@ def _head_features(model: nn.Module, image: Any) -> _HeadOutput:
         raise ValueError(f"the classifier ran {len(captured)} times in one forward pass; expected once")
     feats = captured[0]
     if feats.shape[-2:] != logits.shape[-2:]:
-        raise ValueError(f"classifier input {tuple(feats.shape[-2:])} and head output {tuple(logits.shape[-2:])} differ in size")
+        raise ValueError(
+            f"classifier input {tuple(feats.shape[-2:])} and head output {tuple(logits.shape[-2:])} differ in size"
+        )
     stride = padded.shape[-2] // feats.shape[-2]
     return _HeadOutput(feats[0], logits[0], stride, (math.ceil(height / stride), math.ceil(width / stride)))
 
@@ -169,7 +176,9 @@ def extract_features(model: nn.Module, image: Any) -> tuple[torch.Tensor, torch.
 
 # --- Offset Learning's quantities ------------------------------------------------------------
 @torch.no_grad()
-def offset_learning_quantities(module: nn.Module, features: torch.Tensor, valid: Sequence[int] | None = None) -> dict[str, Any]:
+def offset_learning_quantities(
+    module: nn.Module, features: torch.Tensor, valid: Sequence[int] | None = None
+) -> dict[str, Any]:
     """Every intermediate of a per-pixel `OffsetLearning` for features E (C, h, w), computed from
     the formulas (SPEC section 1) with the module's own parameters. `valid` = (h', w') crops the
     returned maps to their top-left h' x w' cells after the computation, which runs on the whole
@@ -227,7 +236,9 @@ def offset_learning_quantities(module: nn.Module, features: torch.Tensor, valid:
         "feature_offsets": as_map(feature_offsets) if feature_offsets is not None else None,
         "aligned_features": as_map(aligned_feats),
         "class_offset_norm": class_offsets.norm(dim=1) if class_offsets is not None else None,
-        "feature_offset_norm": as_map(feature_offsets.norm(dim=1, keepdim=True))[0] if feature_offsets is not None else None,
+        "feature_offset_norm": as_map(feature_offsets.norm(dim=1, keepdim=True))[0]
+        if feature_offsets is not None
+        else None,
         "masks": as_map(masks),
         "branches": getattr(module, "branches", "both"),
         "map_size": (rows, cols),  # the cells the softmaxes ran over, before any crop
@@ -244,8 +255,10 @@ def offset_quantities(model: nn.Module, image: Any) -> dict[str, Any]:
     every map is cropped to the image's extent."""
     kind, module = _classifier_module(model)
     if kind != "offset":
-        raise ValueError(f"{getattr(model, 'name', '') or type(model).__name__} has a per-pixel classifier: "
-                         "no offsets to show (use an Offset Learning model)")
+        raise ValueError(
+            f"{getattr(model, 'name', '') or type(model).__name__} has a per-pixel classifier: "
+            "no offsets to show (use an Offset Learning model)"
+        )
     out = _head_features(model, image)
     quantities = offset_learning_quantities(module, out.features, out.valid)
     quantities.update(logits=out.crop(out.logits), stride=out.stride)
@@ -261,15 +274,19 @@ def one_hot_masks(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(labels, num_classes).T.to(torch.float64)
 
 
-def ideal_class_representation(features: torch.Tensor, masks: torch.Tensor, rcond: float = DEFAULT_RCOND) -> torch.Tensor:
+def ideal_class_representation(
+    features: torch.Tensor, masks: torch.Tensor, rcond: float = DEFAULT_RCOND
+) -> torch.Tensor:
     """W* = M (E^T)^+ (K, C) float64 for features E (N, C), one row per pixel, and masks M (K, N).
 
     Solved as the minimum-norm least-squares problem E X = M^T (X = W*^T) with LAPACK gelsd
     (SVD) in float64 on the CPU; singular values below `rcond` x the largest count as zero.
     """
     if features.ndim != 2 or masks.ndim != 2 or masks.shape[1] != features.shape[0]:
-        raise ValueError(f"ideal_class_representation: expected E (N, C) and M (K, N), "
-                         f"got {tuple(features.shape)} and {tuple(masks.shape)}")
+        raise ValueError(
+            f"ideal_class_representation: expected E (N, C) and M (K, N), "
+            f"got {tuple(features.shape)} and {tuple(masks.shape)}"
+        )
     return _solve_ideal(features, masks, rcond)[0]
 
 
@@ -335,22 +352,22 @@ class IdealReprAnalysis:
     """What `analyze_ideal_representation` found; see its docstring."""
 
     model_name: str
-    kind: str                       # "offset" or "pixel"
+    kind: str  # "offset" or "pixel"
     class_names: list[str]
     image_ids: list[str]
     stride: int
     rcond: float
     min_pixels: int
-    ideal_repr: torch.Tensor        # (I, K, C) float64: W* per image (zero rows for absent classes)
-    model_repr: torch.Tensor        # (K, C): the fixed W
+    ideal_repr: torch.Tensor  # (I, K, C) float64: W* per image (zero rows for absent classes)
+    model_repr: torch.Tensor  # (K, C): the fixed W
     aligned_repr: torch.Tensor | None  # (I, K, C): W + dW per image, Offset Learning only
-    pixel_counts: torch.Tensor      # (I, K) labelled pixels per class at the head's resolution
-    feature_rank: list[int]         # numerical rank of E per image
-    ideal_metrics: dict[str, Any]   # SegMetric of argmax(W* E^T) vs the downsampled labels
-    model_metrics: dict[str, Any]   # SegMetric of the head's own argmax, same labels
+    pixel_counts: torch.Tensor  # (I, K) labelled pixels per class at the head's resolution
+    feature_rank: list[int]  # numerical rank of E per image
+    ideal_metrics: dict[str, Any]  # SegMetric of argmax(W* E^T) vs the downsampled labels
+    model_metrics: dict[str, Any]  # SegMetric of the head's own argmax, same labels
     ideal_image_miou: list[float]
     model_image_miou: list[float]
-    classes: list[int]              # classes with similarity maps
+    classes: list[int]  # classes with similarity maps
     examples: list[dict[str, np.ndarray]] = field(default_factory=list)  # image, label, ideal, model
 
     @property
@@ -389,8 +406,10 @@ class IdealReprAnalysis:
                 "ideal_mean_similarity": mean_off_diagonal(self.similarity(k, "ideal")),
                 "model_mean_similarity": mean_off_diagonal(self.similarity(k, "model")),
                 # how close the fixed W_k is to each image's ideal W*_k
-                "ideal_vs_model_cosine": [float(F.cosine_similarity(self.ideal_repr[i, k], self.model_repr[k].double(), dim=0))
-                                          for i in images],
+                "ideal_vs_model_cosine": [
+                    float(F.cosine_similarity(self.ideal_repr[i, k], self.model_repr[k].double(), dim=0))
+                    for i in images
+                ],
                 "ideal_similarity": self.similarity(k, "ideal").tolist(),
             }
             if self.aligned_repr is not None:
@@ -516,8 +535,14 @@ def analyze_ideal_representation(
         path = item.get("image_path")
         image_ids.append(Path(path).stem if path else str(index))
         if len(examples) < num_examples:
-            examples.append({"image": _display_image(item["image"]), "label": label.numpy(),
-                             "ideal": recomputed.numpy(), "model": predicted.numpy()})
+            examples.append(
+                {
+                    "image": _display_image(item["image"]),
+                    "label": label.numpy(),
+                    "ideal": recomputed.numpy(),
+                    "model": predicted.numpy(),
+                }
+            )
 
     pixel_counts = torch.stack(counts)
     if classes is None:
@@ -570,22 +595,32 @@ def _heatmap(ax, matrix: torch.Tensor, labels: Sequence[str], title: str):
     if len(labels) <= 12:  # numbers stay legible only on small grids
         for i in range(values.shape[0]):
             for j in range(values.shape[1]):
-                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(values[i, j]) > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{values[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if abs(values[i, j]) > 0.6 else "black",
+                )
     return image
 
 
 def _palette_for(num_classes: int, palette: Any = None) -> np.ndarray:
     from .visualize import default_palette
 
-    colours = np.zeros((0, 3), dtype=np.uint8) if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    colours = (
+        np.zeros((0, 3), dtype=np.uint8) if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    )
     if len(colours) < num_classes:
-        colours = np.concatenate([colours, default_palette(num_classes)[len(colours):]])
+        colours = np.concatenate([colours, default_palette(num_classes)[len(colours) :]])
     return colours
 
 
-def plot_ideal_repr(analysis: IdealReprAnalysis, out_dir: str | os.PathLike, palette: Any = None,
-                    metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+def plot_ideal_repr(
+    analysis: IdealReprAnalysis, out_dir: str | os.PathLike, palette: Any = None, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write the figures and `summary.json` of an ideal-representation analysis to `out_dir`:
 
       similarity/NN_<class>.png   per class: cosine-similarity maps of W*_k, of the fixed W_k and
@@ -607,8 +642,10 @@ def plot_ideal_repr(analysis: IdealReprAnalysis, out_dir: str | os.PathLike, pal
         k = entry["index"]
         images = analysis.images_with(k)
         labels = [short_ids[i] for i in images]
-        panels = [("ideal", "ideal W*", entry["ideal_mean_similarity"]),
-                  ("model", "model W (fixed)", entry["model_mean_similarity"])]
+        panels = [
+            ("ideal", "ideal W*", entry["ideal_mean_similarity"]),
+            ("model", "model W (fixed)", entry["model_mean_similarity"]),
+        ]
         if analysis.aligned_repr is not None:
             panels.append(("aligned", "model W + \u0394W (per image)", entry["aligned_mean_similarity"]))
         fig = _figure(figsize=(4.2 * len(panels) + 0.8, 4.4), layout="constrained")
@@ -639,8 +676,11 @@ def plot_ideal_repr(analysis: IdealReprAnalysis, out_dir: str | os.PathLike, pal
         ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach 1
-        ax.set_title(f"{analysis.model_name}, {len(analysis.image_ids)} images: mIoU of argmax W*E\u1d40 {_fmt(summary['ideal_mIoU'])}"
-                     f"\nvs the model's own {_fmt(summary['model_mIoU'])} (at head resolution 1/{analysis.stride})", fontsize=9)
+        ax.set_title(
+            f"{analysis.model_name}, {len(analysis.image_ids)} images: mIoU of argmax W*E\u1d40 {_fmt(summary['ideal_mIoU'])}"
+            f"\nvs the model's own {_fmt(summary['model_mIoU'])} (at head resolution 1/{analysis.stride})",
+            fontsize=9,
+        )
         path = out / "similarity.png"
         fig.savefig(path, dpi=120)
         files.append(path.name)
@@ -650,9 +690,16 @@ def plot_ideal_repr(analysis: IdealReprAnalysis, out_dir: str | os.PathLike, pal
         rows = len(analysis.examples)
         fig = _figure(figsize=(13, 2.6 * rows), layout="constrained")
         axes = np.atleast_2d(fig.subplots(rows, 4))
-        titles = ("image", f"labels at 1/{analysis.stride} (majority vote)", "argmax W* E\u1d40 (ideal)", "model prediction")
+        titles = (
+            "image",
+            f"labels at 1/{analysis.stride} (majority vote)",
+            "argmax W* E\u1d40 (ideal)",
+            "model prediction",
+        )
         for r, example in enumerate(analysis.examples):
-            panels = [example["image"]] + [np.asarray(colorize(example[key], colours)) for key in ("label", "ideal", "model")]
+            panels = [example["image"]] + [
+                np.asarray(colorize(example[key], colours)) for key in ("label", "ideal", "model")
+            ]
             for c, (ax, panel) in enumerate(zip(axes[r], panels)):
                 ax.imshow(panel, interpolation="nearest")
                 ax.set_axis_off()
@@ -690,9 +737,15 @@ def plot_offsets(
     height, width = image.shape[:2]
     masks = quantities["masks"].detach().cpu()
     num_classes = masks.shape[0]
-    names = list(class_names) if class_names is not None and len(class_names) == num_classes else [str(k) for k in range(num_classes)]
+    names = (
+        list(class_names)
+        if class_names is not None and len(class_names) == num_classes
+        else [str(k) for k in range(num_classes)]
+    )
     colours = _palette_for(num_classes, palette)
-    logits = F.interpolate(quantities.get("logits", masks)[None].float().cpu(), size=(height, width), mode="bilinear", align_corners=False)
+    logits = F.interpolate(
+        quantities.get("logits", masks)[None].float().cpu(), size=(height, width), mode="bilinear", align_corners=False
+    )
     prediction = logits[0].argmax(dim=0).numpy()
     areas = np.bincount(prediction.reshape(-1), minlength=num_classes)
     if classes is None:
@@ -738,12 +791,21 @@ def plot_offsets(
         if num_classes > 40:  # a readable bar chart: the 40 largest offsets, largest first
             order = np.argsort(-offsets, kind="stable")[:40]
         positions = np.arange(len(order))
-        ax.bar(positions, offsets[order], color=[tuple(colours[k] / 255) for k in order], edgecolor="black", linewidth=0.4,
-               label="\u2016\u0394W_k\u2016")
+        ax.bar(
+            positions,
+            offsets[order],
+            color=[tuple(colours[k] / 255) for k in order],
+            edgecolor="black",
+            linewidth=0.4,
+            label="\u2016\u0394W_k\u2016",
+        )
         ax.scatter(positions, repr_norm[order], marker="_", color="black", s=80, label="\u2016W_k\u2016", zorder=3)
         ax.set_xticks(positions)
         ax.set_xticklabels([names[k] for k in order], rotation=60, ha="right", fontsize=7)
-        ax.set_title("class-offset norm \u2016\u0394W_k\u2016 per class" + (" (40 largest)" if num_classes > 40 else ""), fontsize=9)
+        ax.set_title(
+            "class-offset norm \u2016\u0394W_k\u2016 per class" + (" (40 largest)" if num_classes > 40 else ""),
+            fontsize=9,
+        )
         ax.set_ylim(0, 1.25 * max(float(offsets[order].max()), float(repr_norm[order].max()), 1e-12))
         ax.legend(fontsize=7, loc="upper center", ncol=2)  # in the headroom above the bars
 
@@ -762,12 +824,14 @@ def plot_offsets(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(out_path, dpi=100)
-    return _json_safe({
-        "classes_shown": [names[k] for k in classes],
-        "class_offset_norm": dict(zip(names, class_norm.tolist())) if class_norm is not None else None,
-        "class_repr_norm": dict(zip(names, repr_norm.tolist())),
-        "feature_offset_norm_mean": float(feature_norm.mean()) if feature_norm is not None else None,
-        "feature_offset_norm_max": float(feature_norm.max()) if feature_norm is not None else None,
-        "feature_norm_mean": float(quantities["features"].norm(dim=0).mean()),
-        "predicted_area": dict(zip(names, (areas / areas.sum()).tolist())),
-    })
+    return _json_safe(
+        {
+            "classes_shown": [names[k] for k in classes],
+            "class_offset_norm": dict(zip(names, class_norm.tolist())) if class_norm is not None else None,
+            "class_repr_norm": dict(zip(names, repr_norm.tolist())),
+            "feature_offset_norm_mean": float(feature_norm.mean()) if feature_norm is not None else None,
+            "feature_offset_norm_max": float(feature_norm.max()) if feature_norm is not None else None,
+            "feature_norm_mean": float(quantities["features"].norm(dim=0).mean()),
+            "predicted_area": dict(zip(names, (areas / areas.sum()).tolist())),
+        }
+    )

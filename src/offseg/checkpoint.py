@@ -16,6 +16,7 @@ project's own format (`offseg.hub.save_pretrained`: NAME.safetensors + NAME.json
 checkpoints name the model, the class count and the class names; official MMSegmentation
 checkpoints carry the class names and palette in 'meta'.
 """
+
 from __future__ import annotations
 
 import collections
@@ -64,9 +65,23 @@ _SAFE_GLOBALS = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
 }
-_SAFE_GLOBALS.update({("torch", str(dt).split(".")[1]): dt for dt in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool)})
+_SAFE_GLOBALS.update(
+    {
+        ("torch", str(dt).split(".")[1]): dt
+        for dt in (
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+            torch.float64,
+            torch.int64,
+            torch.int32,
+            torch.int16,
+            torch.int8,
+            torch.uint8,
+            torch.bool,
+        )
+    }
+)
 
 
 # Packages whose pickled objects are bookkeeping data (message hubs, history buffers, numpy
@@ -113,7 +128,7 @@ def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
         if tensors:
             # DistributedDataParallel wraps the model as `module.*`
             if all(k.startswith("module.") for k in tensors):
-                tensors = {k[len("module."):]: v for k, v in tensors.items()}
+                tensors = {k[len("module.") :]: v for k, v in tensors.items()}
             return tensors
     raise CheckpointError(f"{source}: no tensors found (expected a state dict, or a dict with 'state_dict' or 'model')")
 
@@ -194,8 +209,11 @@ def _clean_metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
     test_options = recipe_data.get("test_options")
     if test_scale is None and isinstance(test_options, Mapping):
         test_scale = test_options.get("test_scale", test_options.get("scale"))
-    if (isinstance(test_scale, (list, tuple)) and len(test_scale) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in test_scale)):
+    if (
+        isinstance(test_scale, (list, tuple))
+        and len(test_scale) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in test_scale)
+    ):
         meta["test_scale"] = [int(v) for v in test_scale]
     # Architecture options the weights were built with (a training run's recipe records them).
     options = raw.get("model_options", recipe.get("model_options"))
@@ -262,7 +280,9 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     try:
         obj = _torch_load(path)
     except UnsafePickleError as err:
-        raise CheckpointError(f"{path}: refused: {err}; only tensors and plain data are read from checkpoints") from None
+        raise CheckpointError(
+            f"{path}: refused: {err}; only tensors and plain data are read from checkpoints"
+        ) from None
     except Exception as err:  # truncated zips, garbage, and pickles torch cannot rebuild
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     state_dict = _unwrap(obj, str(path))
@@ -313,7 +333,9 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         raise CheckpointError("\n".join(parts))
 
 
-def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], source: str | None = None) -> nn.Module:
+def load_checkpoint(
+    model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], source: str | None = None
+) -> nn.Module:
     """Load weights strictly into `model` (a path, or a state dict already read). Returns the model.
 
     Float tensors are cast to the model's dtype (the reference files store float16). A file that

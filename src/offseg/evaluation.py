@@ -4,6 +4,7 @@ The metric accumulates, per class, the intersection, union, predicted and labell
 over the whole set, and only divides at the end; pixels labelled with the ignore index are left
 out. A class whose union is empty has an undefined (NaN) IoU and does not enter the mean.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,13 +61,20 @@ class SegMetric:
             raise RuntimeError("SegMetric: already reduced across ranks; call reset() before new updates")
         pred = torch.as_tensor(pred)
         label = torch.as_tensor(label)
-        if pred.is_floating_point() or label.is_floating_point() or pred.dtype == torch.bool or label.dtype == torch.bool:
+        if (
+            pred.is_floating_point()
+            or label.is_floating_point()
+            or pred.dtype == torch.bool
+            or label.dtype == torch.bool
+        ):
             raise ValueError(
                 f"SegMetric.update: expected integer class maps, got {pred.dtype} and {label.dtype} "
                 "(take the argmax of the logits first)"
             )
         if pred.shape != label.shape:
-            raise ValueError(f"SegMetric.update: prediction shape {tuple(pred.shape)} differs from label shape {tuple(label.shape)}")
+            raise ValueError(
+                f"SegMetric.update: prediction shape {tuple(pred.shape)} differs from label shape {tuple(label.shape)}"
+            )
         images = pred.shape[0] if pred.dim() == 3 else 1
         pred = pred.reshape(-1).long()
         label = label.to(pred.device).reshape(-1).long()
@@ -225,11 +233,29 @@ def evaluate(
     try:
         from tqdm import tqdm
 
-        bar = tqdm(loader, total=len(shard), desc="eval", unit="img", disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            loader,
+            total=len(shard),
+            desc="eval",
+            unit="img",
+            disable=not progress or rank != 0,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         for item in bar:
             label = _item_label(item)
             image = torch.as_tensor(item["image"]).to(device)
-            scores = infer(model, image, mode=mode, crop_size=crop_size, stride=stride, tta=tta, scales=scales, flip=flip, out_size=tuple(label.shape[-2:]))
+            scores = infer(
+                model,
+                image,
+                mode=mode,
+                crop_size=crop_size,
+                stride=stride,
+                tta=tta,
+                scales=scales,
+                flip=flip,
+                out_size=tuple(label.shape[-2:]),
+            )
             metric.update(scores.argmax(dim=1)[0], label.to(device))
     finally:
         model.train(was_training)

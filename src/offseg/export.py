@@ -31,6 +31,7 @@ those of `decode_head.set_generator(seed)` (see `fixed_nmf_bases`), so it is det
 Needs the optional packages onnx and onnxruntime (and onnxscript for dynamo):
 `pip install 'offseg[export]'`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,8 +71,14 @@ def _import(module: str, purpose: str):
 class ExportWrapper(nn.Module):
     """What the ONNX graph computes: optional uint8 -> normalised float, model, optional argmax."""
 
-    def __init__(self, model: nn.Module, raw_input: bool = False, labels: bool = False,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        raw_input: bool = False,
+        labels: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         from .hub import normalisation
 
@@ -125,9 +132,11 @@ class ExportResult:
         out_shape = f"(B, {classes}, H, W)" if self.output_name == "logits" else "(B, H, W)"
         if not self.dynamic:
             out_shape = out_shape.replace("B", "1").replace("H", str(self.size[0])).replace("W", str(self.size[1]))
-        return (f"wrote {self.path} ({self.path.stat().st_size / 2**20:.1f} MiB, opset {self.opset}, "
-                f"{self.exporter} exporter, {self.seconds:.1f} s): input 'image' {self.input_dtype} {shape}, "
-                f"output '{self.output_name}' {self.output_dtype} {out_shape}")
+        return (
+            f"wrote {self.path} ({self.path.stat().st_size / 2**20:.1f} MiB, opset {self.opset}, "
+            f"{self.exporter} exporter, {self.seconds:.1f} s): input 'image' {self.input_dtype} {shape}, "
+            f"output '{self.output_name}' {self.output_dtype} {out_shape}"
+        )
 
 
 def _second_size(size: tuple[int, int], divisor: int) -> tuple[int, int]:
@@ -139,34 +148,70 @@ def _second_size(size: tuple[int, int], divisor: int) -> tuple[int, int]:
     return h, w
 
 
-def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path, output_name: str, opset: int, dynamic: bool) -> None:
+def _export_torchscript(
+    wrapper: nn.Module, example: torch.Tensor, path: Path, output_name: str, opset: int, dynamic: bool
+) -> None:
     axes = None
     if dynamic:
-        out_axes = {0: "batch", 1: "height", 2: "width"} if output_name == "labels" else {0: "batch", 2: "height", 3: "width"}
+        out_axes = (
+            {0: "batch", 1: "height", 2: "width"} if output_name == "labels" else {0: "batch", 2: "height", 3: "width"}
+        )
         axes = {"image": {0: "batch", 2: "height", 3: "width"}, output_name: out_axes}
     with warnings.catch_warnings():
         # tracer and deprecation chatter; the result is checked in ONNX Runtime instead
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=False, input_names=["image"],
-                          output_names=[output_name], opset_version=opset, dynamic_axes=axes, do_constant_folding=True)
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=[output_name],
+            opset_version=opset,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
 
 
-def _export_dynamo(wrapper: nn.Module, example: torch.Tensor, path: Path, output_name: str, opset: int,
-                   dynamic: bool, divisor: int, verbose: bool) -> None:
+def _export_dynamo(
+    wrapper: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    output_name: str,
+    opset: int,
+    dynamic: bool,
+    divisor: int,
+    verbose: bool,
+) -> None:
     _import("onnxscript", "the dynamo ONNX exporter")
     dynamic_shapes = None
     if dynamic:
         from torch.export import Dim
 
         # height and width as multiples of the divisor, so the model's divisibility check is no guard
-        dynamic_shapes = {"image": {0: Dim("batch", min=1), 2: divisor * Dim("height_blocks", min=1),
-                                    3: divisor * Dim("width_blocks", min=1)}}
+        dynamic_shapes = {
+            "image": {
+                0: Dim("batch", min=1),
+                2: divisor * Dim("height_blocks", min=1),
+                3: divisor * Dim("width_blocks", min=1),
+            }
+        }
     quiet = contextlib.nullcontext() if verbose else _quiet_exporter()
     with quiet, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=True, input_names=["image"], output_names=[output_name],
-                          opset_version=opset, dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
-                          verbose=False)
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=["image"],
+            output_names=[output_name],
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
 
 
 @contextlib.contextmanager
@@ -210,9 +255,15 @@ def fixed_nmf_bases(wrapper: nn.Module, max_batch: int, divisor: int = 32) -> It
         yield []
         return
     widths: dict[int, int] = {}  # id(nmf) -> per-group feature width D, found by one eager pass
-    hooks = [m.register_forward_pre_hook(lambda mod, args: widths.__setitem__(id(mod), args[0].shape[1] // mod.spatial_groups))
-             for m in nmfs]
-    probe = torch.zeros(1, 3, 2 * divisor, 2 * divisor, dtype=torch.uint8 if getattr(wrapper, "raw_input", False) else torch.float32)
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, args: widths.__setitem__(id(mod), args[0].shape[1] // mod.spatial_groups)
+        )
+        for m in nmfs
+    ]
+    probe = torch.zeros(
+        1, 3, 2 * divisor, 2 * divisor, dtype=torch.uint8 if getattr(wrapper, "raw_input", False) else torch.float32
+    )
     try:
         with torch.no_grad():
             wrapper(probe)
@@ -228,10 +279,13 @@ def fixed_nmf_bases(wrapper: nn.Module, max_batch: int, divisor: int = 32) -> It
             m.register_buffer("export_bases", m.random_bases(max_batch, widths[id(m)]), persistent=False)
             # An instance attribute shadows the method. It reads the buffer through the module, so
             # the exporters take the table for a module constant.
-            m.random_bases = (lambda nmf: lambda batch, dim, device=None, dtype=None:
-                              nmf.export_bases[: batch * nmf.spatial_groups])(m)
-            notes.append(f"the NMF's random initial bases are fixed to those of seed {seed} "
-                         f"(as decode_head.set_generator({seed})); batch at most {max_batch}")
+            m.random_bases = (
+                lambda nmf: lambda batch, dim, device=None, dtype=None: nmf.export_bases[: batch * nmf.spatial_groups]
+            )(m)
+            notes.append(
+                f"the NMF's random initial bases are fixed to those of seed {seed} "
+                f"(as decode_head.set_generator({seed})); batch at most {max_batch}"
+            )
         yield sorted(set(notes))
     finally:
         for m, (old_seed, old_generator) in zip(nmfs, saved):
@@ -248,8 +302,9 @@ def _example(shape: tuple[int, ...], raw_input: bool, seed: int) -> torch.Tensor
     return torch.randn(shape, generator=generator)
 
 
-def check_onnx(path: str | os.PathLike, wrapper: nn.Module, shapes: Sequence[tuple[int, ...]], raw_input: bool,
-               labels: bool) -> list[ExportCheck]:
+def check_onnx(
+    path: str | os.PathLike, wrapper: nn.Module, shapes: Sequence[tuple[int, ...]], raw_input: bool, labels: bool
+) -> list[ExportCheck]:
     """Run the exported file in ONNX Runtime on random inputs of each shape and compare to PyTorch."""
     ort = _import("onnxruntime", "checking the export in ONNX Runtime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -260,7 +315,9 @@ def check_onnx(path: str | os.PathLike, wrapper: nn.Module, shapes: Sequence[tup
             expected = wrapper(x).numpy()
         got = session.run(None, {"image": x.numpy()})[0]
         if got.shape != expected.shape:
-            raise ExportCheckError(f"{path}: ONNX Runtime gives shape {got.shape} for input {tuple(shape)}, PyTorch {expected.shape}")
+            raise ExportCheckError(
+                f"{path}: ONNX Runtime gives shape {got.shape} for input {tuple(shape)}, PyTorch {expected.shape}"
+            )
         if labels:
             checks.append(ExportCheck(tuple(shape), label_agreement=float(np.mean(got == expected))))
         else:
@@ -300,8 +357,16 @@ def _inference_mode_for_export():
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _run_exporter(exporter: str, wrapper: ExportWrapper, path: Path, size: tuple[int, int], opset: int, dynamic: bool,
-                  divisor: int, verbose: bool) -> float:
+def _run_exporter(
+    exporter: str,
+    wrapper: ExportWrapper,
+    path: Path,
+    size: tuple[int, int],
+    opset: int,
+    dynamic: bool,
+    divisor: int,
+    verbose: bool,
+) -> float:
     """Export with one exporter; returns the seconds taken. Failures become ValueError."""
     opset = max(opset, DYNAMO_MIN_OPSET) if exporter == "dynamo" else opset
     # dynamo specialises a dimension whose example size is 1, so a dynamic export traces batch 2
@@ -319,15 +384,28 @@ def _run_exporter(exporter: str, wrapper: ExportWrapper, path: Path, size: tuple
     except Exception as err:
         text = str(err).strip()
         name = getattr(wrapper.model, "name", "") or "the model"
-        raise ValueError(f"the {exporter} exporter failed on {name}: {type(err).__name__}: "
-                         f"{text.splitlines()[0].strip() if text else ''}") from err
+        raise ValueError(
+            f"the {exporter} exporter failed on {name}: {type(err).__name__}: "
+            f"{text.splitlines()[0].strip() if text else ''}"
+        ) from err
     return time.perf_counter() - start
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] = (512, 512), *, dynamic: bool = False,
-                labels: bool = False, raw_input: bool = False, opset: int = MIN_OPSET, exporter: str = "auto",
-                check: bool = True, tolerance: float = 1e-4, metadata: dict[str, Any] | None = None,
-                verbose: bool = False) -> ExportResult:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    size: Sequence[int] = (512, 512),
+    *,
+    dynamic: bool = False,
+    labels: bool = False,
+    raw_input: bool = False,
+    opset: int = MIN_OPSET,
+    exporter: str = "auto",
+    check: bool = True,
+    tolerance: float = 1e-4,
+    metadata: dict[str, Any] | None = None,
+    verbose: bool = False,
+) -> ExportResult:
     """Export `model` (a Segmentor) to ONNX at `path` and check it in ONNX Runtime (see the module doc).
 
     metadata: extra entries (class_names, palette, ...) stored as JSON strings in the file's
@@ -371,26 +449,49 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] =
             "offseg_version": __version__,
             "model_name": getattr(model, "name", ""),
             "num_classes": num_classes,
-            "mean": mean, "std": std,
-            "input": ("uint8 RGB 0-255 (B, 3, H, W), normalised inside the graph" if raw_input
-                      else "float32 (B, 3, H, W), RGB normalised as (x - mean) / std"),
+            "mean": mean,
+            "std": std,
+            "input": (
+                "uint8 RGB 0-255 (B, 3, H, W), normalised inside the graph"
+                if raw_input
+                else "float32 (B, 3, H, W), RGB normalised as (x - mean) / std"
+            ),
             "output": "labels int64 (B, H, W)" if labels else "logits float32 (B, K, H, W)",
             "size_divisor": divisor,
             **({"notes": notes} if notes else {}),
             **(metadata or {}),
         }
         fixed_output_shape = None if dynamic or not num_classes else (1, *size) if labels else (1, num_classes, *size)
-        actual_opset = _finish_file(path, {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()},
-                                    fixed_output_shape)
-        result = ExportResult(path, chosen, actual_opset, "uint8" if raw_input else "float32", "labels" if labels else "logits",
-                              "int64" if labels else "float32", size, dynamic, seconds, num_classes, notes=list(notes))
+        actual_opset = _finish_file(
+            path, {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}, fixed_output_shape
+        )
+        result = ExportResult(
+            path,
+            chosen,
+            actual_opset,
+            "uint8" if raw_input else "float32",
+            "labels" if labels else "logits",
+            "int64" if labels else "float32",
+            size,
+            dynamic,
+            seconds,
+            num_classes,
+            notes=list(notes),
+        )
         if check:
             shapes = [(1, 3, *size)] + ([(2, 3, *_second_size(size, divisor))] if dynamic else [])
             result.checks = check_onnx(path, wrapper, shapes, raw_input, labels)
-    bad = [c for c in result.checks if (c.max_rel_error is not None and not c.max_rel_error <= tolerance)
-           or (c.label_agreement is not None and c.label_agreement < 0.999)]
+    bad = [
+        c
+        for c in result.checks
+        if (c.max_rel_error is not None and not c.max_rel_error <= tolerance)
+        or (c.label_agreement is not None and c.label_agreement < 0.999)
+    ]
     if bad:
-        hint = " (a traced graph that does not generalise: try --exporter dynamo)" if chosen == "torchscript" and dynamic else ""
+        hint = (
+            " (a traced graph that does not generalise: try --exporter dynamo)"
+            if chosen == "torchscript" and dynamic
+            else ""
+        )
         raise ExportCheckError(f"{path}: ONNX Runtime departs from PyTorch: {'; '.join(map(str, bad))}{hint}")
     return result
-

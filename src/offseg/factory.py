@@ -1,4 +1,5 @@
 """`create_model(name, **overrides)`: build any registered model, optionally with weights."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,9 @@ import torch.nn as nn
 from .models.registry import get_builder
 
 
-def create_model(name: str, num_classes: int | None = None, checkpoint: str | os.PathLike | None = None, **overrides) -> nn.Module:
+def create_model(
+    name: str, num_classes: int | None = None, checkpoint: str | os.PathLike | None = None, **overrides
+) -> nn.Module:
     """Build model `name` (see `offseg.list_models()`).
 
     num_classes: number of output classes (150, ADE20K, by default; taken from the checkpoint when
@@ -35,7 +38,9 @@ def create_model(name: str, num_classes: int | None = None, checkpoint: str | os
         if num_classes is None:
             num_classes = found
         elif found is not None and found != num_classes:
-            raise ValueError(f"{checkpoint}: checkpoint has {found} classes but num_classes={num_classes} was asked for")
+            raise ValueError(
+                f"{checkpoint}: checkpoint has {found} classes but num_classes={num_classes} was asked for"
+            )
     model = builder(num_classes=150 if num_classes is None else num_classes, **overrides)
     if state_dict is not None:
         load_checkpoint(model, state_dict, source=str(checkpoint))

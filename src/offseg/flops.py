@@ -24,6 +24,7 @@ which fvcore's jit trace names its operators; forward hooks keep the name of the
 for the per-module totals. The forward runs on the meta device when it can (no arithmetic, so a
 1024x2048 count takes well under a second), else for real on the CPU under `no_grad`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,32 +43,121 @@ from torch.utils._pytree import tree_flatten
 CONVENTIONS = ("paper", "fvcore", "full")
 
 # Operators fvcore counts with its default handles (named as fvcore names them).
-FVCORE_OPERATORS = frozenset({
-    "conv", "linear", "matmul", "mm", "bmm", "addmm", "einsum",
-    "batch_norm", "group_norm", "layer_norm", "instance_norm",
-    "upsample_nearest2d", "upsample_bilinear2d", "adaptive_avg_pool2d", "grid_sampler",
-})
+FVCORE_OPERATORS = frozenset(
+    {
+        "conv",
+        "linear",
+        "matmul",
+        "mm",
+        "bmm",
+        "addmm",
+        "einsum",
+        "batch_norm",
+        "group_norm",
+        "layer_norm",
+        "instance_norm",
+        "upsample_nearest2d",
+        "upsample_bilinear2d",
+        "adaptive_avg_pool2d",
+        "grid_sampler",
+    }
+)
 # Counted on top of fvcore by the "full" convention.
 EXTRA_FULL_OPERATORS = frozenset({"carafe", "upsample_bicubic2d", "baddbmm"})
 
 # Calls that move, reshape, create or inspect tensors: not reported as "uncounted".
-_NOT_COMPUTE = frozenset({
-    "__get__", "__getitem__", "__setitem__", "__len__", "__iter__", "__format__", "__repr__", "__hash__",
-    "size", "dim", "ndim", "numel", "shape", "stride", "is_contiguous", "contiguous", "storage_offset",
-    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "flatten", "unflatten",
-    "squeeze", "unsqueeze", "expand", "expand_as", "split", "chunk", "unbind", "narrow", "select",
-    "movedim", "cat", "stack", "to", "type", "float", "double", "half", "detach", "clone", "copy_",
-    "empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full", "tensor", "arange",
-    "linspace", "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "repeat", "_set_grad_enabled",
-    "requires_grad_", "is_floating_point", "element_size", "get_device", "item", "tolist", "dtype", "device",
-    "split_with_sizes", "as_strided", "data_ptr", "is_complex", "roll", "flip", "pad",
-    "dropout", "dropout1d", "dropout2d", "dropout3d",  # identities in eval mode
-})
+_NOT_COMPUTE = frozenset(
+    {
+        "__get__",
+        "__getitem__",
+        "__setitem__",
+        "__len__",
+        "__iter__",
+        "__format__",
+        "__repr__",
+        "__hash__",
+        "size",
+        "dim",
+        "ndim",
+        "numel",
+        "shape",
+        "stride",
+        "is_contiguous",
+        "contiguous",
+        "storage_offset",
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "permute",
+        "transpose",
+        "t",
+        "flatten",
+        "unflatten",
+        "squeeze",
+        "unsqueeze",
+        "expand",
+        "expand_as",
+        "split",
+        "chunk",
+        "unbind",
+        "narrow",
+        "select",
+        "movedim",
+        "cat",
+        "stack",
+        "to",
+        "type",
+        "float",
+        "double",
+        "half",
+        "detach",
+        "clone",
+        "copy_",
+        "empty",
+        "empty_like",
+        "zeros",
+        "zeros_like",
+        "ones",
+        "ones_like",
+        "full",
+        "tensor",
+        "arange",
+        "linspace",
+        "new_empty",
+        "new_zeros",
+        "new_ones",
+        "new_full",
+        "new_tensor",
+        "repeat",
+        "_set_grad_enabled",
+        "requires_grad_",
+        "is_floating_point",
+        "element_size",
+        "get_device",
+        "item",
+        "tolist",
+        "dtype",
+        "device",
+        "split_with_sizes",
+        "as_strided",
+        "data_ptr",
+        "is_complex",
+        "roll",
+        "flip",
+        "pad",
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",  # identities in eval mode
+    }
+)
 
 
 # --------------------------------------------------------------------------------------------
 # Per-operator formulas. Each returns (operator name, FLOPs) pairs; conv also its paper count.
 # --------------------------------------------------------------------------------------------
+
 
 def _prod(values: Iterable[int]) -> int:
     return math.prod(int(v) for v in values)
@@ -102,7 +192,9 @@ def _einsum_flops(equation: str, shapes: list[tuple[int, ...]]) -> int:
         unused = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in equation)
         ell_ndim = max(len(s) - len(t.replace("...", "")) for t, s in zip(terms, shapes) if "..." in t)
         ell = "".join(next(unused) for _ in range(ell_ndim))
-        terms = [t.replace("...", ell[ell_ndim - (len(s) - len(t.replace("...", ""))):]) for t, s in zip(terms, shapes)]
+        terms = [
+            t.replace("...", ell[ell_ndim - (len(s) - len(t.replace("...", ""))) :]) for t, s in zip(terms, shapes)
+        ]
         output = output.replace("...", ell)
     if "->" not in equation:  # implicit output: the indices that appear once, sorted
         letters = Counter("".join(terms))
@@ -128,7 +220,7 @@ def _einsum_flops(equation: str, shapes: list[tuple[int, ...]]) -> int:
 def _conv(args: tuple, kwargs: dict, out: torch.Tensor, transposed: bool) -> list[tuple[str, int, int]]:
     x, weight, bias = args[0], args[1], _arg(args, kwargs, 2, "bias")
     batch = x.shape[0] if x.dim() == weight.dim() else 1
-    spatial = (x.shape if transposed else out.shape)[-(weight.dim() - 2):]
+    spatial = (x.shape if transposed else out.shape)[-(weight.dim() - 2) :]
     flops = batch * _prod(weight.shape) * _prod(spatial)  # fvcore: no bias
     paper = 0
     if weight.dim() == 4 and not transposed:  # the paper counts nn.Conv2d only
@@ -357,6 +449,7 @@ def _skipped_identity_ops() -> list[tuple[type, Callable]]:
 # --------------------------------------------------------------------------------------------
 # The counter
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class FlopEvent:
@@ -648,10 +741,16 @@ def unused_parameters(model: nn.Module, input_size: int | tuple[int, int] = (64,
 # Model card: parameters, FLOPs in every convention, CPU latency, the paper's figures
 # --------------------------------------------------------------------------------------------
 
+
 def _plug_in(params: tuple[float, float], gflops: tuple[float, float], miou: tuple[float, float]) -> tuple[dict, dict]:
     """Paper figures of a per-pixel model and its Offset-Learning form (SPEC §2 plug-in table)."""
-    base = dict(params_M=params[0], gflops_ade20k=gflops[0], miou_ade20k=miou[0], flops_convention="full",
-                note="per-pixel figures quoted from the original paper")
+    base = dict(
+        params_M=params[0],
+        gflops_ade20k=gflops[0],
+        miou_ade20k=miou[0],
+        flops_convention="full",
+        note="per-pixel figures quoted from the original paper",
+    )
     ol = dict(params_M=params[1], gflops_ade20k=gflops[1], miou_ade20k=miou[1], flops_convention="full")
     return base, ol
 
@@ -659,12 +758,33 @@ def _plug_in(params: tuple[float, float], gflops: tuple[float, float], miou: tup
 # The paper's figures (SPEC §2). FLOPs: ADE20K at 512x512 (150 classes), Cityscapes at 1024x2048
 # (19 classes); "flops_convention" says which of our counts they correspond to.
 PAPER_FIGURES: dict[str, dict] = {
-    "offseg-t": dict(params_M=6.2, gflops_ade20k=5.3, gflops_cityscapes=44.8, miou_ade20k=44.2,
-                     miou_cityscapes=78.9, miou_coco_stuff=41.9, flops_convention="paper"),
-    "offseg-b": dict(params_M=13.0, gflops_ade20k=10.3, gflops_cityscapes=86.5, miou_ade20k=45.9,
-                     miou_cityscapes=80.5, miou_coco_stuff=44.3, flops_convention="paper"),
-    "offseg-l": dict(params_M=26.4, gflops_ade20k=17.1, gflops_cityscapes=143.4, miou_ade20k=48.5,
-                     miou_cityscapes=81.6, miou_coco_stuff=46.0, flops_convention="paper"),
+    "offseg-t": dict(
+        params_M=6.2,
+        gflops_ade20k=5.3,
+        gflops_cityscapes=44.8,
+        miou_ade20k=44.2,
+        miou_cityscapes=78.9,
+        miou_coco_stuff=41.9,
+        flops_convention="paper",
+    ),
+    "offseg-b": dict(
+        params_M=13.0,
+        gflops_ade20k=10.3,
+        gflops_cityscapes=86.5,
+        miou_ade20k=45.9,
+        miou_cityscapes=80.5,
+        miou_coco_stuff=44.3,
+        flops_convention="paper",
+    ),
+    "offseg-l": dict(
+        params_M=26.4,
+        gflops_ade20k=17.1,
+        gflops_cityscapes=143.4,
+        miou_ade20k=48.5,
+        miou_cityscapes=81.6,
+        miou_coco_stuff=46.0,
+        flops_convention="paper",
+    ),
     # Ablation rows (OffSeg-T, ADE20K): mIoU only.
     "offseg-t-pixel": dict(miou_ade20k=42.0, note="ablation: per-pixel classifier with FreqFusion"),
     "offseg-t-co": dict(miou_ade20k=42.9, note="ablation: class offsets only"),
@@ -750,7 +870,9 @@ def model_card(
         "params_used_in_forward": sum(p.numel() for n, p in all_params.items() if n not in unused),
         "unused_parameters": unused,
         "gflops": {c: r.gflops for c, r in reports.items()},
-        "gflops_by_operator": {op: v / 1e9 for op, v in sorted(reports["full"].by_operator.items(), key=lambda kv: -kv[1])},
+        "gflops_by_operator": {
+            op: v / 1e9 for op, v in sorted(reports["full"].by_operator.items(), key=lambda kv: -kv[1])
+        },
         "gflops_by_module": {m: v / 1e9 for m, v in reports["full"].by_module.items() if m and "." not in m},
         "latency": measure_latency(model, (h, w), threads=threads, warmup=warmup, runs=runs) if latency else None,
         "paper": PAPER_FIGURES.get(name),
@@ -791,7 +913,11 @@ def format_model_card(card: dict) -> str:
             figures.append(f"{paper['gflops_ade20k']} G @512x512")
         if "gflops_cityscapes" in paper:
             figures.append(f"{paper['gflops_cityscapes']} G @1024x2048")
-        for key, label in (("miou_ade20k", "ADE20K"), ("miou_cityscapes", "Cityscapes"), ("miou_coco_stuff", "COCO-Stuff")):
+        for key, label in (
+            ("miou_ade20k", "ADE20K"),
+            ("miou_cityscapes", "Cityscapes"),
+            ("miou_coco_stuff", "COCO-Stuff"),
+        ):
             if key in paper:
                 figures.append(f"mIoU {label} {paper[key]}")
         line = "  paper           " + ", ".join(figures)

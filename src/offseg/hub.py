@@ -17,6 +17,7 @@ safetensors header, so the weights file alone still says what it is.
     offseg.save_pretrained(model, "weights/offseg-t_ade20k", dataset="ade20k")
     model = offseg.load_pretrained("weights/offseg-t_ade20k")      # or create_model(name, checkpoint=...)
 """
+
 from __future__ import annotations
 
 import json
@@ -49,9 +50,12 @@ def _weights_and_config_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path.parent / (path.name + ".safetensors"), path.parent / (path.name + ".json")
 
 
-def pretrained_config(model: nn.Module, class_names: Sequence[str] | None = None,
-                      palette: Sequence[Sequence[int]] | np.ndarray | None = None,
-                      dataset: str | None = None) -> dict[str, Any]:
+def pretrained_config(
+    model: nn.Module,
+    class_names: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | np.ndarray | None = None,
+    dataset: str | None = None,
+) -> dict[str, Any]:
     """The JSON config `save_pretrained` writes for `model` (see the module docstring)."""
     from . import __version__
 
@@ -93,9 +97,13 @@ def pretrained_config(model: nn.Module, class_names: Sequence[str] | None = None
     }
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, class_names: Sequence[str] | None = None,
-                    palette: Sequence[Sequence[int]] | np.ndarray | None = None,
-                    dataset: str | None = None) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | np.ndarray | None = None,
+    dataset: str | None = None,
+) -> Path:
     """Write `path`.safetensors (weights) and `path`.json (config); returns the .safetensors path.
 
     dataset: a dataset name (see `offseg.data.dataset_info`) supplying class names and palette
@@ -132,4 +140,3 @@ def load_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     model.palette = info.metadata.get("palette")
     model.test_scale = info.metadata.get("test_scale")
     return model
-

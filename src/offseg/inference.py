@@ -5,6 +5,7 @@ Inputs are normalised images (B, 3, H, W). The models need H and W to be multipl
 normalisation) and crops the logits back. Scores come back at `out_size` (the original image
 size) after a bilinear resize with align_corners=False; the prediction is their argmax.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -69,7 +70,9 @@ def whole_inference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits[..., :h, :w]
 
 
-def slide_windows(height: int, width: int, crop_size: Sequence[int] | int, stride: Sequence[int] | int) -> list[tuple[int, int, int, int]]:
+def slide_windows(
+    height: int, width: int, crop_size: Sequence[int] | int, stride: Sequence[int] | int
+) -> list[tuple[int, int, int, int]]:
     """Windows (y1, y2, x1, x2) of the sliding-window scan, in MMSegmentation's order.
 
     The grid has ceil((H - crop) / stride) + 1 rows (at least one), likewise for columns. A window
@@ -89,7 +92,9 @@ def slide_windows(height: int, width: int, crop_size: Sequence[int] | int, strid
     return windows
 
 
-def slide_inference(model: nn.Module, x: torch.Tensor, crop_size: Sequence[int] | int, stride: Sequence[int] | int) -> torch.Tensor:
+def slide_inference(
+    model: nn.Module, x: torch.Tensor, crop_size: Sequence[int] | int, stride: Sequence[int] | int
+) -> torch.Tensor:
     """Logits (B, K, H, W) averaged over overlapping crop_size windows taken every stride pixels.
 
     Each window goes through `whole_inference`, so a window smaller than the crop (image
@@ -151,7 +156,7 @@ def infer(
     for ratio in scales:
         size = (int(out_size[0] * ratio + 0.5), int(out_size[1] * ratio + 0.5))
         scaled = _resize(x, size)
-        for mirrored in ((False, True) if flip else (False,)):
+        for mirrored in (False, True) if flip else (False,):
             view = scaled.flip(-1) if mirrored else scaled
             logits = _single_pass(model, view, mode, crop_size, stride)
             if mirrored:
@@ -168,12 +173,20 @@ def infer(
 # Test modes of the official configs, per model family and dataset (SPEC section 3).
 
 _DATASET_ALIASES = {
-    "ade20k": "ade20k", "ade": "ade20k",
-    "cityscapes": "cityscapes", "city": "cityscapes",
-    "coco-stuff164k": "coco-stuff164k", "coco-stuff": "coco-stuff164k", "cocostuff": "coco-stuff164k",
-    "coco-stuff-164k": "coco-stuff164k", "stuff164k": "coco-stuff164k",
-    "pascal-context-59": "pascal-context-59", "pascal-context": "pascal-context-59", "pascal_context_59": "pascal-context-59",
-    "camvid": "camvid", "folder": "folder",
+    "ade20k": "ade20k",
+    "ade": "ade20k",
+    "cityscapes": "cityscapes",
+    "city": "cityscapes",
+    "coco-stuff164k": "coco-stuff164k",
+    "coco-stuff": "coco-stuff164k",
+    "cocostuff": "coco-stuff164k",
+    "coco-stuff-164k": "coco-stuff164k",
+    "stuff164k": "coco-stuff164k",
+    "pascal-context-59": "pascal-context-59",
+    "pascal-context": "pascal-context-59",
+    "pascal_context_59": "pascal-context-59",
+    "camvid": "camvid",
+    "folder": "folder",
 }
 
 # The dataset's usual protocol; model families below may override it.

@@ -31,6 +31,7 @@ and copies, FreqFusion's two identity resizes, attention biases gathered and bic
 on every call, talking heads as 1x1 convs, BN -> GELU -> conv storing every intermediate). Same
 function; benchmarks and tests use it as the baseline.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,6 +57,7 @@ __all__ = ["optimize_for_inference", "fast_model_for", "fold_batch_norms", "Infe
 # BatchNorm and layer-scale folding
 # --------------------------------------------------------------------------------------------
 
+
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode BN as y = scale * x + shift, per channel, in float64."""
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
@@ -74,7 +76,9 @@ def _set_conv_params(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) 
 
 
 def _conv_bias(conv: nn.Conv2d) -> torch.Tensor:
-    return conv.bias.double() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels, dtype=torch.float64)
+    return (
+        conv.bias.double() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels, dtype=torch.float64)
+    )
 
 
 def fold_bn_after_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -175,6 +179,7 @@ def fold_batch_norms(model: nn.Module) -> int:
 # EfficientFormerV2 fast blocks (installed by swapping the class of a frozen copy's modules)
 # --------------------------------------------------------------------------------------------
 
+
 class _FastMlp(effv2.Mlp):
     """fc1 -> GELU -> depthwise 3x3 -> GELU -> fc2, BNs folded, dropout (eval) skipped."""
 
@@ -260,11 +265,13 @@ class _FastAttention4D(effv2.Attention4D):
         v = v.reshape(b, heads, -1, n)
         scores = torch.matmul(q.transpose(2, 3), k)  # (B, heads, n, n), already scaled
         # talking_head1(scores + bias) = W1 scores + (W1 bias + b1)
-        attn = torch.baddbmm(self.mixed_bias(n).expand(b, -1, -1), self.mix1_weight.expand(b, -1, -1),
-                             scores.reshape(b, heads, n * n))
+        attn = torch.baddbmm(
+            self.mixed_bias(n).expand(b, -1, -1), self.mix1_weight.expand(b, -1, -1), scores.reshape(b, heads, n * n)
+        )
         attn = attn.view(b, heads, n, n).softmax(dim=-1)
-        attn = torch.baddbmm(self.mix2_bias.expand(b, -1, n * n), self.mix2_weight.expand(b, -1, -1),
-                             attn.reshape(b, heads, n * n)).view(b, heads, n, n)
+        attn = torch.baddbmm(
+            self.mix2_bias.expand(b, -1, n * n), self.mix2_weight.expand(b, -1, -1), attn.reshape(b, heads, n * n)
+        ).view(b, heads, n, n)
         out = torch.matmul(v, attn.transpose(2, 3)).reshape(b, self.dh, h, w)
         # Follow the input's layout: upsampling and the projection run on this map at 4x the size.
         out = out.contiguous(memory_format=_layout(x)) + v_local
@@ -335,6 +342,7 @@ def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
 # Offset Learning, regrouped
 # --------------------------------------------------------------------------------------------
 
+
 class _FastOffsetLearning(OffsetLearning):
     """Offset Learning (both branches) with the feature-offset projection on the class side.
 
@@ -345,7 +353,9 @@ class _FastOffsetLearning(OffsetLearning):
 
     def prepare(self) -> None:
         cls_repr = self.cls_repr.detach()[0]
-        self.projected_cls_repr = (cls_repr.double() @ self.feat_offset_proj.weight.detach().double().T).to(cls_repr.dtype)
+        self.projected_cls_repr = (cls_repr.double() @ self.feat_offset_proj.weight.detach().double().T).to(
+            cls_repr.dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -356,8 +366,11 @@ class _FastOffsetLearning(OffsetLearning):
         aligned_repr = cls_repr + self.cls_offset_proj(pooled)
         class_mix = torch.matmul(self.projected_cls_repr, aligned_repr.transpose(1, 2))  # (B, K, K)
         # (HW, K) orientation, so that the LayerNorm runs over the contiguous last axis.
-        masks = torch.baddbmm(torch.matmul(feats.transpose(1, 2), aligned_repr.transpose(1, 2)),
-                              coupled_attn.softmax(dim=1).transpose(1, 2), class_mix)  # (B, HW, K)
+        masks = torch.baddbmm(
+            torch.matmul(feats.transpose(1, 2), aligned_repr.transpose(1, 2)),
+            coupled_attn.softmax(dim=1).transpose(1, 2),
+            class_mix,
+        )  # (B, HW, K)
         masks = self.mask_norm(masks)
         return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
 
@@ -398,6 +411,7 @@ def _optimise_offset_learning(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 # The optimised model
 # --------------------------------------------------------------------------------------------
+
 
 class InferenceModel(nn.Module):
     """A frozen, inference-only model returned by `optimize_for_inference`. `model(x)` gives the
@@ -446,8 +460,9 @@ def _segmentor_forward():
     return Segmentor.forward
 
 
-def optimize_for_inference(model: nn.Module, size: Sequence[int] | int | None = None, *,
-                           channels_last: bool = True) -> InferenceModel:
+def optimize_for_inference(
+    model: nn.Module, size: Sequence[int] | int | None = None, *, channels_last: bool = True
+) -> InferenceModel:
     """A frozen eval-mode copy of `model`, rewritten for fast CPU inference (see module docs).
 
     `size` (H, W) is the input size you will use most: the size-dependent caches (attention
@@ -504,6 +519,7 @@ def fast_model_for(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # The reference computation (for benchmarks and tests)
 # --------------------------------------------------------------------------------------------
+
 
 def _position_bias_reference(self: effv2.AttentionBias, num_queries: int, num_keys: int) -> torch.Tensor:
     # As the official attention: gather the table, then always resize it bicubically (also to

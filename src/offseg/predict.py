@@ -1,5 +1,6 @@
 """`offseg.predict(model, image)`: a label map for one picture, plus the file and video helpers
 behind `offseg predict`."""
+
 from __future__ import annotations
 
 import os
@@ -112,7 +113,9 @@ def predict(
     try:
         # --- fast path (offseg.optimize) ---
         runner = fast_model_for(model) if fast else model
-        scores = infer(runner, x, mode=mode, crop_size=crop_size, stride=stride, tta=tta, scales=scales, out_size=out_size)
+        scores = infer(
+            runner, x, mode=mode, crop_size=crop_size, stride=stride, tta=tta, scales=scales, out_size=out_size
+        )
     finally:
         model.train(was_training)
     return scores.argmax(dim=1)[0].cpu().numpy().astype(np.int64)

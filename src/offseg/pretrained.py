@@ -24,6 +24,7 @@ Release formats per backbone class:
   its attention-mask buffers are dropped, its final `norm` is reported unused, and the per-stage output
   norms `norm0`..`norm3` are new.
 """
+
 from __future__ import annotations
 
 import os
@@ -84,7 +85,10 @@ _MIT_HUGGINGFACE_RULES = [  # transformers' Segformer encoder, stages numbered f
 ]
 # The attention input projections, concatenated in this order into in_proj_{weight,bias}.
 _MIT_SEGFORMER_QKV = (r"block(\d+)\.(\d+)\.attn\.(q|kv)\.(weight|bias)", ("q", "kv"))
-_MIT_HUGGINGFACE_QKV = (r"block\.(\d+)\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)", ("query", "key", "value"))
+_MIT_HUGGINGFACE_QKV = (
+    r"block\.(\d+)\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)",
+    ("query", "key", "value"),
+)
 
 
 def mit_release_format(state: Mapping[str, torch.Tensor]) -> str:
@@ -144,7 +148,7 @@ def convert_mit(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for key, value in state.items():
             for prefix in ("segformer.encoder.", "encoder."):
                 if key.startswith(prefix):
-                    key = key[len(prefix):]
+                    key = key[len(prefix) :]
                     break
             encoder[key] = value
         return _rename_mit(encoder, _MIT_HUGGINGFACE_RULES, _MIT_HUGGINGFACE_QKV, stage_base=0)
@@ -152,6 +156,7 @@ def convert_mit(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # --- MSCAN --------------------------------------------------------------------------------------
+
 
 @register_key_converter("MSCAN")
 def convert_mscan(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -234,8 +239,10 @@ class LoadReport:
     unused: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"backbone weights from {self.source}: {len(self.loaded)} tensors loaded, "
-                 f"{len(self.new)} new (kept at initialisation), {len(self.unused)} in the file unused"]
+        lines = [
+            f"backbone weights from {self.source}: {len(self.loaded)} tensors loaded, "
+            f"{len(self.new)} new (kept at initialisation), {len(self.unused)} in the file unused"
+        ]
         if self.new:
             lines.append(f"  new: {', '.join(self.new[:8])}{' ...' if len(self.new) > 8 else ''}")
         if self.unused:
@@ -245,9 +252,9 @@ class LoadReport:
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
+        return {k[len(prefix) :]: v for k, v in state.items()}
     if any(k.startswith(prefix) for k in state):  # a whole segmentor: keep its backbone part
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return dict(state)
 
 
@@ -262,12 +269,18 @@ def load_backbone_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapp
         state = converter(state)
     own = backbone.state_dict()
     report = LoadReport(source)
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if mismatched:
         raise CheckpointError(f"{source}: shapes do not fit {type(backbone).__name__}: {', '.join(mismatched[:8])}")
     fitting = {k: v for k, v in state.items() if k in own}
     if not fitting:
-        raise CheckpointError(f"{source}: no tensor fits {type(backbone).__name__}; is this a checkpoint of that backbone?")
+        raise CheckpointError(
+            f"{source}: no tensor fits {type(backbone).__name__}; is this a checkpoint of that backbone?"
+        )
     backbone.load_state_dict(fitting, strict=False)
     report.loaded = sorted(fitting)
     report.new = sorted(set(own) - set(fitting))

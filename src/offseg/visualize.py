@@ -1,4 +1,5 @@
 """Colour label maps and overlays, for people who would rather look than read."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -33,7 +34,13 @@ def palette_image(label: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarr
     return img
 
 
-def overlay(image: Image.Image | np.ndarray, label: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray, alpha: float = 0.5, ignore_index: int = 255) -> Image.Image:
+def overlay(
+    image: Image.Image | np.ndarray,
+    label: np.ndarray,
+    palette: Sequence[Sequence[int]] | np.ndarray,
+    alpha: float = 0.5,
+    ignore_index: int = 255,
+) -> Image.Image:
     """Blend the colour label map over the RGB image (same size); ignored pixels keep the image."""
     base = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     colour = np.asarray(colorize(label, palette, ignore_index), dtype=np.float32)

@@ -1,4 +1,5 @@
 """Writers of tiny datasets in each on-disk layout, for the data-layer tests."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,8 +59,9 @@ def make_coco_stuff(root: Path, values=(0, 1, 170, 255), train=3, val=2) -> Path
     return root
 
 
-def make_pascal_context(root: Path, train=("2008_000001", "2008_000002"), val=("2008_000003",),
-                        values=(0, 1, 59, 255)) -> Path:
+def make_pascal_context(
+    root: Path, train=("2008_000001", "2008_000002"), val=("2008_000003",), values=(0, 1, 59, 255)
+) -> Path:
     base = root / "VOCdevkit" / "VOC2010"
     lists = base / "ImageSets" / "SegmentationContext"
     lists.mkdir(parents=True)

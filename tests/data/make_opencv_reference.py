@@ -9,6 +9,7 @@ depend on: run it in a scratch environment,
 The colour steps follow MMSegmentation's PhotoMetricDistortion with fixed parameters instead
 of random draws; images are 64 wide so OpenCV's vector path converts every pixel.
 """
+
 from pathlib import Path
 
 import cv2
@@ -44,16 +45,32 @@ def main():
     noise = rng.integers(0, 256, (16, 64, 3), dtype=np.uint8)
     image = np.concatenate([smooth, noise], axis=0)  # (32, 64, 3)
     # (brightness, contrast, saturation, hue, contrast_first); NaN = step skipped
-    cases = np.array([
-        [20.7, np.nan, np.nan, np.nan, 1], [np.nan, 1.37, np.nan, np.nan, 1], [np.nan, np.nan, 0.61, np.nan, 1],
-        [np.nan, np.nan, 1.44, np.nan, 0], [np.nan, np.nan, np.nan, 17, 1], [np.nan, np.nan, np.nan, -18, 0],
-        [-31.2, 0.55, 1.21, 5, 1], [12.5, 1.49, 0.52, -7, 0], [-3.3, 0.81, np.nan, 11, 0],
-    ])
+    cases = np.array(
+        [
+            [20.7, np.nan, np.nan, np.nan, 1],
+            [np.nan, 1.37, np.nan, np.nan, 1],
+            [np.nan, np.nan, 0.61, np.nan, 1],
+            [np.nan, np.nan, 1.44, np.nan, 0],
+            [np.nan, np.nan, np.nan, 17, 1],
+            [np.nan, np.nan, np.nan, -18, 0],
+            [-31.2, 0.55, 1.21, 5, 1],
+            [12.5, 1.49, 0.52, -7, 0],
+            [-3.3, 0.81, np.nan, 11, 0],
+        ]
+    )
     outputs = []
     for b, c, s, h, first in cases.tolist():
         # Python floats, as numpy.random.uniform returns: float32 maths (numpy scalars would promote)
-        outputs.append(colours_like_mmseg(image, None if np.isnan(b) else b, None if np.isnan(c) else c,
-                                          None if np.isnan(s) else s, None if np.isnan(h) else int(h), bool(first)))
+        outputs.append(
+            colours_like_mmseg(
+                image,
+                None if np.isnan(b) else b,
+                None if np.isnan(c) else c,
+                None if np.isnan(s) else s,
+                None if np.isnan(h) else int(h),
+                bool(first),
+            )
+        )
     grid = np.arange(0, 256, 17, dtype=np.uint8)  # 16 levels, 4096 colours
     all_colours = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), -1).reshape(64, 64, 3)
     all_colours = np.ascontiguousarray(all_colours)
@@ -61,9 +78,13 @@ def main():
     sizes = np.array([[24, 32], [48, 80], [37, 91], [100, 20]])
     np.savez_compressed(
         Path(__file__).with_name("opencv_reference.npz"),
-        image=image, cases=cases, photometric=np.stack(outputs),
-        colours=all_colours, colours_hsv=cv2.cvtColor(all_colours, cv2.COLOR_RGB2HSV),
-        label=label, sizes=sizes,
+        image=image,
+        cases=cases,
+        photometric=np.stack(outputs),
+        colours=all_colours,
+        colours_hsv=cv2.cvtColor(all_colours, cv2.COLOR_RGB2HSV),
+        label=label,
+        sizes=sizes,
         **{f"linear_{h}x{w}": cv2.resize(image, (int(w), int(h)), interpolation=cv2.INTER_LINEAR) for h, w in sizes},
         **{f"nearest_{h}x{w}": cv2.resize(label, (int(w), int(h)), interpolation=cv2.INTER_NEAREST) for h, w in sizes},
         opencv_version=np.array(cv2.__version__),

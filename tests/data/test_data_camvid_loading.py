@@ -1,5 +1,6 @@
 """The real CamVid (skipped when absent): counts, label values, both pipelines; and
 reproducibility: seeds, epochs, and DataLoaders with 0 or 2 workers giving the same batches."""
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -74,8 +75,14 @@ def test_epochs_change_the_augmentation(tmp_path):
 
 
 def _batches(dataset, workers, sampler=None, count=4):
-    loader = DataLoader(dataset, batch_size=2, shuffle=False, sampler=sampler, num_workers=workers,
-                        worker_init_fn=worker_init_fn if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=2,
+        shuffle=False,
+        sampler=sampler,
+        num_workers=workers,
+        worker_init_fn=worker_init_fn if workers else None,
+    )
     out = []
     for batch, _ in zip(loader, range(count)):
         out.append((batch["image"], batch["label"], list(batch["image_path"])))

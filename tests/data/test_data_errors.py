@@ -1,5 +1,6 @@
 """Clear errors naming the file, at build time and read time, and `check` finding every
 problem in one pass."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -61,12 +62,21 @@ def test_size_mismatch_is_named(tmp_path):
         build_dataset("camvid", tmp_path, "train")[0]
 
 
-@pytest.mark.parametrize("name, maker, label_rel, values, bad", [
-    ("camvid", make_split_folders, "train/labels/f000.png", (0, 12), "12"),
-    ("ade20k", make_ade20k, "ADEChallengeData2016/annotations/training/ADE_training_a.png", (0, 151), "151"),
-    ("cityscapes", make_cityscapes, "gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png", (0, 19, 200), "19, 200"),
-    ("coco-stuff164k", make_coco_stuff, "annotations/train2017/000000000000_labelTrainIds.png", (171,), "171"),
-])
+@pytest.mark.parametrize(
+    "name, maker, label_rel, values, bad",
+    [
+        ("camvid", make_split_folders, "train/labels/f000.png", (0, 12), "12"),
+        ("ade20k", make_ade20k, "ADEChallengeData2016/annotations/training/ADE_training_a.png", (0, 151), "151"),
+        (
+            "cityscapes",
+            make_cityscapes,
+            "gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png",
+            (0, 19, 200),
+            "19, 200",
+        ),
+        ("coco-stuff164k", make_coco_stuff, "annotations/train2017/000000000000_labelTrainIds.png", (171,), "171"),
+    ],
+)
 def test_bad_label_values_are_named(tmp_path, name, maker, label_rel, values, bad):
     maker(tmp_path)
     write_label(tmp_path / label_rel, values)
@@ -102,11 +112,11 @@ def test_coco_stuff_without_train_ids_points_to_prepare(tmp_path):
 def _broken_camvid(root):
     make_split_folders(root, {"train": 5, "val": 1})
     labels, images = root / "train" / "labels", root / "train" / "images"
-    write_image(images / "lonely.jpg")                                   # 1 image without label
-    write_label(labels / "orphan.png", (0,))                             # 2 label without image
-    (images / "f001.jpg").write_bytes(b"garbage")                         # 3 corrupt image
-    write_label(labels / "f002.png", (0,), size=(10, 10))                 # 4 size mismatch
-    write_label(labels / "f003.png", (0, 1, 42, 99))                      # 5 bad values
+    write_image(images / "lonely.jpg")  # 1 image without label
+    write_label(labels / "orphan.png", (0,))  # 2 label without image
+    (images / "f001.jpg").write_bytes(b"garbage")  # 3 corrupt image
+    write_label(labels / "f002.png", (0,), size=(10, 10))  # 4 size mismatch
+    write_label(labels / "f003.png", (0, 1, 42, 99))  # 5 bad values
     Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(labels / "f004.png")  # 6 colour label
     return root
 
@@ -115,9 +125,14 @@ def test_check_reports_every_problem_in_one_pass(tmp_path):
     report = check_dataset("camvid", _broken_camvid(tmp_path))
     text = "\n".join(report.problems)
     assert not report.ok and len(report.problems) == 6, text
-    for expected in ("lonely.jpg: image without label", "orphan.png: label without image",
-                     "f001.jpg: cannot read image", "f002.png: label is 10x10 but its image",
-                     "f003.png: label values 42, 99", "f004.png: label must be a single-channel"):
+    for expected in (
+        "lonely.jpg: image without label",
+        "orphan.png: label without image",
+        "f001.jpg: cannot read image",
+        "f002.png: label is 10x10 but its image",
+        "f003.png: label values 42, 99",
+        "f004.png: label must be a single-channel",
+    ):
         assert expected in text
     assert report.checked == {"train": 5, "val": 1}
     assert any("'test'" in note for note in report.skipped)  # an absent usual split is only noted

@@ -1,10 +1,19 @@
 """Each dataset's on-disk layout, written small in tmp_path: counts, pairing, label mapping."""
+
 import numpy as np
 import pytest
 import torch
 
-from datahelpers import (ADE20K_SAMPLE, make_ade20k, make_cityscapes, make_coco_stuff, make_pascal_context,
-                         make_split_folders, write_image, write_label)
+from datahelpers import (
+    ADE20K_SAMPLE,
+    make_ade20k,
+    make_cityscapes,
+    make_coco_stuff,
+    make_pascal_context,
+    make_split_folders,
+    write_image,
+    write_label,
+)
 from offseg.data import build_dataset, dataset_info, read_classes_file, write_classes_file
 
 
@@ -163,8 +172,14 @@ def test_options_defaults_and_overrides(tmp_path):
 
 
 def test_dataset_info_without_files():
-    for name, count in [("ade20k", 150), ("cityscapes", 19), ("coco-stuff164k", 171), ("pascal-context-59", 59),
-                        ("camvid", 11), ("synthetic", 8)]:
+    for name, count in [
+        ("ade20k", 150),
+        ("cityscapes", 19),
+        ("coco-stuff164k", 171),
+        ("pascal-context-59", 59),
+        ("camvid", 11),
+        ("synthetic", 8),
+    ]:
         info = dataset_info(name)
         assert len(info.class_names) == count and np.asarray(info.palette).shape == (count, 3)
     assert dataset_info("cityscapes").palette[0].tolist() == [128, 64, 128]  # road

@@ -1,12 +1,17 @@
 """Label converters: Cityscapes labelIds -> trainIds, COCO-Stuff stuffthingmaps -> trainIds."""
+
 import numpy as np
 import pytest
 
 from datahelpers import CITYSCAPES_SAMPLE, write_image, write_label
 from offseg.cli.main import main
 from offseg.data import CITYSCAPES_LABEL_IDS, DatasetError, build_dataset, read_label
-from offseg.data.prepare import (cityscapes_to_train_ids, coco_stuff_to_train_ids, prepare_cityscapes,
-                                 prepare_coco_stuff164k)
+from offseg.data.prepare import (
+    cityscapes_to_train_ids,
+    coco_stuff_to_train_ids,
+    prepare_cityscapes,
+    prepare_coco_stuff164k,
+)
 
 
 def test_cityscapes_table_spot_checks():

@@ -1,4 +1,5 @@
 """The generated street-scene dataset, and the endless sampler."""
+
 import hashlib
 import time
 

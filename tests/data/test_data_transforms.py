@@ -1,5 +1,6 @@
 """The pipeline steps: normalisation, MMCV's resize rules, OpenCV-exact colour maths, the
 crop's class-ratio rule, padding, and the whole train/test pipelines."""
+
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,19 @@ import torch
 from PIL import Image
 
 from offseg.data import MEAN, STD, TestPipeline, TrainPipeline, normalize_image
-from offseg.data.transforms import (adjust_colours, fit_size, hsv_to_rgb, pad_to, photometric_distortion,
-                                    random_crop, random_flip, random_resize, resize_image, resize_label, rgb_to_hsv)
+from offseg.data.transforms import (
+    adjust_colours,
+    fit_size,
+    hsv_to_rgb,
+    pad_to,
+    photometric_distortion,
+    random_crop,
+    random_flip,
+    random_resize,
+    resize_image,
+    resize_label,
+    rgb_to_hsv,
+)
 
 REFERENCE = np.load(Path(__file__).with_name("opencv_reference.npz"))
 
@@ -25,13 +37,16 @@ def test_normalize_image_matches_mean_std_and_accepts_pil():
     assert MEAN == (123.675, 116.28, 103.53) and STD == (58.395, 57.12, 57.375)
 
 
-@pytest.mark.parametrize("hw, scale, expected", [
-    ((512, 683), (2048, 512), (512, 683)),     # ADE20K: short side 512
-    ((300, 400), (2048, 512), (512, 683)),     # upscaled, rounded half up
-    ((1024, 2048), (2048, 1024), (1024, 2048)),
-    ((200, 2000), (2048, 512), (205, 2048)),   # the long side limits
-    ((375, 500), (520, 520), (390, 520)),      # Pascal Context
-])
+@pytest.mark.parametrize(
+    "hw, scale, expected",
+    [
+        ((512, 683), (2048, 512), (512, 683)),  # ADE20K: short side 512
+        ((300, 400), (2048, 512), (512, 683)),  # upscaled, rounded half up
+        ((1024, 2048), (2048, 1024), (1024, 2048)),
+        ((200, 2000), (2048, 512), (205, 2048)),  # the long side limits
+        ((375, 500), (520, 520), (390, 520)),  # Pascal Context
+    ],
+)
 def test_fit_size_follows_mmcv_rescale(hw, scale, expected):
     assert fit_size(*hw, scale) == expected
 
@@ -150,11 +165,15 @@ def test_test_pipeline_resizes_image_only():
 
 def test_window_resize_equals_resize_then_crop():
     image = REFERENCE["image"]
-    for size, window in [((48, 80), (5, 7, 20, 30)), ((16, 40), (0, 0, 16, 40)), ((32, 64), (3, 9, 10, 12)),
-                         ((100, 20), (90, 0, 10, 20))]:
+    for size, window in [
+        ((48, 80), (5, 7, 20, 30)),
+        ((16, 40), (0, 0, 16, 40)),
+        ((32, 64), (3, 9, 10, 12)),
+        ((100, 20), (90, 0, 10, 20)),
+    ]:
         full = resize_image(image, size)
         top, left, h, w = window
-        np.testing.assert_array_equal(resize_image(image, size, window=window), full[top:top + h, left:left + w])
+        np.testing.assert_array_equal(resize_image(image, size, window=window), full[top : top + h, left : left + w])
 
 
 def test_train_pipeline_equals_the_step_by_step_composition():

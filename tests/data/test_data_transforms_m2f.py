@@ -1,6 +1,7 @@
 """Mask2Former's training resize: RandomChoiceResize(scales=short edges, resize_type=
 ResizeShortestEdge, max_size) as MMSegmentation / MMCV compute it, in the pipeline and as a
 dataset option."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,13 +22,13 @@ def test_official_short_edge_list() -> None:
 @pytest.mark.parametrize(
     "height, width, short_edge, expected",
     [
-        (512, 683, 256, (256, 342)),    # landscape: short side = height; 341.5 rounds half up
-        (683, 512, 256, (342, 256)),    # portrait: short side = width
-        (300, 300, 614, (614, 614)),    # square
+        (512, 683, 256, (256, 342)),  # landscape: short side = height; 341.5 rounds half up
+        (683, 512, 256, (342, 256)),  # portrait: short side = width
+        (300, 300, 614, (614, 614)),  # square
         (480, 640, 1024, (1024, 1365)),  # upscaling, long side 1365.3 < 2048
         (100, 1000, 1024, (205, 2048)),  # long side capped: 1024 x 10240 -> 204.8 x 2048
         (1000, 100, 256, (2048, 205)),  # capped, portrait
-        (512, 512, 512, (512, 512)),    # already at size
+        (512, 512, 512, (512, 512)),  # already at size
     ],
 )
 def test_shortest_edge_sizes(height: int, width: int, short_edge: int, expected: tuple[int, int]) -> None:
@@ -95,8 +96,9 @@ def test_pipeline_rejects_bad_short_edges() -> None:
 
 def test_dataset_option(tmp_path) -> None:
     root = generate_synthetic_dataset(tmp_path / "synthetic", num_train=2, num_val=1, size=(48, 64))
-    dataset = build_dataset("folder", root, "train", crop_size=(96, 128), short_edges=[24], max_size=2048,
-                            photometric=False)
+    dataset = build_dataset(
+        "folder", root, "train", crop_size=(96, 128), short_edges=[24], max_size=2048, photometric=False
+    )
     assert dataset.transform.short_edges == (24,) and dataset.transform.max_size == 2048
     label = dataset[(0, 0)]["label"]
     assert label.shape == (96, 128)

@@ -2,6 +2,7 @@
 config's paramwise rules on the full-size model), the model's own loss in the trainer, and a few
 iterations on the reduced configuration that lower the loss; the trained checkpoint then loads,
 evaluates and predicts."""
+
 from __future__ import annotations
 
 import json
@@ -46,14 +47,29 @@ def test_recipe_is_the_official_config(recipe: dict) -> None:
     assert default_recipe_name("mask2former-swin-t", "ade20k") == "mask2former_ade20k"
     assert recipe["model"] == "mask2former-swin-t-ol"
     opt = recipe["optimizer"]
-    assert (opt["type"], opt["lr"], opt["weight_decay"], opt["eps"], list(opt["betas"])) == ("AdamW", 1e-4, 0.05, 1e-8, [0.9, 0.999])
+    assert (opt["type"], opt["lr"], opt["weight_decay"], opt["eps"], list(opt["betas"])) == (
+        "AdamW",
+        1e-4,
+        0.05,
+        1e-8,
+        [0.9, 0.999],
+    )
     assert opt["clip_grad"] == 0.01 and opt["norm_decay_mult"] == 0.0
     # the config's keys exactly, and none of the default recipe keys (head x10, norm, pos_block)
     depths = [2, 2, 6, 2]
-    expected = {"backbone": (0.1, 1.0), "backbone.patch_embed.norm": (0.1, 0.0), "backbone.norm": (0.1, 0.0),
-                "absolute_pos_embed": (0.1, 0.0), "relative_position_bias_table": (0.1, 0.0),
-                "query_embed": (1.0, 0.0), "query_feat": (1.0, 0.0), "level_embed": (1.0, 0.0)}
-    expected.update({f"backbone.stages.{s}.blocks.{b}.norm": (0.1, 0.0) for s, n in enumerate(depths) for b in range(n)})
+    expected = {
+        "backbone": (0.1, 1.0),
+        "backbone.patch_embed.norm": (0.1, 0.0),
+        "backbone.norm": (0.1, 0.0),
+        "absolute_pos_embed": (0.1, 0.0),
+        "relative_position_bias_table": (0.1, 0.0),
+        "query_embed": (1.0, 0.0),
+        "query_feat": (1.0, 0.0),
+        "level_embed": (1.0, 0.0),
+    }
+    expected.update(
+        {f"backbone.stages.{s}.blocks.{b}.norm": (0.1, 0.0) for s, n in enumerate(depths) for b in range(n)}
+    )
     expected.update({f"backbone.stages.{s}.downsample.norm": (0.1, 0.0) for s in range(len(depths) - 1)})
     assert {k: (v["lr_mult"], v["decay_mult"]) for k, v in opt["custom_keys"].items()} == expected
     assert recipe["schedule"]["warmup_iters"] == 0 and recipe["schedule"]["power"] == 0.9
@@ -104,8 +120,11 @@ def test_full_size_parameter_groups(recipe: dict) -> None:
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}"
-            no_decay = isinstance(module, norm_types) or param_name == "relative_position_bias_table" or any(
-                key in name for key in ("query_embed", "query_feat", "level_embed"))
+            no_decay = (
+                isinstance(module, norm_types)
+                or param_name == "relative_position_bias_table"
+                or any(key in name for key in ("query_embed", "query_feat", "level_embed"))
+            )
             lr_mult = 0.1 if name.startswith("backbone.") else 1.0
             assert mults[name] == (lr_mult, 0.0 if no_decay else 1.0), name
 
@@ -125,8 +144,10 @@ def test_poly_schedule_without_warmup(recipe: dict) -> None:
 
 
 def _tiny_recipe(root, iters: int) -> dict:
-    recipe = load_recipe("mask2former_ade20k", overrides=[f"data.root={root}", "data.name=folder",
-                                                          "data.train_split=train", "data.val_split=val"])
+    recipe = load_recipe(
+        "mask2former_ade20k",
+        overrides=[f"data.root={root}", "data.name=folder", "data.train_split=train", "data.val_split=val"],
+    )
     recipe["data"]["options"].update(crop_size=[64, 64], short_edges=[48, 64, 80])
     recipe["data"]["num_workers"] = 0
     recipe["model_options"] = dict(REDUCED_OPTIONS)

@@ -1,4 +1,5 @@
 """The optimiser groups and schedule of SPEC §4, on OffSeg-T's real parameter names."""
+
 import pytest
 
 import offseg
@@ -21,18 +22,21 @@ def groups_by_name():
     return by_name
 
 
-@pytest.mark.parametrize("name, lr, wd", [
-    ("decode_head.pre.0.gn.weight", LR * 10, WD),            # GroupNorm in the head: x10, with decay
-    ("decode_head.align.conv.weight", LR * 10, WD),
-    ("decode_head.offset_learning.cls_repr", LR * 10, WD),
-    ("decode_head.offset_learning.mask_norm.weight", LR * 10, WD),  # "head" wins over "norm"
-    ("backbone.network.0.0.mlp.norm1.weight", LR, 0.0),     # backbone norms: x1, no decay
-    ("backbone.network.0.0.mlp.mid_norm.bias", LR, 0.0),
-    ("backbone.patch_embed.1.weight", LR, WD),              # a BatchNorm whose name lacks "norm"
-    ("backbone.network.4.8.token_mixer.talking_head1.weight", LR * 10, WD),  # "head" in talking_head
-    ("backbone.network.4.8.token_mixer.attention_biases_seg", LR, WD),
-    ("backbone.network.0.0.mlp.fc1.weight", LR, WD),
-])
+@pytest.mark.parametrize(
+    "name, lr, wd",
+    [
+        ("decode_head.pre.0.gn.weight", LR * 10, WD),  # GroupNorm in the head: x10, with decay
+        ("decode_head.align.conv.weight", LR * 10, WD),
+        ("decode_head.offset_learning.cls_repr", LR * 10, WD),
+        ("decode_head.offset_learning.mask_norm.weight", LR * 10, WD),  # "head" wins over "norm"
+        ("backbone.network.0.0.mlp.norm1.weight", LR, 0.0),  # backbone norms: x1, no decay
+        ("backbone.network.0.0.mlp.mid_norm.bias", LR, 0.0),
+        ("backbone.patch_embed.1.weight", LR, WD),  # a BatchNorm whose name lacks "norm"
+        ("backbone.network.4.8.token_mixer.talking_head1.weight", LR * 10, WD),  # "head" in talking_head
+        ("backbone.network.4.8.token_mixer.attention_biases_seg", LR, WD),
+        ("backbone.network.0.0.mlp.fc1.weight", LR, WD),
+    ],
+)
 def test_parameter_groups(groups_by_name, name, lr, wd):
     assert groups_by_name[name] == pytest.approx((lr, wd))
 

@@ -1,4 +1,5 @@
 """Training: exact resumption after SIGKILL, and two-process DDP on CPU (gloo)."""
+
 import json
 import os
 import signal
@@ -12,8 +13,28 @@ import torch
 
 from offseg.data import generate_synthetic_dataset
 
-TRAIN_ARGS = ["--model", "offseg-t", "--data", "folder", "--iters", "8", "--batch-size", "2", "--crop", "64", "64",
-              "--save-interval", "2", "--val-interval", "0", "--workers", "0", "--no-progress", "--seed", "3"]
+TRAIN_ARGS = [
+    "--model",
+    "offseg-t",
+    "--data",
+    "folder",
+    "--iters",
+    "8",
+    "--batch-size",
+    "2",
+    "--crop",
+    "64",
+    "64",
+    "--save-interval",
+    "2",
+    "--val-interval",
+    "0",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--seed",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +43,18 @@ def tiny_data(tmp_path_factory):
 
 
 def _cmd(data: Path, work_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "offseg.cli.main", "train", *TRAIN_ARGS, "--data-root", str(data), "--work-dir", str(work_dir), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "offseg.cli.main",
+        "train",
+        *TRAIN_ARGS,
+        "--data-root",
+        str(data),
+        "--work-dir",
+        str(work_dir),
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -59,7 +91,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_data):
         assert torch.equal(value, expected[key]), f"{key} differs after resuming from iteration {stopped_at}"
     # The log reads as one run: what the killed process logged after its checkpoint is dropped
     # (those iterations ran again), each iteration appears once, and the resumption is noted.
-    logs = {run: [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (straight, killed)}
+    logs = {
+        run: [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (straight, killed)
+    }
     assert [r["iter"] for r in logs[killed] if "loss" in r] == [r["iter"] for r in logs[straight] if "loss" in r]
     assert {"event": "resume", "iter": stopped_at} in logs[killed]
 
@@ -96,8 +130,18 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, tiny_data):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     work = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(script), str(tiny_data), str(work)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(script),
+        str(tiny_data),
+        str(work),
+    ]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     digests = {(work / f"rank{r}.sha").read_text() for r in range(2)}

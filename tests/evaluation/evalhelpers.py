@@ -1,5 +1,6 @@
 """Shared pieces of the evaluation / inference / predict tests: a small deterministic stand-in
 model (fast and exact, unlike a real network) and the location of the real CamVid data."""
+
 from __future__ import annotations
 
 from pathlib import Path

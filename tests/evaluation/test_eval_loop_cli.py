@@ -1,4 +1,5 @@
 """evaluate() and `offseg eval`: on an injected toy dataset, and on real CamVid val."""
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,11 @@ def test_resolve_test_mode_from_flags():
 
     assert resolve_test_mode(ns()) == {"mode": "slide", "crop_size": (512, 512), "stride": (480, 480)}
     assert resolve_test_mode(ns(mode="whole"))["mode"] == "whole"
-    assert resolve_test_mode(ns(data="camvid", crop=[64, 96])) == {"mode": "slide", "crop_size": (64, 96), "stride": (64, 96)}
+    assert resolve_test_mode(ns(data="camvid", crop=[64, 96])) == {
+        "mode": "slide",
+        "crop_size": (64, 96),
+        "stride": (64, 96),
+    }
     assert resolve_test_mode(ns(data="camvid", crop=[64, 96], stride=[32, 48]))["stride"] == (32, 48)
     assert resolve_test_mode(ns(stride=[256, 256]))["stride"] == (256, 256)
     with pytest.raises(ValueError, match="--crop"):
@@ -103,8 +108,22 @@ def test_cli_eval_with_an_injected_dataset(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "offseg.data", fake_data_module(Toy))
     out_json = tmp_path / "r" / "res.json"
-    code = main(["eval", "--model", "offseg-t", "--data", "camvid", "--data-root", str(tmp_path), "--limit", "2",
-                 "--no-progress", "--json", str(out_json)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            "offseg-t",
+            "--data",
+            "camvid",
+            "--data-root",
+            str(tmp_path),
+            "--limit",
+            "2",
+            "--no-progress",
+            "--json",
+            str(out_json),
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "randomly initialised" in out.err
@@ -128,8 +147,23 @@ skip_camvid = pytest.mark.skipif(camvid_skip_reason() is not None, reason=str(ca
 @skip_camvid
 def test_cli_eval_camvid_val_two_images(tmp_path, capsys):
     out_json = tmp_path / "camvid.json"
-    code = main(["eval", "--model", "offseg-t", "--data", "camvid", "--data-root", str(CAMVID_ROOT),
-                 "--split", "val", "--limit", "2", "--json", str(out_json)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            "offseg-t",
+            "--data",
+            "camvid",
+            "--data-root",
+            str(CAMVID_ROOT),
+            "--split",
+            "val",
+            "--limit",
+            "2",
+            "--json",
+            str(out_json),
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     from offseg.data import dataset_info
@@ -147,8 +181,23 @@ def test_cli_eval_camvid_val_two_images(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_eval_camvid_val_full(tmp_path, capsys):
     out_json = tmp_path / "camvid.json"
-    assert main(["eval", "--model", "offseg-t", "--data", "camvid", "--data-root", str(CAMVID_ROOT),
-                 "--json", str(out_json), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "offseg-t",
+                "--data",
+                "camvid",
+                "--data-root",
+                str(CAMVID_ROOT),
+                "--json",
+                str(out_json),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out_json.read_text())
     assert report["num_images"] == 101
     assert np.isfinite(report["aAcc"])
@@ -167,10 +216,21 @@ def _half_resolution_run_checkpoint(path) -> None:
     import offseg
 
     model = offseg.create_model("offseg-t", num_classes=11)
-    recipe = {"model": "offseg-t", "data": {"name": "camvid", "options": {"scale": [240, 180]},
-                                            "test_options": {"scale": [240, 180]}}}
-    torch.save({"model": model.state_dict(), "optimizer": {}, "iteration": 1, "model_name": "offseg-t",
-                "num_classes": 11, "recipe": recipe}, path)
+    recipe = {
+        "model": "offseg-t",
+        "data": {"name": "camvid", "options": {"scale": [240, 180]}, "test_options": {"scale": [240, 180]}},
+    }
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": {},
+            "iteration": 1,
+            "model_name": "offseg-t",
+            "num_classes": 11,
+            "recipe": recipe,
+        },
+        path,
+    )
 
 
 @skip_camvid
@@ -184,8 +244,20 @@ def test_eval_and_predict_default_to_the_training_runs_test_scale(tmp_path, caps
     offseg.save_pretrained(model, tmp_path / "own", dataset="camvid")  # the own format keeps it
     assert offseg.create_model("offseg-t", checkpoint=tmp_path / "own").test_scale == [240, 180]
 
-    common = ["eval", "--model", "offseg-t", "--checkpoint", str(ckpt), "--data", "camvid",
-              "--data-root", str(CAMVID_ROOT), "--limit", "1", "--no-progress"]
+    common = [
+        "eval",
+        "--model",
+        "offseg-t",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        "camvid",
+        "--data-root",
+        str(CAMVID_ROOT),
+        "--limit",
+        "1",
+        "--no-progress",
+    ]
     assert main(common) == 0
     assert "test scale 240x180 (the training run's" in capsys.readouterr().err
     assert main(common + ["--scale", "480", "360"]) == 0
@@ -194,7 +266,21 @@ def test_eval_and_predict_default_to_the_training_runs_test_scale(tmp_path, caps
     assert "two positive sizes" in capsys.readouterr().err
 
     image = sorted((CAMVID_ROOT / "val" / "images").iterdir())[0]
-    assert main(["predict", "--model", "offseg-t", "--checkpoint", str(ckpt), str(image),
-                 "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                "offseg-t",
+                "--checkpoint",
+                str(ckpt),
+                str(image),
+                "--out",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "offseg predict: test scale 240x180 (the training run's" in capsys.readouterr().err
     assert any((tmp_path / "out").rglob("*.png")) or any((tmp_path / "out").rglob("*.jpg"))

@@ -1,4 +1,5 @@
 """Whole, sliding-window and TTA inference against brute-force versions written here."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,11 +55,11 @@ def brute_force_slide(model, x, crop, stride):
     count = np.zeros((H, W))
     for y in starts(H, crop[0], stride[0]):
         for x0 in starts(W, crop[1], stride[1]):
-            win = x[:, :, y:y + crop[0], x0:x0 + crop[1]]
+            win = x[:, :, y : y + crop[0], x0 : x0 + crop[1]]
             h, w = win.shape[-2:]
             padded = F.pad(win, (0, (d - w % d) % d, 0, (d - h % d) % d))
-            total[:, :, y:y + h, x0:x0 + w] += model(padded)[:, :, :h, :w].detach().numpy()
-            count[y:y + h, x0:x0 + w] += 1
+            total[:, :, y : y + h, x0 : x0 + w] += model(padded)[:, :, :h, :w].detach().numpy()
+            count[y : y + h, x0 : x0 + w] += 1
     assert count.min() >= 1
     return torch.from_numpy(total / count)
 
@@ -66,10 +67,10 @@ def brute_force_slide(model, x, crop, stride):
 @pytest.mark.parametrize(
     "size,crop,stride",
     [
-        ((40, 56), (16, 24), (8, 16)),    # overlaps in both directions, last windows shifted inside
-        ((40, 56), (16, 16), (16, 16)),   # no overlap, but the sides are not multiples of the stride
-        ((35, 50), (16, 24), (12, 10)),   # odd image size
-        ((12, 50), (16, 24), (12, 10)),   # image lower than the crop: windows padded
+        ((40, 56), (16, 24), (8, 16)),  # overlaps in both directions, last windows shifted inside
+        ((40, 56), (16, 16), (16, 16)),  # no overlap, but the sides are not multiples of the stride
+        ((35, 50), (16, 24), (12, 10)),  # odd image size
+        ((12, 50), (16, 24), (12, 10)),  # image lower than the crop: windows padded
     ],
 )
 def test_slide_matches_brute_force(standin, size, crop, stride):

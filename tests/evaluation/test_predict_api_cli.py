@@ -1,4 +1,5 @@
 """offseg.predict and `offseg predict`: label PNGs, overlays, folders with a bad file, videos."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -83,8 +84,22 @@ def test_collect_inputs(tmp_path):
 @needs_camvid_image
 def test_cli_writes_label_and_overlay_for_a_camvid_image(tmp_path, capsys):
     # --scale halves the work; the outputs must still come back at the image size.
-    code = main(["predict", "--model", "offseg-t", "--num-classes", "11", "--scale", "240", "180", "--no-progress",
-                 "--out", str(tmp_path), str(CAMVID_IMAGE)])
+    code = main(
+        [
+            "predict",
+            "--model",
+            "offseg-t",
+            "--num-classes",
+            "11",
+            "--scale",
+            "240",
+            "180",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            str(CAMVID_IMAGE),
+        ]
+    )
     assert code == 0
     label = Image.open(tmp_path / "0016E5_07959.png")
     view = Image.open(tmp_path / "0016E5_07959_overlay.png")
@@ -110,13 +125,30 @@ def test_cli_folder_with_a_corrupt_image(tmp_path, capsys):
     assert code == 1  # something was skipped
     assert "broken.jpg" in out.err and "skipped" in out.err
     assert "2 file(s) written" in out.out and "1 skipped" in out.out
-    assert sorted(p.name for p in out_dir.iterdir()) == ["left.png", "left_overlay.png", "middle.png", "middle_overlay.png"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "left.png",
+        "left_overlay.png",
+        "middle.png",
+        "middle_overlay.png",
+    ]
     assert Image.open(out_dir / "left_overlay.png").size == (64, 48)
 
 
 def test_cli_refuses_to_overwrite_the_input(tmp_path, capsys):
     Image.fromarray(small_rgb()).save(tmp_path / "pic.png")
-    code = main(["predict", "--model", "offseg-t", "--num-classes", "3", "--no-progress", "--out", str(tmp_path), str(tmp_path / "pic.png")])
+    code = main(
+        [
+            "predict",
+            "--model",
+            "offseg-t",
+            "--num-classes",
+            "3",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            str(tmp_path / "pic.png"),
+        ]
+    )
     assert code == 1 and "overwrite" in capsys.readouterr().err
 
 
@@ -129,7 +161,22 @@ def test_cli_missing_input_is_a_one_line_error(tmp_path, capsys):
 @pytest.mark.skipif(camvid_skip_reason() is not None, reason=str(camvid_skip_reason()))
 def test_cli_palette_from_dataset(tmp_path):
     Image.fromarray(small_rgb(size=(32, 32))).save(tmp_path / "p.png")
-    assert main(["predict", "--model", "offseg-t", "--palette", "camvid", "--no-progress", "--out", str(tmp_path / "o"), str(tmp_path / "p.png")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                "offseg-t",
+                "--palette",
+                "camvid",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "o"),
+                str(tmp_path / "p.png"),
+            ]
+        )
+        == 0
+    )
     from offseg.data import dataset_info
 
     label = Image.open(tmp_path / "o" / "p.png")
@@ -155,12 +202,48 @@ def test_cli_video_to_overlay_video_and_frames(tmp_path):
     av = pytest.importorskip("av", reason="PyAV (the video extra) is not installed")
     video = tmp_path / "clip.mp4"
     write_test_video(video)
-    assert main(["predict", "--model", "offseg-t", "--num-classes", "4", "--no-progress", "--out", str(tmp_path / "o"), str(video)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                "offseg-t",
+                "--num-classes",
+                "4",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "o"),
+                str(video),
+            ]
+        )
+        == 0
+    )
     with av.open(str(tmp_path / "o" / "clip_overlay.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 3 and frames[0].shape == (48, 64, 3)
 
-    assert main(["predict", "--model", "offseg-t", "--num-classes", "4", "--no-progress", "--video-frames", "--max-frames", "2",
-                 "--out", str(tmp_path / "f"), str(video)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                "offseg-t",
+                "--num-classes",
+                "4",
+                "--no-progress",
+                "--video-frames",
+                "--max-frames",
+                "2",
+                "--out",
+                str(tmp_path / "f"),
+                str(video),
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "f" / "clip").iterdir()) == [
-        "frame_000000.png", "frame_000000_overlay.png", "frame_000001.png", "frame_000001_overlay.png"]
+        "frame_000000.png",
+        "frame_000000_overlay.png",
+        "frame_000001.png",
+        "frame_000001_overlay.png",
+    ]

@@ -1,4 +1,5 @@
 """SegMetric against a plain per-class loop, NaN rules, errors, table, distributed reduction."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,7 @@ def loop_reference(pairs, num_classes, ignore):
         accs.append(inter / in_label * 100 if in_label else math.nan)
         hits += inter
         labelled += in_label
-    return {"IoU": ious, "Acc": accs, "aAcc": hits / labelled * 100,
-            "mIoU": np.nanmean(ious), "mAcc": np.nanmean(accs)}
+    return {"IoU": ious, "Acc": accs, "aAcc": hits / labelled * 100, "mIoU": np.nanmean(ious), "mAcc": np.nanmean(accs)}
 
 
 def random_pairs(seed, n=4, shape=(23, 31), num_classes=K, ignore=255):
@@ -139,7 +139,7 @@ class ToyDataset:
         for i in range(n):
             image = torch.randn(3, 12 + i, 17, generator=gen)
             label = torch.randint(0, 4, (12 + i, 17), generator=gen)
-            label[: i] = 255
+            label[:i] = 255
             self.items.append({"image": image, "label": label})
 
     def __len__(self):

@@ -1,4 +1,5 @@
 """The standalone building blocks reproduce the official modules' reference vectors."""
+
 import torch
 
 from offseg.models.layers.carafe import carafe
@@ -11,7 +12,13 @@ def test_carafe_cases():
     vec = load_vector("carafe")
     for case in vec.sidecar["cases"]:
         name = case["name"]
-        out = carafe(vec[f"{name}.input.features"], vec[f"{name}.input.masks"], case["kernel_size"], case["group_size"], case["scale_factor"])
+        out = carafe(
+            vec[f"{name}.input.features"],
+            vec[f"{name}.input.masks"],
+            case["kernel_size"],
+            case["group_size"],
+            case["scale_factor"],
+        )
         assert_close(out, vec[f"{name}.output"], TOLERANCE["module"], name)
 
 
@@ -38,7 +45,9 @@ def test_carafe_matches_definition_with_groups():
 def test_freqfusion_module():
     vec = load_vector("freqfusion_module")
     module = FreqFusion(64, 128, 48)
-    assert torch.equal(module.dysampler.init_pos, vec.weights["dysampler.init_pos"])  # constant buffer built identically
+    assert torch.equal(
+        module.dysampler.init_pos, vec.weights["dysampler.init_pos"]
+    )  # constant buffer built identically
     module.load_state_dict(vec.weights, strict=True)
     module.eval()
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """Checks shared by the model-family tests."""
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """Every registered model builds, runs forward and backward, and returns logits at the input
 size — at 64x64 and at 512x512. Heavy: run with `pytest -m slow` (the default suite covers the
 smallest model of each family in its own test file)."""
+
 import pytest
 import torch
 
@@ -35,7 +36,9 @@ def test_every_family_is_registered():
 @pytest.mark.parametrize("name", ["offseg-t-co", "segformer-b0-ol", "segnext-t", "mask2former-swin-t-ol"])
 def test_unknown_option_names_the_model_and_what_it_accepts(name):
     # The variant's own arguments (size, head type) are fixed by its name, not options.
-    with pytest.raises(TypeError, match=rf"^{name}: unknown option\(s\) offset_learning, sizes?; accepted: .*drop_path_rate"):
+    with pytest.raises(
+        TypeError, match=rf"^{name}: unknown option\(s\) offset_learning, sizes?; accepted: .*drop_path_rate"
+    ):
         offseg.create_model(name, size="b1", offset_learning=True)
 
 

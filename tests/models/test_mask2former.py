@@ -2,6 +2,7 @@
 counts at full size, numerical equivalence with the official code on the reduced configuration
 (backbone features, pixel-decoder outputs, every per-layer prediction, predict()), the
 Offset_Learning_Mask module vector, and a training step."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,7 +37,9 @@ def _reduced(offset_learning: bool) -> tuple[torch.nn.Module, object]:
     """Reduced model loaded with the reference weights (the baseline uses the OL file minus
     decode_head.offset_learning.*), in eval mode, and the OL vector (input, intermediates)."""
     vec = load_vector("mask2former_swin_reduced_offset_learning")
-    weights = {k: v for k, v in vec.weights.items() if offset_learning or not k.startswith("decode_head.offset_learning.")}
+    weights = {
+        k: v for k, v in vec.weights.items() if offset_learning or not k.startswith("decode_head.offset_learning.")
+    }
     model = offseg.create_model(NAMES[offset_learning], num_classes=150, **MASK2FORMER_REDUCED)
     model.load_state_dict(weights, strict=True)
     return model.eval(), vec
@@ -81,8 +84,12 @@ def test_reduced_ol_semantic_scores_match_official_predict() -> None:
     with torch.no_grad():
         seg = model(image)
         assert_close(seg, vec["output.seg_logits"], bar, "model(x)")
-        assert_close(model.decode_head.predict(model.backbone(image), image.shape[-2:]), vec["output.seg_logits"], bar,
-                     "decode_head.predict")
+        assert_close(
+            model.decode_head.predict(model.backbone(image), image.shape[-2:]),
+            vec["output.seg_logits"],
+            bar,
+            "decode_head.predict",
+        )
         # From the stored last prediction alone: the predict() formula itself.
         from_ref = semantic_scores(vec["output.all_cls_scores.3"], vec["output.all_mask_preds.3"], image.shape[-2:])
     assert_close(from_ref, vec["output.seg_logits"], bar, "semantic_scores of the reference outputs")
@@ -119,7 +126,9 @@ def test_sine_encoding_matches_detr_formula() -> None:
     y = (i + 1) / (h + 1e-6) * 2 * torch.pi
     x = (j + 1) / (w + 1e-6) * 2 * torch.pi
     assert pos[0, ch, i, j].item() == pytest.approx(torch.sin(torch.tensor(y / 10000 ** (ch / f))).item(), abs=1e-6)
-    assert pos[0, f + ch + 1, i, j].item() == pytest.approx(torch.cos(torch.tensor(x / 10000 ** (ch / f))).item(), abs=1e-6)
+    assert pos[0, f + ch + 1, i, j].item() == pytest.approx(
+        torch.cos(torch.tensor(x / 10000 ** (ch / f))).item(), abs=1e-6
+    )
 
 
 def test_deformable_sampling_is_bilinear_with_zero_padding() -> None:

@@ -1,5 +1,6 @@
 """Mask2Former matching and losses on hand-computed cases, the exact NumPy Hungarian fallback,
 and a training step of the reduced model through the loss."""
+
 from __future__ import annotations
 
 import itertools
@@ -83,8 +84,9 @@ def test_hungarian_match_finds_the_known_assignment() -> None:
     cls, masks, labels = _three_queries_two_targets()
     gt_labels, gt_masks = semantic_to_instances(labels[0])
     assert gt_labels.tolist() == [0, 2]
-    queries, gts = hungarian_match(cls[0], masks[0], gt_labels, gt_masks, num_points=256,
-                                   generator=torch.Generator().manual_seed(0))
+    queries, gts = hungarian_match(
+        cls[0], masks[0], gt_labels, gt_masks, num_points=256, generator=torch.Generator().manual_seed(0)
+    )
     assert queries.tolist() == [0, 2] and gt_labels[gts].tolist() == [2, 0]
 
 
@@ -92,7 +94,9 @@ def test_layer_loss_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     # Sample the loss at the 16 pixel centres, so point values are exactly the pixel values.
     ys, xs = torch.meshgrid((torch.arange(4) + 0.5) / 4, (torch.arange(4) + 0.5) / 4, indexing="ij")
     centres = torch.stack([xs.flatten(), ys.flatten()], -1)
-    monkeypatch.setattr(m2f_loss, "uncertain_point_coords", lambda logits, n, *a, **k: centres.expand(len(logits), -1, -1))
+    monkeypatch.setattr(
+        m2f_loss, "uncertain_point_coords", lambda logits, n, *a, **k: centres.expand(len(logits), -1, -1)
+    )
     cls, masks, labels = _three_queries_two_targets(k=3)
     criterion = Mask2FormerLoss(num_classes=3, num_points=16)
     loss_cls, loss_mask, loss_dice = criterion.layer_loss(cls, masks, criterion.targets(labels))
@@ -136,7 +140,9 @@ def test_loss_dict_and_training_step_on_reduced_model() -> None:
     criterion = Mask2FormerLoss(num_classes=5, num_points=256)
     losses = criterion(*model.forward_train_outputs(torch.randn(2, 3, 64, 64)), labels)
     layers = MASK2FORMER_REDUCED["decoder_layers"] + 1
-    expected = {"loss_cls", "loss_mask", "loss_dice"} | {f"d{i}.loss_{k}" for i in range(layers - 1) for k in ("cls", "mask", "dice")}
+    expected = {"loss_cls", "loss_mask", "loss_dice"} | {
+        f"d{i}.loss_{k}" for i in range(layers - 1) for k in ("cls", "mask", "dice")
+    }
     assert set(losses) == expected
     total = sum(losses.values())
     assert torch.isfinite(total)

@@ -1,5 +1,6 @@
 """OffSeg-T/B/L: state dicts identical to the official checkpoints, outputs identical to the
 official model, and usable at any size that is a multiple of 32."""
+
 import pytest
 import torch
 

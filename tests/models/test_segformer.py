@@ -1,6 +1,7 @@
 """SegFormer-B0..B5 with the per-pixel and the Offset-Learning heads: official state-dict layout,
 numerical equivalence with the official B0-OL, the paper's parameter counts, and a training step
 for every size."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,7 +25,9 @@ PAPER_PARAMS_M = {
 }
 
 
-@pytest.mark.parametrize("name, manifest", [("segformer-b0", "segformer_b0"), ("segformer-b0-ol", "segformer_b0_offset_learning")])
+@pytest.mark.parametrize(
+    "name, manifest", [("segformer-b0", "segformer_b0"), ("segformer-b0-ol", "segformer_b0_offset_learning")]
+)
 def test_state_dict_matches_official_manifest(name: str, manifest: str) -> None:
     assert_manifest(offseg.create_model(name, num_classes=150), manifest)
 
@@ -67,7 +70,9 @@ def test_b0_forward_backward(offset_learning: bool) -> None:
 @pytest.mark.parametrize("size", SIZES[1:])
 @pytest.mark.parametrize("offset_learning", [False, True], ids=["pixel", "ol"])
 def test_forward_backward_all_sizes(size: str, offset_learning: bool) -> None:
-    check_train_step(f"segformer-{size}{'-ol' if offset_learning else ''}", _logits_size(offset_learning), offset_learning)
+    check_train_step(
+        f"segformer-{size}{'-ol' if offset_learning else ''}", _logits_size(offset_learning), offset_learning
+    )
 
 
 def test_all_twelve_registered() -> None:

@@ -1,6 +1,7 @@
 """SegNeXt-T/S/B/L with the LightHam head, per-pixel and with Offset Learning: official state-dict
 layout, numerical equivalence with the official T models under the official RNG protocol,
 deterministic NMF bases on request, the paper's parameter counts, and a training step."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,10 +22,14 @@ SEED = 1234  # the seed of the reference vectors, set right before the forward
 PAPER_PARAMS_M = {"t": (4.3, 4.4), "s": (13.9, 14.1), "b": (27.6, 28.2), "l": (48.9, None)}
 # What these builders give (the T figures equal the official manifests).
 EXACT_PARAMS = {
-    "segnext-t": 4_263_414, "segnext-t-ol": 4_433_186,
-    "segnext-s": 13_932_886, "segnext-s-ol": 14_102_658,
-    "segnext-b": 27_636_310, "segnext-b-ol": 28_237_698,
-    "segnext-l": 48_926_550, "segnext-l-ol": 51_177_602,
+    "segnext-t": 4_263_414,
+    "segnext-t-ol": 4_433_186,
+    "segnext-s": 13_932_886,
+    "segnext-s-ol": 14_102_658,
+    "segnext-b": 27_636_310,
+    "segnext-b-ol": 28_237_698,
+    "segnext-l": 48_926_550,
+    "segnext-l-ol": 51_177_602,
 }
 
 
@@ -37,12 +42,14 @@ def loaded_model(vector_name: str, model_name: str) -> tuple[torch.nn.Module, ob
 
 # --- (a) state-dict layout ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name, manifest", [("segnext-t", "segnext_t"), ("segnext-t-ol", "segnext_t_offset_learning")])
 def test_state_dict_matches_official_manifest(name: str, manifest: str) -> None:
     assert_manifest(offseg.create_model(name, num_classes=150), manifest)
 
 
 # --- (b) official outputs -----------------------------------------------------------------------
+
 
 def test_mscan_t_reproduces_official_features() -> None:
     vec = load_vector("mscan_t_backbone")
@@ -58,7 +65,9 @@ def test_mscan_t_reproduces_official_features() -> None:
         assert_close(feat, vec[f"output.feat{i}"], TOLERANCE["mscan"], f"feature {i}")
 
 
-@pytest.mark.parametrize("vector_name, model_name", [("segnext_t_offset_learning", "segnext-t-ol"), ("segnext_t", "segnext-t")])
+@pytest.mark.parametrize(
+    "vector_name, model_name", [("segnext_t_offset_learning", "segnext-t-ol"), ("segnext_t", "segnext-t")]
+)
 def test_seeded_forward_reproduces_official_logits(vector_name: str, model_name: str) -> None:
     model, vec = loaded_model(vector_name, model_name)
     captured = {}
@@ -100,6 +109,7 @@ def test_integer_seed_reproduces_official_logits_without_global_rng() -> None:
 
 
 # --- (c) determinism ----------------------------------------------------------------------------
+
 
 def _head_and_features(name: str, batch: int = 1, size: tuple[int, int] = (64, 64)):
     """A fresh model's decode head and one set of backbone features: the NMF is the only random
@@ -179,6 +189,7 @@ def test_nmf_steps_and_bad_arguments() -> None:
 
 # --- (d) parameter counts -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("offset_learning", [False, True], ids=["pixel", "ol"])
 def test_parameter_counts(size: str, offset_learning: bool) -> None:
@@ -192,6 +203,7 @@ def test_parameter_counts(size: str, offset_learning: bool) -> None:
 
 
 # --- (e) training step --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("offset_learning", [False, True], ids=["pixel", "ol"])
 def test_t_forward_backward(offset_learning: bool) -> None:
@@ -207,6 +219,7 @@ def test_forward_backward_all_sizes(size: str, offset_learning: bool) -> None:
 
 # --- configuration and errors -------------------------------------------------------------------
 
+
 def test_all_eight_registered() -> None:
     expected = {f"segnext-{s}{suffix}" for s in SIZES for suffix in ("", "-ol")}
     assert expected <= set(offseg.list_models("segnext"))
@@ -219,7 +232,11 @@ def test_stochastic_depth_schedule() -> None:
     assert rates == pytest.approx(torch.linspace(0, 0.1, 13).tolist())
     assert MSCAN("l", drop_path_rate=None).block4[-1].drop_path.drop_prob == pytest.approx(0.3)
     model = offseg.create_model("segnext-t", drop_path_rate=0.0)
-    assert all(isinstance(blk.drop_path, torch.nn.Identity) for i in range(1, 5) for blk in getattr(model.backbone, f"block{i}"))
+    assert all(
+        isinstance(blk.drop_path, torch.nn.Identity)
+        for i in range(1, 5)
+        for blk in getattr(model.backbone, f"block{i}")
+    )
 
 
 def test_bad_arguments_are_named() -> None:

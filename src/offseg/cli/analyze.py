@@ -1,10 +1,11 @@
 """`offseg analyze`: look inside the classifier.
 
-    offseg analyze ideal-repr   the paper's Fig. 3: ideal class representation W* = M (E^T)^+ per
-                                image, the mIoU of the masks it recomputes, and how little W*_k
-                                agrees across images (cosine-similarity maps), next to the model's W
-    offsets                     Offset Learning on single images: coupled attention, ||dE||, ||dW_k||
+offseg analyze ideal-repr   the paper's Fig. 3: ideal class representation W* = M (E^T)^+ per
+                            image, the mIoU of the masks it recomputes, and how little W*_k
+                            agrees across images (cosine-similarity maps), next to the model's W
+offsets                     Offset Learning on single images: coupled attention, ||dE||, ||dW_k||
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,17 +37,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "summary.json. Images are spread evenly over the split.",
     )
     _model_arguments(ideal)
-    ideal.add_argument("--data", required=True, help="dataset name: ade20k, cityscapes, coco-stuff164k, pascal-context-59, camvid, folder")
+    ideal.add_argument(
+        "--data",
+        required=True,
+        help="dataset name: ade20k, cityscapes, coco-stuff164k, pascal-context-59, camvid, folder",
+    )
     ideal.add_argument("--data-root", required=True, help="dataset root folder")
     ideal.add_argument("--split", default="val", help="split (default: val)")
     add_scale_argument(ideal, "the dataset's official test scale")
-    ideal.add_argument("--images", type=int, default=10, metavar="N", help="number of images, spread evenly over the split (default: 10)")
-    ideal.add_argument("--classes", nargs="+", metavar="CLASS",
-                       help="classes (names or indices) to draw similarity maps for (default: every class in two or more images)")
-    ideal.add_argument("--min-pixels", type=int, default=1, metavar="P",
-                       help="a class counts as present in an image from P labelled cells at head resolution (default: 1)")
-    ideal.add_argument("--rcond", type=float, default=None, metavar="R",
-                       help="singular values below R x the largest count as zero in the pseudo-inverse (default: 1e-6)")
+    ideal.add_argument(
+        "--images",
+        type=int,
+        default=10,
+        metavar="N",
+        help="number of images, spread evenly over the split (default: 10)",
+    )
+    ideal.add_argument(
+        "--classes",
+        nargs="+",
+        metavar="CLASS",
+        help="classes (names or indices) to draw similarity maps for (default: every class in two or more images)",
+    )
+    ideal.add_argument(
+        "--min-pixels",
+        type=int,
+        default=1,
+        metavar="P",
+        help="a class counts as present in an image from P labelled cells at head resolution (default: 1)",
+    )
+    ideal.add_argument(
+        "--rcond",
+        type=float,
+        default=None,
+        metavar="R",
+        help="singular values below R x the largest count as zero in the pseudo-inverse (default: 1e-6)",
+    )
     ideal.add_argument("--out", default="analysis/ideal-repr", help="output folder (default: analysis/ideal-repr)")
     ideal.set_defaults(run=run_ideal_repr)
 
@@ -60,9 +85,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     offsets.add_argument("inputs", nargs="+", metavar="IMAGE", help="image file or folder (searched recursively)")
     _model_arguments(offsets)
     add_scale_argument(offsets, "none")
-    offsets.add_argument("--palette", metavar="DATASET", help="class names, colours and default class count of this dataset")
-    offsets.add_argument("--classes", nargs="+", metavar="CLASS", help="classes (names or indices) whose attention to show")
-    offsets.add_argument("--top", type=int, default=4, metavar="N", help="without --classes, show the N largest predicted classes (default: 4)")
+    offsets.add_argument(
+        "--palette", metavar="DATASET", help="class names, colours and default class count of this dataset"
+    )
+    offsets.add_argument(
+        "--classes", nargs="+", metavar="CLASS", help="classes (names or indices) whose attention to show"
+    )
+    offsets.add_argument(
+        "--top",
+        type=int,
+        default=4,
+        metavar="N",
+        help="without --classes, show the N largest predicted classes (default: 4)",
+    )
     offsets.add_argument("--out", default="analysis/offsets", help="output folder (default: analysis/offsets)")
     offsets.set_defaults(run=run_offsets)
 
@@ -72,7 +107,12 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="weights; without it the model is randomly initialised")
     p.add_argument("--num-classes", type=int, help="number of classes (default: the checkpoint's, else the dataset's)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (no --checkpoint) and of SegNeXt's NMF bases (default: 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random initialisation (no --checkpoint) and of SegNeXt's NMF bases (default: 0)",
+    )
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:
@@ -119,17 +159,29 @@ def run_ideal_repr(args: argparse.Namespace) -> int:
     _check_matplotlib()
     indices = evenly_spaced(args.images, len(dataset))
     print(f"{args.model} on {args.data} {args.split}: {len(indices)} images")
-    analysis = analyze_ideal_representation(model, dataset, indices, classes=classes, rcond=rcond,
-                                            min_pixels=args.min_pixels, progress=True)
-    summary = plot_ideal_repr(analysis, args.out, palette=dataset.palette,
-                              metadata={"checkpoint": args.checkpoint, "data": args.data, "split": args.split})
+    analysis = analyze_ideal_representation(
+        model, dataset, indices, classes=classes, rcond=rcond, min_pixels=args.min_pixels, progress=True
+    )
+    summary = plot_ideal_repr(
+        analysis,
+        args.out,
+        palette=dataset.palette,
+        metadata={"checkpoint": args.checkpoint, "data": args.data, "split": args.split},
+    )
 
-    print(f"features: {summary['feature_channels']} channels at 1/{analysis.stride}, numerical rank "
-          f"{min(analysis.feature_rank)}-{max(analysis.feature_rank)} (rcond {rcond:g})")
-    print(f"mIoU at head resolution: recomputed argmax W* E^T {_pct(summary['ideal_mIoU'])}, model {_pct(summary['model_mIoU'])}")
+    print(
+        f"features: {summary['feature_channels']} channels at 1/{analysis.stride}, numerical rank "
+        f"{min(analysis.feature_rank)}-{max(analysis.feature_rank)} (rcond {rcond:g})"
+    )
+    print(
+        f"mIoU at head resolution: recomputed argmax W* E^T {_pct(summary['ideal_mIoU'])}, model {_pct(summary['model_mIoU'])}"
+    )
     aligned = analysis.aligned_repr is not None
-    print("mean off-diagonal cosine similarity per class: ideal W*" + (" | model W + dW" if aligned else "")
-          + " (model W: 1 by construction)")
+    print(
+        "mean off-diagonal cosine similarity per class: ideal W*"
+        + (" | model W + dW" if aligned else "")
+        + " (model W: 1 by construction)"
+    )
     for entry in summary["classes"]:
         line = f"  {entry['name']:<16} {len(entry['images']):>3} images  {_num(entry['ideal_mean_similarity'])}"
         if aligned:
@@ -183,8 +235,16 @@ def run_offsets(args: argparse.Namespace) -> int:
         quantities = offset_quantities(model, image)
         target = out / stem.parent / f"{stem.name}_offsets.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        figures = plot_offsets(image, quantities, target, class_names=class_names, palette=palette,
-                               classes=classes, top=args.top, title=f"{args.model}: {path.name}")
+        figures = plot_offsets(
+            image,
+            quantities,
+            target,
+            class_names=class_names,
+            palette=palette,
+            classes=classes,
+            top=args.top,
+            title=f"{args.model}: {path.name}",
+        )
         report["images"][str(path)] = {"figure": str(target), **figures}
         print(f"{path} -> {target}")
     (out / "offsets.json").write_text(json.dumps(report, indent=2) + "\n")

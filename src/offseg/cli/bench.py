@@ -29,6 +29,7 @@ How it measures, so that rows are comparable on a busy machine:
   statistics and affines, layer scales, attention biases and every weight moved off their
   initial values), identical for every row of a model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,6 +90,7 @@ class Result:
 # --------------------------------------------------------------------------------------------
 # Models with realistic weights
 # --------------------------------------------------------------------------------------------
+
 
 def realistic_weights(model: Any, seed: int = 0) -> Any:
     """Move every weight off its initial value, as the official reference data does, so that BN
@@ -153,6 +155,7 @@ def example_inputs(row: Row, seed: int = 0):
 # Runners: one callable per row
 # --------------------------------------------------------------------------------------------
 
+
 class Runner:
     """`run()` does one timed unit of work; `check()` returns the tensor compared across rows."""
 
@@ -203,7 +206,10 @@ def onnx_path(row: Row, workdir: Path) -> Path:
     from .. import __version__
 
     key = json.dumps([row.model, row.size, row.batch, row.num_classes, __version__])
-    return workdir / f"{row.model}-{row.size[0]}x{row.size[1]}-b{row.batch}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.onnx"
+    return (
+        workdir
+        / f"{row.model}-{row.size[0]}x{row.size[1]}-b{row.batch}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.onnx"
+    )
 
 
 def export_for_bench(row: Row, workdir: Path, fast_model: Any | None = None) -> Path:
@@ -281,6 +287,7 @@ def build_runner(row: Row, workdir: Path, onnx_spin: bool = True) -> Runner:
 # Measuring
 # --------------------------------------------------------------------------------------------
 
+
 def _status_mb(field_name: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
@@ -316,8 +323,15 @@ def relative_error(out: Any, ref: Any) -> float:
     return float((out - ref).abs().max() / max(1.0, float(ref.abs().max())))
 
 
-def time_rows(rows: Sequence[Row], threads: int, warmup: int, runs: int, workdir: Path, onnx_spin: bool = True,
-              log: Callable[[str], None] = print) -> list[Result]:
+def time_rows(
+    rows: Sequence[Row],
+    threads: int,
+    warmup: int,
+    runs: int,
+    workdir: Path,
+    onnx_spin: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
     """Build every row in this process, check outputs against the first row of the same model and
     mode, warm up, then time the rows round-robin."""
     import torch
@@ -348,14 +362,21 @@ def time_rows(rows: Sequence[Row], threads: int, warmup: int, runs: int, workdir
     return results
 
 
-def measure_memory(row: Row, threads: int, runs: int, workdir: Path, malloc: str = "fixed", timeout: float = 3600) -> dict:
+def measure_memory(
+    row: Row, threads: int, runs: int, workdir: Path, malloc: str = "fixed", timeout: float = 3600
+) -> dict:
     """Peak RSS of `row` in a fresh child process (see the module docs)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if malloc == "fixed":
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     payload = json.dumps({"row": asdict(row), "threads": threads, "runs": runs, "workdir": str(workdir)})
-    proc = subprocess.run([sys.executable, "-m", "offseg.cli.bench", "--memory-worker", payload],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "offseg.cli.bench", "--memory-worker", payload],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"memory worker for {row.label} failed:\n{proc.stderr[-2000:]}")
@@ -378,8 +399,16 @@ def _memory_worker(payload: str) -> int:
     for _ in range(spec["runs"]):
         out = runner.run()
         del out
-    print(json.dumps({"peak_rss_mb": _peak_rss_mb(), "build_rss_mb": build_rss, "build_peak_rss_mb": build_peak,
-                      "peak_is_run_only": reset}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": _peak_rss_mb(),
+                "build_rss_mb": build_rss,
+                "build_peak_rss_mb": build_peak,
+                "peak_is_run_only": reset,
+            }
+        )
+    )
     return 0
 
 
@@ -425,29 +454,42 @@ def matmul_rate(threads: int, n: int = 2048, runs: int = 5) -> float:
 # Reporting
 # --------------------------------------------------------------------------------------------
 
+
 def format_table(results: Sequence[Result]) -> str:
     """A Markdown table; ratios are against the first row."""
     first = results[0]
-    head = ("| row | batch | size | median ms | spread ms (min-max) | images/s | time x first | peak RSS MB "
-            "| memory x first | max rel. error vs first of its model |")
+    head = (
+        "| row | batch | size | median ms | spread ms (min-max) | images/s | time x first | peak RSS MB "
+        "| memory x first | max rel. error vs first of its model |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in results:
         row = r.row
         ratio_t = r.median_ms / first.median_ms if first.times_ms else float("nan")
         mem = f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb is not None else "-"
-        ratio_m = (f"{r.peak_rss_mb / first.peak_rss_mb:.2f}"
-                   if r.peak_rss_mb is not None and first.peak_rss_mb else "-")
+        ratio_m = f"{r.peak_rss_mb / first.peak_rss_mb:.2f}" if r.peak_rss_mb is not None and first.peak_rss_mb else "-"
         err = "-" if r.rel_error is None else f"{r.rel_error:.1e}"
         spread = f"{min(r.times_ms):.0f}-{max(r.times_ms):.0f}" if r.times_ms else "-"
         ips = row.images / (r.median_ms / 1e3) if r.times_ms else float("nan")
-        lines.append(f"| {row.label}{' (' + r.note + ')' if r.note else ''} | {row.batch} | {row.size[0]}x{row.size[1]} "
-                     f"| {r.median_ms:.0f} | {spread} | {ips:.2f} | {ratio_t:.2f} | {mem} | {ratio_m} | {err} |")
+        lines.append(
+            f"| {row.label}{' (' + r.note + ')' if r.note else ''} | {row.batch} | {row.size[0]}x{row.size[1]} "
+            f"| {r.median_ms:.0f} | {spread} | {ips:.2f} | {ratio_t:.2f} | {mem} | {ratio_m} | {err} |"
+        )
     return "\n".join(lines)
 
 
-def run_suite(rows: Sequence[Row], threads: int, warmup: int, runs: int, memory: bool, memory_runs: int,
-              workdir: Path, malloc: str = "fixed", onnx_spin: bool = True,
-              log: Callable[[str], None] = print) -> list[Result]:
+def run_suite(
+    rows: Sequence[Row],
+    threads: int,
+    warmup: int,
+    runs: int,
+    memory: bool,
+    memory_runs: int,
+    workdir: Path,
+    malloc: str = "fixed",
+    onnx_spin: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
     results = time_rows(rows, threads, warmup, runs, workdir, onnx_spin, log)
     if memory:
         for result in results:
@@ -457,8 +499,9 @@ def run_suite(rows: Sequence[Row], threads: int, warmup: int, runs: int, memory:
     return results
 
 
-def default_rows(models: Sequence[str], backends: Sequence[str], train: bool, size: tuple[int, int], batch: int,
-                 num_classes: int) -> list[Row]:
+def default_rows(
+    models: Sequence[str], backends: Sequence[str], train: bool, size: tuple[int, int], batch: int, num_classes: int
+) -> list[Row]:
     rows = []
     for model in models:
         if train:
@@ -477,6 +520,7 @@ def default_rows(models: Sequence[str], backends: Sequence[str], train: bool, si
 # Command line
 # --------------------------------------------------------------------------------------------
 
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
@@ -488,19 +532,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(forward, cross-entropy, backward, AdamW) for reference and eager.",
     )
     p.add_argument("--model", nargs="+", default=["offseg-t"], help="model name(s) (see offseg.list_models())")
-    p.add_argument("--size", nargs=2, type=int, default=(512, 512), metavar=("H", "W"), help="input size (default: 512 512)")
+    p.add_argument(
+        "--size", nargs=2, type=int, default=(512, 512), metavar=("H", "W"), help="input size (default: 512 512)"
+    )
     p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     p.add_argument("--threads", type=int, default=2, help="intra-op CPU threads (default: 2)")
-    p.add_argument("--backend", nargs="+", default=["eager"], choices=["eager", "onnxruntime", "compile"],
-                   help="extra execution backends to add as rows (default: eager only)")
+    p.add_argument(
+        "--backend",
+        nargs="+",
+        default=["eager"],
+        choices=["eager", "onnxruntime", "compile"],
+        help="extra execution backends to add as rows (default: eager only)",
+    )
     p.add_argument("--train", action="store_true", help="time a full training step instead of a forward")
     p.add_argument("--num-classes", type=int, default=150, help="number of classes (default: 150)")
     p.add_argument("--runs", type=int, default=10, help="timed runs per row (default: 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per row first (default: 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory child processes")
     p.add_argument("--memory-runs", type=int, default=2, help="runs per memory child process (default: 2)")
-    p.add_argument("--malloc", choices=["fixed", "default"], default="fixed",
-                   help="glibc allocator setting of the memory children (default: fixed mmap threshold)")
+    p.add_argument(
+        "--malloc",
+        choices=["fixed", "default"],
+        default="fixed",
+        help="glibc allocator setting of the memory children (default: fixed mmap threshold)",
+    )
     p.add_argument("--workdir", help="where ONNX exports are cached (default: a temporary directory)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=run)
@@ -526,8 +581,18 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def results_to_json(results: Sequence[Result]) -> list[dict]:
-    return [{**asdict(r.row), "label": r.row.label, "median_ms": r.median_ms, "times_ms": r.times_ms,
-             "peak_rss_mb": r.peak_rss_mb, "build_rss_mb": r.build_rss_mb, "rel_error": r.rel_error} for r in results]
+    return [
+        {
+            **asdict(r.row),
+            "label": r.row.label,
+            "median_ms": r.median_ms,
+            "times_ms": r.times_ms,
+            "peak_rss_mb": r.peak_rss_mb,
+            "build_rss_mb": r.build_rss_mb,
+            "rel_error": r.rel_error,
+        }
+        for r in results
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -537,8 +602,18 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         workdir.mkdir(parents=True, exist_ok=True)
-        results = run_suite(rows, args.threads, args.warmup, args.runs, not args.no_memory, args.memory_runs,
-                            workdir, args.malloc, spin, log=lambda m: print(m, file=sys.stderr))
+        results = run_suite(
+            rows,
+            args.threads,
+            args.warmup,
+            args.runs,
+            not args.no_memory,
+            args.memory_runs,
+            workdir,
+            args.malloc,
+            spin,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results_to_json(results), indent=1))

@@ -1,4 +1,5 @@
 """`offseg convert`: an official (or training) checkpoint to the project's own format."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,18 +7,24 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "convert", help="convert a checkpoint to the own format (OUT.safetensors + OUT.json)",
+        "convert",
+        help="convert a checkpoint to the own format (OUT.safetensors + OUT.json)",
         description=(
             "Convert an official MMSegmentation checkpoint (or a checkpoint written by offseg train) to the "
             "project's own format: OUT.safetensors (weights, no pickle) and OUT.json (model name, classes, "
             "palette, normalisation). The checkpoint must fit the model exactly; otherwise the differing keys are "
-            "listed. Pickles are read without executing code."),
+            "listed. Pickles are read without executing code."
+        ),
     )
     p.add_argument("input", metavar="IN.pth", help="checkpoint to convert")
-    p.add_argument("output", metavar="OUT", help="output path without suffix (OUT.safetensors and OUT.json are written)")
+    p.add_argument(
+        "output", metavar="OUT", help="output path without suffix (OUT.safetensors and OUT.json are written)"
+    )
     p.add_argument("--model", required=True, help="model the checkpoint belongs to (see offseg.list_models())")
-    p.add_argument("--dataset", help="dataset whose class names and palette to record (default: those the "
-                                     "checkpoint carries, if any)")
+    p.add_argument(
+        "--dataset",
+        help="dataset whose class names and palette to record (default: those the checkpoint carries, if any)",
+    )
     p.set_defaults(run=run)
 
 
@@ -50,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
     load_checkpoint(model, info.state_dict, source=str(info.path))  # strict: lists the keys that differ
     weights = save_pretrained(model, args.output, class_names=class_names, palette=palette, dataset=dataset)
     size_mib = weights.stat().st_size / 2**20
-    classes = f"{model.num_classes} classes" + (f" ({dataset})" if dataset else " (names recorded)" if class_names else "")
-    print(f"wrote {weights} ({len(model.state_dict())} tensors, {size_mib:.1f} MiB) and {weights.with_suffix('.json')}: "
-          f"{args.model}, {classes}")
+    classes = f"{model.num_classes} classes" + (
+        f" ({dataset})" if dataset else " (names recorded)" if class_names else ""
+    )
+    print(
+        f"wrote {weights} ({len(model.state_dict())} tensors, {size_mib:.1f} MiB) and {weights.with_suffix('.json')}: "
+        f"{args.model}, {classes}"
+    )
     return 0

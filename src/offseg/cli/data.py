@@ -1,11 +1,12 @@
 """`offseg data`: prepare, check, describe and generate datasets.
 
-    offseg data prepare cityscapes ROOT        labelIds -> labelTrainIds
-    offseg data prepare coco-stuff164k ROOT    stuffthingmaps -> labelTrainIds
-    offseg data check NAME ROOT [--split S]    every problem in one pass; exit 1 if any
-    offseg data info NAME                      classes, colours and default sizes
-    offseg data synthetic ROOT                 write the procedural street-scene demo set
+offseg data prepare cityscapes ROOT        labelIds -> labelTrainIds
+offseg data prepare coco-stuff164k ROOT    stuffthingmaps -> labelTrainIds
+offseg data check NAME ROOT [--split S]    every problem in one pass; exit 1 if any
+offseg data info NAME                      classes, colours and default sizes
+offseg data synthetic ROOT                 write the procedural street-scene demo set
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,11 @@ DATASET_CHOICES = ("ade20k", "cityscapes", "coco-stuff164k", "pascal-context-59"
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="prepare, check and generate datasets",
-                                   description="Prepare, check, describe and generate segmentation datasets.")
+    parser = subparsers.add_parser(
+        "data",
+        help="prepare, check and generate datasets",
+        description="Prepare, check, describe and generate segmentation datasets.",
+    )
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION")
     parser.set_defaults(run=lambda args: _help(parser))
 
@@ -83,7 +87,9 @@ def run_check(args: argparse.Namespace) -> int:
     if report.ok:
         print(f"{args.dataset} at {args.root}: OK ({checked} image/label pairs checked)")
         return 0
-    print(f"{args.dataset} at {args.root}: {len(report.problems)} problem(s) ({checked} pairs checked)", file=sys.stderr)
+    print(
+        f"{args.dataset} at {args.root}: {len(report.problems)} problem(s) ({checked} pairs checked)", file=sys.stderr
+    )
     return 1
 
 
@@ -93,7 +99,9 @@ def run_info(args: argparse.Namespace) -> int:
     info = dataset_info(args.dataset)
     print(f"{info.name}: {info.num_classes} classes, ignore index {info.ignore_index}")
     if info.crop_size or info.scale:
-        print(f"train: crop {info.crop_size}, base scale (w, h) {info.scale}; test scale (w, h) {info.test_scale or 'unchanged'}")
+        print(
+            f"train: crop {info.crop_size}, base scale (w, h) {info.scale}; test scale (w, h) {info.test_scale or 'unchanged'}"
+        )
     labels = []
     if info.reduce_zero_label:
         labels.append("0 -> ignore, i -> i-1 (reduce_zero_label)")
@@ -109,7 +117,8 @@ def run_info(args: argparse.Namespace) -> int:
 def run_synthetic(args: argparse.Namespace) -> int:
     from ..data import generate_synthetic_dataset
 
-    root = generate_synthetic_dataset(args.root, num_train=args.num_train, num_val=args.num_val,
-                                      size=tuple(args.size), seed=args.seed)
+    root = generate_synthetic_dataset(
+        args.root, num_train=args.num_train, num_val=args.num_val, size=tuple(args.size), seed=args.seed
+    )
     print(f"wrote {args.num_train} train and {args.num_val} val images ({args.size[0]}x{args.size[1]}) to {root}")
     return 0

@@ -4,6 +4,7 @@ Generates a small street-scene dataset (or takes a real one), prints the model c
 model for a few minutes on the CPU, evaluates it with a per-class table, and writes colour
 overlays and an image | ground truth | prediction sheet. Re-running continues where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,11 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="train -> evaluate -> predict on a generated dataset (no download), or on yours",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "demo",
+        help="train -> evaluate -> predict on a generated dataset (no download), or on yours",
+        description=__doc__,
+    )
     p.add_argument("--out", default="runs/demo", help="output folder (data, checkpoints, overlays)")
     p.add_argument("--model", default="offseg-t")
     p.add_argument("--data", default="folder", help="dataset name; default: the generated street scenes")
@@ -86,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = work / "best.pth" if (work / "best.pth").is_file() else last
     model = create_model(args.model, checkpoint=checkpoint).eval()
-    val = build_dataset(args.data, root, recipe["data"]["val_split"], pipeline="test", **(recipe["data"].get("test_options") or {}))
+    val = build_dataset(
+        args.data, root, recipe["data"]["val_split"], pipeline="test", **(recipe["data"].get("test_options") or {})
+    )
     results = evaluate(model, val, progress=True, **recipe["test"])
     print(format_table(results, val.class_names))
 

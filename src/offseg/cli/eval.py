@@ -1,4 +1,5 @@
 """`offseg eval`: mIoU of a model on a dataset split, with the per-class table."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="model name (see `offseg.list_models()`)")
     p.add_argument("--checkpoint", help="weights to evaluate; without it the model is randomly initialised")
-    p.add_argument("--data", required=True, help="dataset name: ade20k, cityscapes, coco-stuff164k, pascal-context-59, camvid, folder")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset name: ade20k, cityscapes, coco-stuff164k, pascal-context-59, camvid, folder",
+    )
     p.add_argument("--data-root", required=True, help="dataset root folder")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
-    p.add_argument("--mode", choices=("whole", "slide"), help="test mode (default: the official one for this model and dataset)")
+    p.add_argument(
+        "--mode", choices=("whole", "slide"), help="test mode (default: the official one for this model and dataset)"
+    )
     p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="sliding-window size")
-    p.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)")
+    p.add_argument(
+        "--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)"
+    )
     add_scale_argument(p, "the dataset's official test scale")
     p.add_argument("--tta", action="store_true", help="multi-scale + horizontal-flip test-time augmentation")
-    p.add_argument("--scales", nargs="+", type=float, metavar="R", help="TTA scale ratios (default: 0.5 0.75 1.0 1.25 1.5 1.75)")
+    p.add_argument(
+        "--scales", nargs="+", type=float, metavar="R", help="TTA scale ratios (default: 0.5 0.75 1.0 1.25 1.5 1.75)"
+    )
     p.add_argument("--num-classes", type=int, help="number of classes (default: the dataset's)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -36,8 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0, help="seed of the global RNG (SegNeXt draws its NMF bases from it)")
-    p.add_argument("--exact", action="store_true",
-                   help="run the model as built instead of its inference-optimised copy (offseg.optimize_for_inference)")
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="run the model as built instead of its inference-optimised copy (offseg.optimize_for_inference)",
+    )
     p.set_defaults(run=run)
 
 
@@ -101,14 +115,29 @@ def run(args: argparse.Namespace) -> int:
         model = optimize_for_inference(model.eval())
 
     scales = tuple(args.scales) if args.scales else DEFAULT_TTA_SCALES
-    described = test_mode["mode"] if test_mode["mode"] == "whole" else (
-        f"slide crop {test_mode['crop_size'][0]}x{test_mode['crop_size'][1]} stride {test_mode['stride'][0]}x{test_mode['stride'][1]}"
+    described = (
+        test_mode["mode"]
+        if test_mode["mode"] == "whole"
+        else (
+            f"slide crop {test_mode['crop_size'][0]}x{test_mode['crop_size'][1]} stride {test_mode['stride'][0]}x{test_mode['stride'][1]}"
+        )
     )
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    print(f"{args.model} on {args.data} {args.split}: {count} images, {described}" + (f", TTA scales {list(scales)} + flip" if args.tta else ""))
+    print(
+        f"{args.model} on {args.data} {args.split}: {count} images, {described}"
+        + (f", TTA scales {list(scales)} + flip" if args.tta else "")
+    )
     results = evaluate(
-        model, dataset, **test_mode, tta=args.tta, scales=scales, progress=not args.no_progress,
-        limit=args.limit, device=device, num_workers=args.workers, num_classes=num_classes,
+        model,
+        dataset,
+        **test_mode,
+        tta=args.tta,
+        scales=scales,
+        progress=not args.no_progress,
+        limit=args.limit,
+        device=device,
+        num_workers=args.workers,
+        num_classes=num_classes,
     )
     class_names = list(getattr(dataset, "class_names", None) or [])
     if len(class_names) != num_classes:

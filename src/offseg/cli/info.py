@@ -1,4 +1,5 @@
 """`offseg info`: a model card (parameters, FLOPs in each convention, CPU latency, paper figures)."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "at the given size, and the paper's figures for the model.",
     )
     p.add_argument("model", help="model name (see `offseg.list_models()`)")
-    p.add_argument("--size", nargs=2, type=int, default=(512, 512), metavar=("H", "W"), help="input size (default: 512 512)")
+    p.add_argument(
+        "--size", nargs=2, type=int, default=(512, 512), metavar=("H", "W"), help="input size (default: 512 512)"
+    )
     p.add_argument("--num-classes", type=int, default=150, help="number of classes (default: 150)")
     p.add_argument("--threads", type=int, help="intra-op CPU threads for the latency (default: PyTorch's)")
     p.add_argument("--runs", type=int, default=5, help="timed runs for the latency (default: 5)")
@@ -36,8 +39,12 @@ def run(args: argparse.Namespace) -> int:
     if args.runs < 1:
         raise ValueError(f"--runs must be at least 1, got {args.runs}")
     card = model_card(
-        args.model, size=(h, w), num_classes=args.num_classes, latency=not args.no_latency,
-        threads=args.threads, runs=args.runs,
+        args.model,
+        size=(h, w),
+        num_classes=args.num_classes,
+        latency=not args.no_latency,
+        threads=args.threads,
+        runs=args.runs,
     )
     print(json.dumps(card, indent=2) if args.json else format_model_card(card))
     return 0

@@ -2,6 +2,7 @@
 `register(subparsers)`, which adds its parser with `set_defaults(run=callable)`; modules are
 found automatically, so adding a command is adding a file. Modules named `_*` hold what several
 commands share."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,11 @@ from pathlib import Path
 
 def command_modules() -> list[str]:
     """Names of the sub-command modules of this package, alphabetically."""
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "main" and not m.name.startswith("_"))
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+        if m.name != "main" and not m.name.startswith("_")
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

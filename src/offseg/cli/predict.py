@@ -1,4 +1,5 @@
 """`offseg predict`: label PNGs and colour overlays for images, folders and videos."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,20 +24,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="weights; without it the model is randomly initialised")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--palette", metavar="DATASET", help="colours (and default class count / test mode) of this dataset")
-    p.add_argument("--num-classes", type=int, help="number of classes (default: checkpoint's, else the --palette dataset's, else 150)")
-    p.add_argument("--mode", choices=("whole", "slide"), help="test mode (default: the official one for the --palette dataset, else whole)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        help="number of classes (default: checkpoint's, else the --palette dataset's, else 150)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("whole", "slide"),
+        help="test mode (default: the official one for the --palette dataset, else whole)",
+    )
     p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="sliding-window size")
-    p.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)")
+    p.add_argument(
+        "--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)"
+    )
     p.add_argument("--tta", action="store_true", help="multi-scale + horizontal-flip test-time augmentation")
     add_scale_argument(p, "none")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours (default: 0.5)")
-    p.add_argument("--video-frames", action="store_true", help="for videos, write per-frame PNGs instead of an overlay video")
+    p.add_argument(
+        "--video-frames", action="store_true", help="for videos, write per-frame PNGs instead of an overlay video"
+    )
     p.add_argument("--max-frames", type=int, metavar="N", help="segment at most N frames of each video")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0, help="seed of the global RNG (SegNeXt draws its NMF bases from it)")
-    p.add_argument("--exact", action="store_true",
-                   help="run the model as built instead of its inference-optimised copy (offseg.optimize_for_inference)")
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="run the model as built instead of its inference-optimised copy (offseg.optimize_for_inference)",
+    )
     p.set_defaults(run=run)
 
 
@@ -53,14 +69,18 @@ def _palette(args: argparse.Namespace, num_classes: int):
             raise ValueError(f"--palette needs the data layer (offseg.data): {err}") from err
         colours = np.asarray(dataset_info(args.palette).palette, dtype=np.uint8).reshape(-1, 3)
     if len(colours) < num_classes:  # classes the dataset gives no colour get fixed random ones
-        colours = np.concatenate([colours, default_palette(num_classes)[len(colours):]])
+        colours = np.concatenate([colours, default_palette(num_classes)[len(colours) :]])
     return colours
 
 
 def _test_mode(args: argparse.Namespace) -> dict:
     from .eval import resolve_test_mode
 
-    return resolve_test_mode(argparse.Namespace(model=args.model, data=args.palette or "folder", mode=args.mode, crop=args.crop, stride=args.stride))
+    return resolve_test_mode(
+        argparse.Namespace(
+            model=args.model, data=args.palette or "folder", mode=args.mode, crop=args.crop, stride=args.stride
+        )
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +88,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..factory import create_model
-    from ..predict import collect_inputs, is_video, iter_video_frames, label_image, load_image, predict, video_frame_rate, VideoWriter
+    from ..predict import (
+        collect_inputs,
+        is_video,
+        iter_video_frames,
+        label_image,
+        load_image,
+        predict,
+        video_frame_rate,
+        VideoWriter,
+    )
     from ..visualize import overlay
 
     files = collect_inputs(args.inputs)  # missing inputs fail here, before the model is built
@@ -109,16 +138,27 @@ def run(args: argparse.Namespace) -> int:
         try:
             if is_video(source):
                 frames = islice(iter_video_frames(source), args.max_frames)  # None: every frame
-                with tqdm(frames, desc=source.name, unit="frame", leave=False, disable=args.no_progress,
-                          file=sys.stderr, dynamic_ncols=True) as frames:
+                with tqdm(
+                    frames,
+                    desc=source.name,
+                    unit="frame",
+                    leave=False,
+                    disable=args.no_progress,
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                ) as frames:
                     if args.video_frames:
                         for index, frame in enumerate(frames):
                             segment(frame, target / f"frame_{index:06d}.png", target / f"frame_{index:06d}_overlay.png")
                     else:
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        with VideoWriter(target.parent / f"{target.name}_overlay.mp4", rate=video_frame_rate(source)) as writer:
+                        with VideoWriter(
+                            target.parent / f"{target.name}_overlay.mp4", rate=video_frame_rate(source)
+                        ) as writer:
                             for frame in frames:
-                                writer.write(overlay(frame, predict(model, frame, **options), palette, alpha=args.alpha))
+                                writer.write(
+                                    overlay(frame, predict(model, frame, **options), palette, alpha=args.alpha)
+                                )
             else:
                 label_path = target.parent / f"{target.name}.png"
                 if label_path.resolve() == source.resolve():

@@ -1,14 +1,20 @@
 """`offseg train`: run a recipe (packaged or a YAML file), on one process or under torchrun."""
+
 from __future__ import annotations
 
 import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train a model with a recipe (resumable; torchrun for several processes)",
-                              description="Train a model. Every recipe field can be overridden with --set section.key=value.")
+    p = subparsers.add_parser(
+        "train",
+        help="train a model with a recipe (resumable; torchrun for several processes)",
+        description="Train a model. Every recipe field can be overridden with --set section.key=value.",
+    )
     p.add_argument("--model", required=True, help="registered model name, e.g. offseg-t (see offseg info --list)")
-    p.add_argument("--data", required=True, help="dataset: ade20k, cityscapes, coco-stuff164k, pascal-context-59, camvid, folder")
+    p.add_argument(
+        "--data", required=True, help="dataset: ade20k, cityscapes, coco-stuff164k, pascal-context-59, camvid, folder"
+    )
     p.add_argument("--data-root", required=True, help="dataset root folder")
     p.add_argument("--recipe", help="packaged recipe name or YAML file (default: the one for this model and dataset)")
     p.add_argument("--iters", type=int, help="total iterations")
@@ -26,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-interval", type=int, help="validate every N iterations (0: never)")
     p.add_argument("--val-limit", type=int, help="validate on the first N images only")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe field, e.g. optimizer.lr=1e-4")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe field, e.g. optimizer.lr=1e-4"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
@@ -35,10 +43,17 @@ def build_recipe(args: argparse.Namespace) -> dict:
     from ..engine.recipes import default_recipe_name, load_recipe, set_iterations
 
     overrides = [f"data.name={args.data}", f"data.root={args.data_root}"]
-    flags = {"train.batch_size": args.batch_size, "train.accumulate": args.accumulate,
-             "optimizer.lr": args.lr, "train.amp": args.amp, "train.seed": args.seed,
-             "data.num_workers": args.workers, "train.save_interval": args.save_interval,
-             "train.val_interval": args.val_interval, "train.val_limit": args.val_limit}
+    flags = {
+        "train.batch_size": args.batch_size,
+        "train.accumulate": args.accumulate,
+        "optimizer.lr": args.lr,
+        "train.amp": args.amp,
+        "train.seed": args.seed,
+        "data.num_workers": args.workers,
+        "train.save_interval": args.save_interval,
+        "train.val_interval": args.val_interval,
+        "train.val_limit": args.val_limit,
+    }
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     if args.crop:
         overrides.append(f"data.options.crop_size=[{args.crop[0]}, {args.crop[1]}]")
@@ -54,8 +69,14 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.trainer import train
 
     recipe = build_recipe(args)
-    results = train(recipe, args.work_dir, resume=args.resume, pretrained_backbone=args.pretrained_backbone,
-                    device=args.device, progress=not args.no_progress)["val"]
+    results = train(
+        recipe,
+        args.work_dir,
+        resume=args.resume,
+        pretrained_backbone=args.pretrained_backbone,
+        device=args.device,
+        progress=not args.no_progress,
+    )["val"]
     if results:
         print(f"final val: mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}")
     from pathlib import Path

@@ -1,24 +1,51 @@
 """Datasets, the paper's data pipelines, label tables and dataset tools.
 
-    from offseg.data import build_dataset
-    train = build_dataset("camvid", "data/camvid", "train", crop_size=(352, 480), seed=0)
-    val = build_dataset("camvid", "data/camvid", "val", pipeline="test")
+from offseg.data import build_dataset
+train = build_dataset("camvid", "data/camvid", "train", crop_size=(352, 480), seed=0)
+val = build_dataset("camvid", "data/camvid", "val", pipeline="test")
 """
+
 from __future__ import annotations
 
-from .datasets import (DatasetError, SegmentationDataset, build_dataset, read_image, read_label,
-                       scan_split)
-from .labels import (CITYSCAPES_LABEL_IDS, DATASET_NAMES, IGNORE_INDEX, DatasetInfo, dataset_info,
-                     read_classes_file, write_classes_file)
+from .datasets import DatasetError, SegmentationDataset, build_dataset, read_image, read_label, scan_split
+from .labels import (
+    CITYSCAPES_LABEL_IDS,
+    DATASET_NAMES,
+    IGNORE_INDEX,
+    DatasetInfo,
+    dataset_info,
+    read_classes_file,
+    write_classes_file,
+)
 from .sampling import InfiniteSampler, worker_init_fn
 from .synthetic import SYNTHETIC_CLASSES, generate_synthetic_dataset
 from .transforms import MEAN, STD, TestPipeline, TrainPipeline, normalize_image
 
 __all__ = [
-    "CITYSCAPES_LABEL_IDS", "DATASET_NAMES", "IGNORE_INDEX", "MEAN", "STD", "DatasetError", "DatasetInfo",
-    "InfiniteSampler", "SYNTHETIC_CLASSES", "SegmentationDataset", "TestPipeline", "TrainPipeline", "build_dataset",
-    "check_dataset", "dataset_info", "generate_synthetic_dataset", "normalize_image", "prepare_cityscapes",
-    "prepare_coco_stuff164k", "read_classes_file", "read_image", "read_label", "scan_split", "worker_init_fn",
+    "CITYSCAPES_LABEL_IDS",
+    "DATASET_NAMES",
+    "IGNORE_INDEX",
+    "MEAN",
+    "STD",
+    "DatasetError",
+    "DatasetInfo",
+    "InfiniteSampler",
+    "SYNTHETIC_CLASSES",
+    "SegmentationDataset",
+    "TestPipeline",
+    "TrainPipeline",
+    "build_dataset",
+    "check_dataset",
+    "dataset_info",
+    "generate_synthetic_dataset",
+    "normalize_image",
+    "prepare_cityscapes",
+    "prepare_coco_stuff164k",
+    "read_classes_file",
+    "read_image",
+    "read_label",
+    "scan_split",
+    "worker_init_fn",
     "write_classes_file",
 ]
 

@@ -1,4 +1,5 @@
 """`check_dataset`: every problem of a dataset on disk, found in one pass."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ def _default_splits(name: str, root: Path) -> tuple[str, ...]:
     return dataset_info(key).splits
 
 
-def check_dataset(name: str, root: str | Path, split: str | None = None, progress: bool = False,
-                  **options: Any) -> CheckReport:
+def check_dataset(
+    name: str, root: str | Path, split: str | None = None, progress: bool = False, **options: Any
+) -> CheckReport:
     """Look at every file of a dataset and report all problems instead of stopping at the first.
 
     Finds: missing root or split, images without labels and labels without images, unreadable

@@ -20,6 +20,7 @@ DataLoader worker loads it, and a run is reproducible whatever ``num_workers`` i
 comes from ``set_epoch`` or, better, from the index itself: ``dataset[(index, epoch)]`` — which
 is what `InfiniteSampler` yields, so persistent workers see the right epoch too.
 """
+
 from __future__ import annotations
 
 import operator
@@ -31,8 +32,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .labels import (CLASSES_FILE, DATASET_NAMES, IGNORE_INDEX, DatasetInfo, canonical_name, dataset_info,
-                     label_lookup, read_classes_file, valid_raw_values)
+from .labels import (
+    CLASSES_FILE,
+    DATASET_NAMES,
+    IGNORE_INDEX,
+    DatasetInfo,
+    canonical_name,
+    dataset_info,
+    label_lookup,
+    read_classes_file,
+    valid_raw_values,
+)
 from .transforms import TestPipeline, TrainPipeline
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -72,11 +82,15 @@ def read_label(path: str | Path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetError(f"{path}: cannot read label image ({err})") from err
     if array.ndim != 2:
-        raise DatasetError(f"{path}: label must be a single-channel image of class ids, got mode {mode} "
-                           f"with shape {array.shape} (a colour-coded label needs converting to ids first)")
+        raise DatasetError(
+            f"{path}: label must be a single-channel image of class ids, got mode {mode} "
+            f"with shape {array.shape} (a colour-coded label needs converting to ids first)"
+        )
     if array.dtype != np.uint8:
         if array.size and (array.min() < 0 or array.max() > 255):
-            raise DatasetError(f"{path}: label values range {array.min()}..{array.max()}, beyond the 0..255 of class ids")
+            raise DatasetError(
+                f"{path}: label values range {array.min()}..{array.max()}, beyond the 0..255 of class ids"
+            )
         array = array.astype(np.uint8)
     return array
 
@@ -146,8 +160,12 @@ def _pair(images: dict[str, Path], labels: dict[str, Path], expected_label, prob
     return scan
 
 
-def _stem_pairs(image_dir: Path, label_dir: Path, image_suffixes: Sequence[str] = IMAGE_EXTENSIONS,
-                label_suffixes: Sequence[str] = LABEL_EXTENSIONS) -> Scan:
+def _stem_pairs(
+    image_dir: Path,
+    label_dir: Path,
+    image_suffixes: Sequence[str] = IMAGE_EXTENSIONS,
+    label_suffixes: Sequence[str] = LABEL_EXTENSIONS,
+) -> Scan:
     """Pair the files of two folders by name stem: image 'x.jpg' with label 'x.png'."""
     problems: list[str] = []
     images = _keyed(_files_with_suffix(image_dir, image_suffixes), lambda p: p.stem, "image", problems)
@@ -172,13 +190,21 @@ def _scan_cityscapes(root: Path, split: str) -> Scan:
     image_dir = _require_dir(root / "leftImg8bit" / split, f"Cityscapes {split} images folder")
     label_dir = _require_dir(root / "gtFine" / split, f"Cityscapes {split} gtFine folder")
     problems: list[str] = []
-    images = _keyed(_files_with_suffix(image_dir, ("_leftImg8bit.png",), recursive=True),
-                    lambda p: str(p.relative_to(image_dir))[: -len("_leftImg8bit.png")], "image", problems)
+    images = _keyed(
+        _files_with_suffix(image_dir, ("_leftImg8bit.png",), recursive=True),
+        lambda p: str(p.relative_to(image_dir))[: -len("_leftImg8bit.png")],
+        "image",
+        problems,
+    )
     label_files = _files_with_suffix(label_dir, ("_gtFine_labelTrainIds.png",), recursive=True)
     if not label_files and _files_with_suffix(label_dir, ("_gtFine_labelIds.png",), recursive=True):
-        raise DatasetError(f"{label_dir}: has *_gtFine_labelIds.png but no *_gtFine_labelTrainIds.png; "
-                           f"create them with: offseg data prepare cityscapes {root}")
-    labels = _keyed(label_files, lambda p: str(p.relative_to(label_dir))[: -len("_gtFine_labelTrainIds.png")], "label", problems)
+        raise DatasetError(
+            f"{label_dir}: has *_gtFine_labelIds.png but no *_gtFine_labelTrainIds.png; "
+            f"create them with: offseg data prepare cityscapes {root}"
+        )
+    labels = _keyed(
+        label_files, lambda p: str(p.relative_to(label_dir))[: -len("_gtFine_labelTrainIds.png")], "label", problems
+    )
     return _pair(images, labels, lambda key: label_dir / f"{key}_gtFine_labelTrainIds.png", problems)
 
 
@@ -190,8 +216,10 @@ def _scan_coco_stuff(root: Path, split: str) -> Scan:
     images = _keyed(_files_with_suffix(image_dir, (".jpg",)), lambda p: p.stem, "image", problems)
     label_files = _files_with_suffix(label_dir, ("_labelTrainIds.png",))
     if not label_files and _files_with_suffix(label_dir, (".png",)):
-        raise DatasetError(f"{label_dir}: has raw stuffthingmaps PNGs but no *_labelTrainIds.png; "
-                           f"create them with: offseg data prepare coco-stuff164k {root}")
+        raise DatasetError(
+            f"{label_dir}: has raw stuffthingmaps PNGs but no *_labelTrainIds.png; "
+            f"create them with: offseg data prepare coco-stuff164k {root}"
+        )
     labels = _keyed(label_files, lambda p: p.name[: -len("_labelTrainIds.png")], "label", problems)
     return _pair(images, labels, lambda key: label_dir / f"{key}_labelTrainIds.png", problems)
 
@@ -207,7 +235,9 @@ def _scan_pascal_context(root: Path, split: str) -> Scan:
         _require_dir(list_file.parent, "Pascal Context split lists folder (ImageSets/SegmentationContext)")
         raise FileNotFoundError(f"{list_file}: Pascal Context {split} list not found")
     image_dir = _require_dir(root / "JPEGImages", "Pascal VOC2010 JPEGImages folder")
-    label_dir = _require_dir(root / "SegmentationClassContext", "Pascal Context label folder (SegmentationClassContext)")
+    label_dir = _require_dir(
+        root / "SegmentationClassContext", "Pascal Context label folder (SegmentationClassContext)"
+    )
     scan = Scan()
     for name in dict.fromkeys(line.strip() for line in list_file.read_text().splitlines() if line.strip()):
         image, label = image_dir / f"{name}.jpg", label_dir / f"{name}.png"
@@ -263,13 +293,26 @@ class SegmentationDataset(torch.utils.data.Dataset):
     `void_value="dataset"` take the label convention of `info`.
     """
 
-    def __init__(self, pairs: Sequence[tuple[str | Path, str | Path]], info: DatasetInfo, pipeline: str = "train",
-                 crop_size: tuple[int, int] | None = None, scale: tuple[int, int] | None = None,
-                 test_scale: tuple[int, int] | None = None, ratio_range: tuple[float, float] = (0.5, 2.0),
-                 cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True, seed: int = 0,
-                 reduce_zero_label: bool | None = None, void_value: int | None | str = "dataset",
-                 root: str | Path | None = None, split: str | None = None,
-                 short_edges: Sequence[int] | None = None, max_size: int = 2048):
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str | Path, str | Path]],
+        info: DatasetInfo,
+        pipeline: str = "train",
+        crop_size: tuple[int, int] | None = None,
+        scale: tuple[int, int] | None = None,
+        test_scale: tuple[int, int] | None = None,
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        seed: int = 0,
+        reduce_zero_label: bool | None = None,
+        void_value: int | None | str = "dataset",
+        root: str | Path | None = None,
+        split: str | None = None,
+        short_edges: Sequence[int] | None = None,
+        max_size: int = 2048,
+    ):
         if pipeline not in ("train", "test"):
             raise ValueError(f"pipeline must be 'train' or 'test', got {pipeline!r}")
         self.samples = [(Path(image), Path(label)) for image, label in pairs]
@@ -295,8 +338,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if crop_size is None:
                 raise ValueError(f"{self.name}: the train pipeline needs crop_size=(h, w)")
             self.transform: TrainPipeline | TestPipeline = TrainPipeline(
-                crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric, IGNORE_INDEX,
-                short_edges=short_edges, max_size=max_size)
+                crop_size,
+                scale,
+                ratio_range,
+                cat_max_ratio,
+                flip_prob,
+                photometric,
+                IGNORE_INDEX,
+                short_edges=short_edges,
+                max_size=max_size,
+            )
         else:
             self.transform = TestPipeline(test_scale)
 
@@ -324,8 +375,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image = read_image(image_path)
         raw = read_label(label_path)
         if raw.shape != image.shape[:2]:
-            raise DatasetError(f"{label_path}: label is {raw.shape[1]}x{raw.shape[0]} but its image {image_path} "
-                               f"is {image.shape[1]}x{image.shape[0]}")
+            raise DatasetError(
+                f"{label_path}: label is {raw.shape[1]}x{raw.shape[0]} but its image {image_path} "
+                f"is {image.shape[1]}x{image.shape[0]}"
+            )
         self._check_values(raw, label_path)
         return image, self.lookup[raw]
 
@@ -333,8 +386,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if not self.valid_raw[raw].all():
             bad = np.unique(raw[~self.valid_raw[raw]])
             shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
-            raise DatasetError(f"{label_path}: label values {shown} are not valid for {self.name} "
-                               f"({self.num_classes} classes; allowed raw values: {_describe_values(self.valid_raw)})")
+            raise DatasetError(
+                f"{label_path}: label values {shown} are not valid for {self.name} "
+                f"({self.num_classes} classes; allowed raw values: {_describe_values(self.valid_raw)})"
+            )
 
     def check_sample(self, index: int) -> list[str]:
         """Every problem of one sample (unreadable files, size mismatch, bad values), as messages."""
@@ -353,8 +408,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
             problems.append(str(err))
         if label is not None:
             if image_size is not None and label.shape != image_size:
-                problems.append(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its image "
-                                f"{image_path} is {image_size[1]}x{image_size[0]}")
+                problems.append(
+                    f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its image "
+                    f"{image_path} is {image_size[1]}x{image_size[0]}"
+                )
             try:
                 self._check_values(label, label_path)
             except DatasetError as err:
@@ -387,8 +444,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         where = f", root={str(self.root)!r}" if self.root else ""
         split = f", split={self.split!r}" if self.split else ""
-        return (f"{type(self).__name__}({self.name}{where}{split}, {len(self)} samples, {self.num_classes} classes, "
-                f"{self.transform!r})")
+        return (
+            f"{type(self).__name__}({self.name}{where}{split}, {len(self)} samples, {self.num_classes} classes, "
+            f"{self.transform!r})"
+        )
 
 
 # --- building ----------------------------------------------------------------------------------
@@ -421,8 +480,10 @@ def _folder_info(root: Path, options: dict[str, Any]) -> DatasetInfo:
         elif num_classes is not None:
             names = [f"class{i}" for i in range(int(num_classes))]
         else:
-            raise ValueError(f"{root}: a folder dataset needs its class names: put them in {root / CLASSES_FILE} "
-                             f"(one per line), or pass classes_file= or num_classes=")
+            raise ValueError(
+                f"{root}: a folder dataset needs its class names: put them in {root / CLASSES_FILE} "
+                f"(one per line), or pass classes_file= or num_classes="
+            )
     names = [str(n) for n in names]
     if num_classes is not None and int(num_classes) != len(names):
         raise ValueError(f"num_classes={num_classes} but {len(names)} class names were given")
@@ -442,19 +503,37 @@ def _default_crop(pairs: list[tuple[Path, Path]]) -> tuple[int, int]:
     return (max(32, height // 32 * 32), max(32, width // 32 * 32))
 
 
-_OPTIONS = {"crop_size", "scale", "test_scale", "ratio_range", "short_edges", "max_size", "cat_max_ratio", "flip_prob",
-            "photometric", "seed", "ignore_index", "reduce_zero_label", "class_names", "classes_file", "num_classes",
-            "palette"}
+_OPTIONS = {
+    "crop_size",
+    "scale",
+    "test_scale",
+    "ratio_range",
+    "short_edges",
+    "max_size",
+    "cat_max_ratio",
+    "flip_prob",
+    "photometric",
+    "seed",
+    "ignore_index",
+    "reduce_zero_label",
+    "class_names",
+    "classes_file",
+    "num_classes",
+    "palette",
+}
 _AUTO = object()
 
 
-def make_dataset(name: str, root: str | Path, split: str = "train", pipeline: str = "train", strict: bool = True,
-                 **options: Any) -> SegmentationDataset:
+def make_dataset(
+    name: str, root: str | Path, split: str = "train", pipeline: str = "train", strict: bool = True, **options: Any
+) -> SegmentationDataset:
     """`build_dataset`, with `strict=False` keeping the pairs it found despite unpaired files
     (the problems are then in ``dataset.scan_problems``)."""
     unknown = set(options) - _OPTIONS
     if unknown:
-        raise ValueError(f"unknown dataset option(s): {', '.join(sorted(unknown))} (known: {', '.join(sorted(_OPTIONS))})")
+        raise ValueError(
+            f"unknown dataset option(s): {', '.join(sorted(unknown))} (known: {', '.join(sorted(_OPTIONS))})"
+        )
     key, root = _known_dataset_at(name, root)
     options = dict(options)
     if key == "folder":
@@ -468,7 +547,9 @@ def make_dataset(name: str, root: str | Path, split: str = "train", pipeline: st
             if options.pop(fixed, None) is not None:
                 raise ValueError(f"{key} has fixed classes; {fixed}= is only for folder datasets")
         if options.get("palette") is not None:
-            info = DatasetInfo(**{**info.__dict__, "palette": np.asarray(options.pop("palette"), dtype=np.uint8).reshape(-1, 3)})
+            info = DatasetInfo(
+                **{**info.__dict__, "palette": np.asarray(options.pop("palette"), dtype=np.uint8).reshape(-1, 3)}
+            )
         options.pop("palette", None)
 
     scan = _SCANNERS[key](root, split)
@@ -494,26 +575,40 @@ def make_dataset(name: str, root: str | Path, split: str = "train", pipeline: st
     crop_size = _pair_of_ints(options.pop("crop_size", info.crop_size), "crop_size")
     short_edges = options.pop("short_edges", None)
     if short_edges is not None:
-        if isinstance(short_edges, (int, str)) or not all(isinstance(e, int) and not isinstance(e, bool) for e in short_edges):
+        if isinstance(short_edges, (int, str)) or not all(
+            isinstance(e, int) and not isinstance(e, bool) for e in short_edges
+        ):
             raise ValueError(f"short_edges must be a list of ints, got {short_edges!r}")
         short_edges = list(short_edges)
     max_size = int(options.pop("max_size", 2048))
     if pipeline == "train" and crop_size is None and scan.pairs:
         crop_size = _default_crop(scan.pairs)
     dataset = SegmentationDataset(
-        scan.pairs, info, pipeline=pipeline, crop_size=crop_size, scale=scale,
+        scan.pairs,
+        info,
+        pipeline=pipeline,
+        crop_size=crop_size,
+        scale=scale,
         test_scale=_pair_of_ints(test_scale, "test_scale"),
-        ratio_range=tuple(options.pop("ratio_range", (0.5, 2.0))), cat_max_ratio=options.pop("cat_max_ratio", 0.75),
-        flip_prob=options.pop("flip_prob", 0.5), photometric=options.pop("photometric", True),
-        seed=options.pop("seed", 0), reduce_zero_label=options.pop("reduce_zero_label", None), void_value=void_value,
-        root=root, split=split, short_edges=short_edges, max_size=max_size,
+        ratio_range=tuple(options.pop("ratio_range", (0.5, 2.0))),
+        cat_max_ratio=options.pop("cat_max_ratio", 0.75),
+        flip_prob=options.pop("flip_prob", 0.5),
+        photometric=options.pop("photometric", True),
+        seed=options.pop("seed", 0),
+        reduce_zero_label=options.pop("reduce_zero_label", None),
+        void_value=void_value,
+        root=root,
+        split=split,
+        short_edges=short_edges,
+        max_size=max_size,
     )
     dataset.scan_problems = scan.problems
     return dataset
 
 
-def build_dataset(name: str, root: str | Path, split: str = "train", pipeline: str = "train",
-                  **options: Any) -> SegmentationDataset:
+def build_dataset(
+    name: str, root: str | Path, split: str = "train", pipeline: str = "train", **options: Any
+) -> SegmentationDataset:
     """A dataset in its standard layout, with the paper's train or test pipeline.
 
     name: ``ade20k``, ``cityscapes``, ``coco-stuff164k``, ``pascal-context-59``, ``camvid`` or

@@ -7,6 +7,7 @@ Names and colours follow MMSegmentation's dataset definitions (which the officia
 uses), so label maps and visualisations line up with the paper's. They are stored as compact
 text blocks: class names separated by ", " and colours as RRGGBB hex words.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,7 +28,7 @@ def _names(block: str) -> tuple[str, ...]:
 
 def _colours(block: str) -> np.ndarray:
     words = block.split()
-    return np.array([[int(w[i:i + 2], 16) for i in (0, 2, 4)] for w in words], dtype=np.uint8).reshape(-1, 3)
+    return np.array([[int(w[i : i + 2], 16) for i in (0, 2, 4)] for w in words], dtype=np.uint8).reshape(-1, 3)
 
 
 _ADE20K_NAMES = """
@@ -154,17 +155,51 @@ class DatasetInfo:
 _INFOS = {
     info.name: info
     for info in (
-        DatasetInfo("ade20k", _names(_ADE20K_NAMES), _colours(_ADE20K_COLOURS), reduce_zero_label=True,
-                    crop_size=(512, 512), scale=(2048, 512), test_scale=(2048, 512)),
-        DatasetInfo("cityscapes", _names(_CITYSCAPES_NAMES), _colours(_CITYSCAPES_COLOURS),
-                    crop_size=(1024, 1024), scale=(2048, 1024), test_scale=(2048, 1024)),
-        DatasetInfo("coco-stuff164k", _names(_COCO_STUFF_NAMES), _colours(_COCO_STUFF_COLOURS),
-                    crop_size=(512, 512), scale=(2048, 512), test_scale=(2048, 512)),
-        DatasetInfo("pascal-context-59", _names(_PASCAL_CONTEXT_59_NAMES), _colours(_PASCAL_CONTEXT_59_COLOURS),
-                    reduce_zero_label=True, crop_size=(480, 480), scale=(520, 520), test_scale=(520, 520)),
+        DatasetInfo(
+            "ade20k",
+            _names(_ADE20K_NAMES),
+            _colours(_ADE20K_COLOURS),
+            reduce_zero_label=True,
+            crop_size=(512, 512),
+            scale=(2048, 512),
+            test_scale=(2048, 512),
+        ),
+        DatasetInfo(
+            "cityscapes",
+            _names(_CITYSCAPES_NAMES),
+            _colours(_CITYSCAPES_COLOURS),
+            crop_size=(1024, 1024),
+            scale=(2048, 1024),
+            test_scale=(2048, 1024),
+        ),
+        DatasetInfo(
+            "coco-stuff164k",
+            _names(_COCO_STUFF_NAMES),
+            _colours(_COCO_STUFF_COLOURS),
+            crop_size=(512, 512),
+            scale=(2048, 512),
+            test_scale=(2048, 512),
+        ),
+        DatasetInfo(
+            "pascal-context-59",
+            _names(_PASCAL_CONTEXT_59_NAMES),
+            _colours(_PASCAL_CONTEXT_59_COLOURS),
+            reduce_zero_label=True,
+            crop_size=(480, 480),
+            scale=(520, 520),
+            test_scale=(520, 520),
+        ),
         # CamVid images are 480x360: train around the native size, test on whole images.
-        DatasetInfo("camvid", _names(_CAMVID_NAMES), _colours(_CAMVID_COLOURS), void_value=11,
-                    crop_size=(352, 480), scale=(480, 360), test_scale=None, splits=("train", "val", "test")),
+        DatasetInfo(
+            "camvid",
+            _names(_CAMVID_NAMES),
+            _colours(_CAMVID_COLOURS),
+            void_value=11,
+            crop_size=(352, 480),
+            scale=(480, 360),
+            test_scale=None,
+            splits=("train", "val", "test"),
+        ),
         DatasetInfo("synthetic", _names(_SYNTHETIC_NAMES), _colours(_SYNTHETIC_COLOURS)),
     )
 }
@@ -173,9 +208,15 @@ _INFOS = {
 DATASET_NAMES = ("ade20k", "cityscapes", "coco-stuff164k", "pascal-context-59", "camvid", "folder")
 
 _ALIASES = {
-    "ade": "ade20k", "ade20k-150": "ade20k", "coco-stuff": "coco-stuff164k", "coco-stuff-164k": "coco-stuff164k",
-    "cocostuff": "coco-stuff164k", "pascal-context": "pascal-context-59", "pascal_context_59": "pascal-context-59",
-    "pascal-context59": "pascal-context-59", "coco_stuff164k": "coco-stuff164k",
+    "ade": "ade20k",
+    "ade20k-150": "ade20k",
+    "coco-stuff": "coco-stuff164k",
+    "coco-stuff-164k": "coco-stuff164k",
+    "cocostuff": "coco-stuff164k",
+    "pascal-context": "pascal-context-59",
+    "pascal_context_59": "pascal-context-59",
+    "pascal-context59": "pascal-context-59",
+    "coco_stuff164k": "coco-stuff164k",
 }
 
 
@@ -208,7 +249,7 @@ def read_classes_file(path: str | Path) -> tuple[list[str], np.ndarray | None]:
         match = _HEX_COLOUR.match(words[-1])
         if match and len(words) > 1:
             hex_code = match.group(1)
-            colours.append([int(hex_code[i:i + 2], 16) for i in (0, 2, 4)])
+            colours.append([int(hex_code[i : i + 2], 16) for i in (0, 2, 4)])
             words = words[:-1]
         names.append(" ".join(words))
     if not names:
@@ -217,7 +258,9 @@ def read_classes_file(path: str | Path) -> tuple[list[str], np.ndarray | None]:
     return names, palette
 
 
-def write_classes_file(path: str | Path, class_names: Sequence[str], palette: np.ndarray | Sequence | None = None) -> Path:
+def write_classes_file(
+    path: str | Path, class_names: Sequence[str], palette: np.ndarray | Sequence | None = None
+) -> Path:
     """Write names (and colours) in the format `read_classes_file` reads."""
     path = Path(path)
     lines = list(class_names)
@@ -249,9 +292,13 @@ def dataset_info(name: str | Path) -> DatasetInfo:
             palette = default_palette(len(names))
         return DatasetInfo("folder", tuple(names), palette, splits=())
     if key == "folder":
-        raise ValueError("a folder dataset has no fixed classes: give its root directory or classes file instead of 'folder'")
+        raise ValueError(
+            "a folder dataset has no fixed classes: give its root directory or classes file instead of 'folder'"
+        )
     known = ", ".join(sorted(_INFOS))
-    raise ValueError(f"unknown dataset {str(name)!r}: expected one of {known}, or a folder dataset's root or classes file")
+    raise ValueError(
+        f"unknown dataset {str(name)!r}: expected one of {known}, or a folder dataset's root or classes file"
+    )
 
 
 def label_lookup(num_classes: int, reduce_zero_label: bool = False, void_value: int | None = None) -> np.ndarray:
@@ -280,18 +327,40 @@ def valid_raw_values(lookup: np.ndarray, num_classes: int) -> np.ndarray:
 # (labelId, trainId) for the 34 ids of the gtFine *_labelIds.png files; 255 = not trained on.
 CITYSCAPES_LABEL_IDS = (
     # name                 id  trainId
-    ("unlabeled",            0, 255), ("ego vehicle",       1, 255), ("rectification border", 2, 255),
-    ("out of roi",           3, 255), ("static",            4, 255), ("dynamic",              5, 255),
-    ("ground",               6, 255), ("road",              7, 0),   ("sidewalk",             8, 1),
-    ("parking",              9, 255), ("rail track",       10, 255), ("building",            11, 2),
-    ("wall",                12, 3),   ("fence",            13, 4),   ("guard rail",          14, 255),
-    ("bridge",              15, 255), ("tunnel",           16, 255), ("pole",                17, 5),
-    ("polegroup",           18, 255), ("traffic light",    19, 6),   ("traffic sign",        20, 7),
-    ("vegetation",          21, 8),   ("terrain",          22, 9),   ("sky",                 23, 10),
-    ("person",              24, 11),  ("rider",            25, 12),  ("car",                 26, 13),
-    ("truck",               27, 14),  ("bus",              28, 15),  ("caravan",             29, 255),
-    ("trailer",             30, 255), ("train",            31, 16),  ("motorcycle",          32, 17),
-    ("bicycle",             33, 18),
+    ("unlabeled", 0, 255),
+    ("ego vehicle", 1, 255),
+    ("rectification border", 2, 255),
+    ("out of roi", 3, 255),
+    ("static", 4, 255),
+    ("dynamic", 5, 255),
+    ("ground", 6, 255),
+    ("road", 7, 0),
+    ("sidewalk", 8, 1),
+    ("parking", 9, 255),
+    ("rail track", 10, 255),
+    ("building", 11, 2),
+    ("wall", 12, 3),
+    ("fence", 13, 4),
+    ("guard rail", 14, 255),
+    ("bridge", 15, 255),
+    ("tunnel", 16, 255),
+    ("pole", 17, 5),
+    ("polegroup", 18, 255),
+    ("traffic light", 19, 6),
+    ("traffic sign", 20, 7),
+    ("vegetation", 21, 8),
+    ("terrain", 22, 9),
+    ("sky", 23, 10),
+    ("person", 24, 11),
+    ("rider", 25, 12),
+    ("car", 26, 13),
+    ("truck", 27, 14),
+    ("bus", 28, 15),
+    ("caravan", 29, 255),
+    ("trailer", 30, 255),
+    ("train", 31, 16),
+    ("motorcycle", 32, 17),
+    ("bicycle", 33, 18),
 )
 
 

@@ -5,6 +5,7 @@
 - COCO-Stuff 164k: raw ``annotations/{train2017,val2017}/*.png`` stuffthingmaps (ids 0..181,
   255 unlabelled) -> ``*_labelTrainIds.png`` next to them (171 train ids, 255 ignore).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -27,8 +28,10 @@ def cityscapes_to_train_ids(label_ids: np.ndarray, source: str | Path = "label")
     known = _CITYSCAPES_KNOWN[label_ids]
     if not known.all():
         bad = np.unique(label_ids[~known])
-        raise DatasetError(f"{source}: values {', '.join(map(str, bad[:10]))} are not Cityscapes labelIds (0-33); "
-                           f"is it already a trainIds file?")
+        raise DatasetError(
+            f"{source}: values {', '.join(map(str, bad[:10]))} are not Cityscapes labelIds (0-33); "
+            f"is it already a trainIds file?"
+        )
     return _CITYSCAPES_TABLE[label_ids]
 
 

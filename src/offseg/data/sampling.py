@@ -4,6 +4,7 @@ The datasets draw each sample's augmentation from ``(seed, epoch, index)`` (see
 `offseg.data.datasets`). `InfiniteSampler` yields ``(index, epoch)`` pairs, so the epoch reaches
 the dataset even inside persistent workers, and batches are identical for 0, 1 or N workers.
 """
+
 from __future__ import annotations
 
 import random
@@ -22,8 +23,9 @@ class InfiniteSampler(torch.utils.data.Sampler):
     ``world_size`` give each process every ``world_size``-th sample of the common stream.
     """
 
-    def __init__(self, data: Sized | int, shuffle: bool = True, seed: int = 0, start: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, data: Sized | int, shuffle: bool = True, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1
+    ):
         self.size = data if isinstance(data, int) else len(data)
         if self.size <= 0:
             raise ValueError("InfiniteSampler needs a non-empty dataset")

@@ -7,6 +7,7 @@ learns them in minutes on a CPU, while noise, lighting and random layouts keep i
 trivial. Everything is drawn from a generator seeded by (seed, split, index): the same
 arguments always give the same files.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,9 +21,12 @@ SYNTHETIC_CLASSES = ("sky", "building", "road", "sidewalk", "tree", "car", "pers
 SKY, BUILDING, ROAD, SIDEWALK, TREE, CAR, PERSON, POLE = range(len(SYNTHETIC_CLASSES))
 
 _FACADES = np.array([[150, 78, 62], [196, 180, 150], [120, 122, 128], [212, 200, 178], [112, 86, 70], [170, 150, 130]])
-_CAR_PAINTS = np.array([[180, 25, 30], [30, 60, 160], [225, 225, 225], [25, 25, 30], [160, 165, 170], [220, 180, 30],
-                        [40, 120, 70]])
-_SHIRTS = np.array([[200, 40, 40], [40, 90, 190], [240, 200, 40], [40, 160, 80], [230, 230, 230], [150, 60, 160], [250, 130, 30]])
+_CAR_PAINTS = np.array(
+    [[180, 25, 30], [30, 60, 160], [225, 225, 225], [25, 25, 30], [160, 165, 170], [220, 180, 30], [40, 120, 70]]
+)
+_SHIRTS = np.array(
+    [[200, 40, 40], [40, 90, 190], [240, 200, 40], [40, 160, 80], [230, 230, 230], [150, 60, 160], [250, 130, 30]]
+)
 _TROUSERS = np.array([[30, 40, 80], [25, 25, 25], [90, 70, 50], [70, 70, 75]])
 _SKIN = np.array([[235, 200, 170], [200, 150, 110], [140, 95, 65], [90, 60, 45]])
 
@@ -48,7 +52,7 @@ class _Canvas:
         return np.asarray(Image.fromarray(coarse).resize((self.width, self.height), Image.BILINEAR))
 
     def disc(self, cy: float, cx: float, radius: float) -> np.ndarray:
-        return (self.ys - cy) ** 2 + (self.xs - cx) ** 2 <= radius ** 2
+        return (self.ys - cy) ** 2 + (self.xs - cx) ** 2 <= radius**2
 
     def box(self, top: float, bottom: float, left: float, right: float) -> np.ndarray:
         return (self.ys >= top) & (self.ys < bottom) & (self.xs >= left) & (self.xs < right)
@@ -181,7 +185,9 @@ def _draw_person(c: _Canvas, base: float, cx: float, size: float) -> None:
         c.paint(c.box(base - 0.48 * size, base, cx + offset, cx + offset + leg_w), PERSON, legs)
     torso = (((c.ys - (base - 0.63 * size)) / (0.2 * size)) ** 2 + ((c.xs - cx) / (0.14 * size)) ** 2) <= 1
     c.paint(torso, PERSON, _jitter(rng, _SHIRTS[rng.integers(len(_SHIRTS))], 12))
-    c.paint(c.disc(base - 0.9 * size, cx, max(1.0, 0.09 * size)), PERSON, _jitter(rng, _SKIN[rng.integers(len(_SKIN))], 8))
+    c.paint(
+        c.disc(base - 0.9 * size, cx, max(1.0, 0.09 * size)), PERSON, _jitter(rng, _SKIN[rng.integers(len(_SKIN))], 8)
+    )
 
 
 def _draw_car(c: _Canvas, base: float, cx: float, width: float) -> None:
@@ -202,8 +208,9 @@ def _draw_car(c: _Canvas, base: float, cx: float, width: float) -> None:
         c.paint(c.disc(base - 0.14 * height, wheel_x, max(1.0, 0.14 * height)), CAR, (22, 22, 24))
 
 
-def generate_synthetic_dataset(root: str | Path, num_train: int = 80, num_val: int = 20, size: tuple[int, int] = (128, 160),
-                               seed: int = 0) -> Path:
+def generate_synthetic_dataset(
+    root: str | Path, num_train: int = 80, num_val: int = 20, size: tuple[int, int] = (128, 160), seed: int = 0
+) -> Path:
     """Write the street-scene dataset in the ``folder`` layout and return `root`.
 
     ROOT/train/images/000000.png, ROOT/train/labels/000000.png (palette PNG with class ids),

@@ -9,6 +9,7 @@ Images stay uint8 (H, W, 3) RGB until normalisation, as in MMSegmentation, so th
 clipping of each step match. Every random choice is drawn from a ``numpy.random.Generator`` the
 caller passes in, which makes a sample's augmentation a pure function of that generator's seed.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -93,7 +94,9 @@ def _linear_taps(src: int, dst: int, clamp_edges: bool) -> tuple[np.ndarray, np.
     return np.clip(first, 0, src - 1), np.clip(first + 1, 0, src - 1), weight0, weight1
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+def resize_image(
+    image: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
     """Bilinear resize of uint8 (H, W, C) to `size` = (H, W), bit-exact with OpenCV 4.x's
     ``cv2.resize(..., INTER_LINEAR)`` that MMSegmentation uses.
 
@@ -106,9 +109,9 @@ def resize_image(image: np.ndarray, size: tuple[int, int], window: tuple[int, in
     height, width = int(size[0]), int(size[1])
     top, left, out_h, out_w = window if window is not None else (0, 0, height, width)
     if image.shape[:2] == (height, width):
-        return image[top:top + out_h, left:left + out_w]
-    col0, col1, wx0, wx1 = (t[left:left + out_w] for t in _linear_taps(image.shape[1], width, clamp_edges=True))
-    row0, row1, wy0, wy1 = (t[top:top + out_h] for t in _linear_taps(image.shape[0], height, clamp_edges=False))
+        return image[top : top + out_h, left : left + out_w]
+    col0, col1, wx0, wx1 = (t[left : left + out_w] for t in _linear_taps(image.shape[1], width, clamp_edges=True))
+    row0, row1, wy0, wy1 = (t[top : top + out_h] for t in _linear_taps(image.shape[0], height, clamp_edges=False))
     rows = np.unique(np.concatenate([row0, row1]))
     source = image
     if len(rows) < image.shape[0]:  # only the rows the vertical pass reads
@@ -209,8 +212,14 @@ def _scale_and_shift(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) 
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def adjust_colours(image: np.ndarray, brightness: float | None = None, contrast: float | None = None,
-                   saturation: float | None = None, hue: int | None = None, contrast_first: bool = True) -> np.ndarray:
+def adjust_colours(
+    image: np.ndarray,
+    brightness: float | None = None,
+    contrast: float | None = None,
+    saturation: float | None = None,
+    hue: int | None = None,
+    contrast_first: bool = True,
+) -> np.ndarray:
     """Deterministic core of the photometric distortion; None skips a step.
 
     brightness adds a value, contrast scales all channels, saturation scales S in 8-bit HSV,
@@ -234,9 +243,14 @@ def adjust_colours(image: np.ndarray, brightness: float | None = None, contrast:
     return image
 
 
-def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightness_delta: float = 32,
-                           contrast_range: tuple[float, float] = (0.5, 1.5),
-                           saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18) -> np.ndarray:
+def photometric_distortion(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    brightness_delta: float = 32,
+    contrast_range: tuple[float, float] = (0.5, 1.5),
+    saturation_range: tuple[float, float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> np.ndarray:
     """MMSegmentation's PhotoMetricDistortion on uint8 RGB; each step happens with p = 0.5.
 
     Draws, in the original's order: brightness (add U(-delta, delta)); whether contrast
@@ -256,8 +270,13 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightne
 
 
 # --- geometric steps --------------------------------------------------------------------------
-def random_resize_size(height: int, width: int, rng: np.random.Generator, scale: Sequence[int],
-                       ratio_range: tuple[float, float] = (0.5, 2.0)) -> tuple[int, int]:
+def random_resize_size(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: Sequence[int],
+    ratio_range: tuple[float, float] = (0.5, 2.0),
+) -> tuple[int, int]:
     """The (H, W) of MMSegmentation's RandomResize(keep_ratio=True): `scale` = (w, h) times a
     ratio drawn uniformly from `ratio_range` (truncated to ints), then fitted keeping the ratio."""
     low, high = ratio_range
@@ -283,23 +302,34 @@ def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int) 
     return fit_size(height, width, (int(new_w + 0.5), int(new_h + 0.5)))
 
 
-def random_short_edge_size(height: int, width: int, rng: np.random.Generator, short_edges: Sequence[int],
-                           max_size: int) -> tuple[int, int]:
+def random_short_edge_size(
+    height: int, width: int, rng: np.random.Generator, short_edges: Sequence[int], max_size: int
+) -> tuple[int, int]:
     """The (H, W) of MMCV's RandomChoiceResize(scales=short_edges, resize_type='ResizeShortestEdge',
     max_size=max_size): one short edge drawn uniformly from the list, then `shortest_edge_size`."""
     short_edge = short_edges[int(rng.integers(len(short_edges)))]
     return shortest_edge_size(height, width, int(short_edge), max_size)
 
 
-def random_resize(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, scale: Sequence[int],
-                  ratio_range: tuple[float, float] = (0.5, 2.0)) -> tuple[np.ndarray, np.ndarray]:
+def random_resize(
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    scale: Sequence[int],
+    ratio_range: tuple[float, float] = (0.5, 2.0),
+) -> tuple[np.ndarray, np.ndarray]:
     """Resize image (bilinear) and label (nearest) to `random_resize_size`."""
     size = random_resize_size(image.shape[0], image.shape[1], rng, scale, ratio_range)
     return resize_image(image, size), resize_label(label, size)
 
 
-def random_crop_window(label: np.ndarray, rng: np.random.Generator, crop_size: tuple[int, int],
-                       cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX) -> tuple[int, int, int, int]:
+def random_crop_window(
+    label: np.ndarray,
+    rng: np.random.Generator,
+    crop_size: tuple[int, int],
+    cat_max_ratio: float = 0.75,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[int, int, int, int]:
     """(top, left, height, width) of MMSegmentation's RandomCrop on a map of `label`'s size.
 
     The crop is `crop_size` (h, w), or the whole map where it is smaller (padding comes
@@ -316,7 +346,7 @@ def random_crop_window(label: np.ndarray, rng: np.random.Generator, crop_size: t
     top, left = draw()
     if cat_max_ratio < 1.0:
         for _ in range(10):
-            window = label[top:top + crop_size[0], left:left + crop_size[1]]
+            window = label[top : top + crop_size[0], left : left + crop_size[1]]
             counts = np.bincount(window.ravel(), minlength=256)
             counts[ignore_index] = 0
             counts = counts[counts > 0]
@@ -326,24 +356,32 @@ def random_crop_window(label: np.ndarray, rng: np.random.Generator, crop_size: t
     return top, left, min(crop_size[0], label.shape[0]), min(crop_size[1], label.shape[1])
 
 
-def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, crop_size: tuple[int, int],
-                cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+def random_crop(
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    crop_size: tuple[int, int],
+    cat_max_ratio: float = 0.75,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[np.ndarray, np.ndarray]:
     """Crop image and label at `random_crop_window`."""
     top, left, height, width = random_crop_window(label, rng, crop_size, cat_max_ratio, ignore_index)
     rows, cols = slice(top, top + height), slice(left, left + width)
     return image[rows, cols], label[rows, cols]
 
 
-def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                prob: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def random_flip(
+    image: np.ndarray, label: np.ndarray, rng: np.random.Generator, prob: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Mirror both left-right with probability `prob`."""
     if rng.random() < prob:
         return image[:, ::-1], label[:, ::-1]
     return image, label
 
 
-def pad_to(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int],
-           ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_to(
+    image: torch.Tensor, label: torch.Tensor, size: tuple[int, int], ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad a normalised image (3, h, w) with 0 and its label (h, w) with `ignore_index` at the
     bottom and right up to `size` = (H, W)."""
     pad_h, pad_w = size[0] - image.shape[1], size[1] - image.shape[2]
@@ -355,8 +393,9 @@ def pad_to(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int],
     return image, label
 
 
-def _padded_tensors(image: np.ndarray, label: np.ndarray, size: tuple[int, int],
-                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_tensors(
+    image: np.ndarray, label: np.ndarray, size: tuple[int, int], ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     # `pad_to` in numpy: normalise straight into a zero canvas of the crop size.
     height, width = label.shape
     canvas = np.zeros((3, *size), dtype=np.float32)
@@ -378,9 +417,18 @@ class TrainPipeline:
     `random_short_edge_size`); `scale` and `ratio_range` are then unused.
     """
 
-    def __init__(self, crop_size: tuple[int, int], scale: tuple[int, int] | None, ratio_range: tuple[float, float] = (0.5, 2.0),
-                 cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = IGNORE_INDEX,
-                 short_edges: Sequence[int] | None = None, max_size: int = 2048):
+    def __init__(
+        self,
+        crop_size: tuple[int, int],
+        scale: tuple[int, int] | None,
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+        short_edges: Sequence[int] | None = None,
+        max_size: int = 2048,
+    ):
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.scale = None if scale is None else (int(scale[0]), int(scale[1]))
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
@@ -397,7 +445,9 @@ class TrainPipeline:
         self.photometric = bool(photometric)
         self.ignore_index = int(ignore_index)
 
-    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.short_edges is not None:
             size = random_short_edge_size(image.shape[0], image.shape[1], rng, self.short_edges, self.max_size)
         else:
@@ -407,7 +457,7 @@ class TrainPipeline:
         # The crop is chosen on the resized label; only that window of the image is resized.
         top, left, height, width = random_crop_window(label, rng, self.crop_size, self.cat_max_ratio, self.ignore_index)
         image = resize_image(image, size, window=(top, left, height, width))
-        label = label[top:top + height, left:left + width]
+        label = label[top : top + height, left : left + width]
         image, label = random_flip(image, label, rng, self.flip_prob)
         if self.photometric:
             image = photometric_distortion(image, rng)
@@ -418,8 +468,10 @@ class TrainPipeline:
             resize = f"short_edges={list(self.short_edges)}, max_size={self.max_size}"
         else:
             resize = f"scale={self.scale}, ratio_range={self.ratio_range}"
-        return (f"{type(self).__name__}(crop_size={self.crop_size}, {resize}, "
-                f"cat_max_ratio={self.cat_max_ratio}, flip_prob={self.flip_prob}, photometric={self.photometric})")
+        return (
+            f"{type(self).__name__}(crop_size={self.crop_size}, {resize}, "
+            f"cat_max_ratio={self.cat_max_ratio}, flip_prob={self.flip_prob}, photometric={self.photometric})"
+        )
 
 
 class TestPipeline:

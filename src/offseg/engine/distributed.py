@@ -4,6 +4,7 @@ One process per device. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without th
 as a single process. CUDA uses nccl (and SyncBatchNorm, as the paper's runs did); CPU uses gloo
 with plain BatchNorm, because PyTorch's SyncBatchNorm only runs on GPUs.
 """
+
 from __future__ import annotations
 
 import os

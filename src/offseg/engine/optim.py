@@ -15,6 +15,7 @@ start + (1 - start) * t / (warmup_iters - 1); iteration t >= warmup_iters uses
 eta_min at iteration end - 1 and stays there. (MMEngine's schedulers count `end - begin - 1` steps.)
 It is a pure function of the iteration, so resuming needs only the iteration number.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -35,7 +36,10 @@ _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._Instanc
 
 
 def build_param_groups(
-    model: nn.Module, lr: float, weight_decay: float, custom_keys: Mapping[str, Mapping[str, float]] | None = None,
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    custom_keys: Mapping[str, Mapping[str, float]] | None = None,
     norm_decay_mult: float | None = None,
 ) -> list[dict[str, Any]]:
     """One optimiser group per distinct (lr_mult, decay_mult), each listing its parameter names.
@@ -60,8 +64,15 @@ def build_param_groups(
                 decay_mult = float(norm_decay_mult)
             group = groups.setdefault(
                 (lr_mult, decay_mult),
-                {"params": [], "names": [], "lr": lr * lr_mult, "initial_lr": lr * lr_mult,
-                 "weight_decay": weight_decay * decay_mult, "lr_mult": lr_mult, "decay_mult": decay_mult},
+                {
+                    "params": [],
+                    "names": [],
+                    "lr": lr * lr_mult,
+                    "initial_lr": lr * lr_mult,
+                    "weight_decay": weight_decay * decay_mult,
+                    "lr_mult": lr_mult,
+                    "decay_mult": decay_mult,
+                },
             )
             group["params"].append(param)
             group["names"].append(name)
@@ -71,19 +82,35 @@ def build_param_groups(
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """AdamW (or SGD) over the custom-key parameter groups. cfg: the recipe's `optimizer` block."""
     kind = cfg.get("type", "AdamW")
-    groups = build_param_groups(model, cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("custom_keys"), cfg.get("norm_decay_mult"))
+    groups = build_param_groups(
+        model, cfg["lr"], cfg.get("weight_decay", 0.0), cfg.get("custom_keys"), cfg.get("norm_decay_mult")
+    )
     if kind == "AdamW":
-        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
-                                 weight_decay=cfg.get("weight_decay", 0.0), eps=cfg.get("eps", 1e-8))
+        return torch.optim.AdamW(
+            groups,
+            lr=cfg["lr"],
+            betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            weight_decay=cfg.get("weight_decay", 0.0),
+            eps=cfg.get("eps", 1e-8),
+        )
     if kind == "SGD":
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9), weight_decay=cfg.get("weight_decay", 0.0))
+        return torch.optim.SGD(
+            groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9), weight_decay=cfg.get("weight_decay", 0.0)
+        )
     raise ValueError(f"optimizer type {kind!r} is not supported (AdamW or SGD)")
 
 
 class WarmupPolySchedule:
     """lr(iteration) = initial_lr * factor(iteration) for every optimiser group."""
 
-    def __init__(self, end: int, warmup_iters: int = 1500, warmup_start_factor: float = 1e-6, power: float = 1.0, eta_min: float = 0.0) -> None:
+    def __init__(
+        self,
+        end: int,
+        warmup_iters: int = 1500,
+        warmup_start_factor: float = 1e-6,
+        power: float = 1.0,
+        eta_min: float = 0.0,
+    ) -> None:
         if warmup_iters >= end:
             raise ValueError(f"warm-up ({warmup_iters} iterations) must end before the schedule does ({end})")
         self.end = end
@@ -112,6 +139,10 @@ class WarmupPolySchedule:
 
     @classmethod
     def from_recipe(cls, cfg: Mapping[str, Any], iters: int) -> "WarmupPolySchedule":
-        return cls(end=int(cfg.get("end", iters)), warmup_iters=int(cfg.get("warmup_iters", 1500)),
-                   warmup_start_factor=float(cfg.get("warmup_start_factor", 1e-6)),
-                   power=float(cfg.get("power", 1.0)), eta_min=float(cfg.get("eta_min", 0.0)))
+        return cls(
+            end=int(cfg.get("end", iters)),
+            warmup_iters=int(cfg.get("warmup_iters", 1500)),
+            warmup_start_factor=float(cfg.get("warmup_start_factor", 1e-6)),
+            power=float(cfg.get("power", 1.0)),
+            eta_min=float(cfg.get("eta_min", 0.0)),
+        )

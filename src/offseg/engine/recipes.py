@@ -6,6 +6,7 @@ chosen model (per-model exceptions of the official configs), then command-line o
 (`section.key=value`, values parsed as YAML). Sections merge key by key, except
 `optimizer.custom_keys`, which a later source replaces whole.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,15 +21,36 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULTS: dict[str, Any] = {
     "model": None,
     "model_options": {},
-    "data": {"name": None, "root": None, "train_split": "train", "val_split": "val",
-             "options": {}, "test_options": {}, "num_workers": 2},
-    "train": {"iters": 160000, "batch_size": 16, "accumulate": 1, "amp": None, "seed": 0,
-              "log_interval": 50, "save_interval": 16000, "val_interval": 16000,
-              "val_limit": None, "avg_non_ignore": False, "sync_bn": True},
-    "optimizer": {"type": "AdamW", "lr": 6e-5, "betas": [0.9, 0.999], "weight_decay": 0.01,
-                  "custom_keys": {"pos_block": {"decay_mult": 0.0}, "norm": {"decay_mult": 0.0},
-                                  "head": {"lr_mult": 10.0}},
-                  "clip_grad": None},
+    "data": {
+        "name": None,
+        "root": None,
+        "train_split": "train",
+        "val_split": "val",
+        "options": {},
+        "test_options": {},
+        "num_workers": 2,
+    },
+    "train": {
+        "iters": 160000,
+        "batch_size": 16,
+        "accumulate": 1,
+        "amp": None,
+        "seed": 0,
+        "log_interval": 50,
+        "save_interval": 16000,
+        "val_interval": 16000,
+        "val_limit": None,
+        "avg_non_ignore": False,
+        "sync_bn": True,
+    },
+    "optimizer": {
+        "type": "AdamW",
+        "lr": 6e-5,
+        "betas": [0.9, 0.999],
+        "weight_decay": 0.01,
+        "custom_keys": {"pos_block": {"decay_mult": 0.0}, "norm": {"decay_mult": 0.0}, "head": {"lr_mult": 10.0}},
+        "clip_grad": None,
+    },
     "schedule": {"warmup_iters": 1500, "warmup_start_factor": 1e-6, "power": 1.0, "eta_min": 0.0, "end": None},
     "test": {"mode": "whole"},
 }
@@ -60,7 +82,9 @@ def recipe_path(name_or_path: str | os.PathLike) -> Path:
     packaged = RECIPE_DIR / f"{name_or_path}.yaml"
     if packaged.is_file():
         return packaged
-    raise FileNotFoundError(f"recipe {name_or_path!r} not found: neither a YAML file nor one of {', '.join(available_recipes())}")
+    raise FileNotFoundError(
+        f"recipe {name_or_path!r} not found: neither a YAML file nor one of {', '.join(available_recipes())}"
+    )
 
 
 def default_recipe_name(model: str, dataset: str) -> str:
@@ -72,7 +96,8 @@ def default_recipe_name(model: str, dataset: str) -> str:
         if (RECIPE_DIR / f"{name}.yaml").is_file():
             return name
     raise FileNotFoundError(
-        f"no packaged recipe for {model} on {dataset}; pass --recipe FILE (packaged: {', '.join(available_recipes())})")
+        f"no packaged recipe for {model} on {dataset}; pass --recipe FILE (packaged: {', '.join(available_recipes())})"
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -82,7 +107,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value)
 
 
-def load_recipe(name_or_path: str | os.PathLike, model: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def load_recipe(
+    name_or_path: str | os.PathLike, model: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     path = recipe_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}

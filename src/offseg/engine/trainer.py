@@ -5,6 +5,7 @@ Exact resumption rests on three facts: the data of draw n depends only on (seed,
 model, the optimiser, the iteration and every RNG state. A run killed at any point and resumed
 from its last checkpoint therefore ends with the same parameters as a run never interrupted.
 """
+
 from __future__ import annotations
 
 import json
@@ -148,8 +149,11 @@ class JsonlLog:
         if not self.enabled:
             return
         if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iter", 0) <= iteration]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iter", 0) <= iteration
+            ]
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
@@ -178,8 +182,14 @@ def _build_data(recipe: Mapping[str, Any], split_key: str, pipeline: str):
     return build_dataset(data["name"], data["root"], data[split_key], pipeline=pipeline, **options)
 
 
-def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pretrained_backbone: str | None = None,
-          device: str | None = None, progress: bool = True) -> dict[str, Any]:
+def train(
+    recipe: dict[str, Any],
+    work_dir: str | Path,
+    resume: bool = False,
+    pretrained_backbone: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) the recipe's training in `work_dir`.
 
     Returns {"model": the trained network (unwrapped), "val": the last validation results
@@ -204,7 +214,9 @@ def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pr
     world = dist_info.world_size
     total_batch = int(cfg_train["batch_size"])
     if total_batch % (world * accumulate):
-        raise ValueError(f"batch size {total_batch} does not split over {world} process(es) x {accumulate} accumulation steps")
+        raise ValueError(
+            f"batch size {total_batch} does not split over {world} process(es) x {accumulate} accumulation steps"
+        )
     batch = total_batch // (world * accumulate)
 
     if dist_info.is_main:
@@ -230,8 +242,10 @@ def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pr
         if dist_info.device.type == "cuda" and cfg_train.get("sync_bn", True):
             loss_module = nn.SyncBatchNorm.convert_sync_batchnorm(loss_module)
         loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None,
-            find_unused_parameters=True)  # Offset-Learning heads carry an unused conv_seg
+            loss_module,
+            device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )  # Offset-Learning heads carry an unused conv_seg
     model = _unwrap(loss_module).model
 
     optimizer = build_optimizer(model, recipe["optimizer"])
@@ -253,14 +267,29 @@ def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pr
     stream = TrainStream(train_set, int(cfg_train["seed"]))
     sampler = DrawSampler(start_iter, iters, batch, accumulate, world, dist_info.rank)
     workers = int(recipe["data"].get("num_workers", 0))
-    loader = DataLoader(stream, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False,
-                        pin_memory=dist_info.device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        stream,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=False,
+        pin_memory=dist_info.device.type == "cuda",
+        persistent_workers=False,
+    )
     batches = iter(loader)
 
     log = JsonlLog(work_dir / "log.jsonl", dist_info.is_main)
     if state is None:
-        log.write({"event": "start", "model": recipe["model"], "num_classes": num_classes, "iters": iters,
-                   "batch_size": total_batch, "world_size": world})
+        log.write(
+            {
+                "event": "start",
+                "model": recipe["model"],
+                "num_classes": num_classes,
+                "iters": iters,
+                "batch_size": total_batch,
+                "world_size": world,
+            }
+        )
     else:
         log.resume_at(start_iter)
     bar = None
@@ -278,12 +307,22 @@ def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pr
             gathered = [None] * world
             dist.all_gather_object(gathered, rng_states())
         if dist_info.is_main:
-            atomic_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "iteration": iteration, "best_miou": best_miou, "rng": gathered if world > 1 else gathered[0],
-                "recipe": recipe, "model_name": recipe["model"], "num_classes": num_classes,
-                "class_names": list(train_set.class_names), "draws_consumed": iteration * total_batch,
-            }, path)
+            atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "iteration": iteration,
+                    "best_miou": best_miou,
+                    "rng": gathered if world > 1 else gathered[0],
+                    "recipe": recipe,
+                    "model_name": recipe["model"],
+                    "num_classes": num_classes,
+                    "class_names": list(train_set.class_names),
+                    "draws_consumed": iteration * total_batch,
+                },
+                path,
+            )
 
     loss_module.train()
     window_loss, window_start = [], time.perf_counter()
@@ -300,7 +339,9 @@ def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pr
             scaler.scale(loss).backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"loss became {loss_sum} at iteration {it}; lower the learning rate or check the data")
+            raise FloatingPointError(
+                f"loss became {loss_sum} at iteration {it}; lower the learning rate or check the data"
+            )
         clip = recipe["optimizer"].get("clip_grad")
         if clip:
             scaler.unscale_(optimizer)
@@ -315,9 +356,15 @@ def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pr
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if done % int(cfg_train["log_interval"]) == 0 or done == iters:
             elapsed = time.perf_counter() - window_start
-            log.write({"iter": done, "loss": float(np.mean(window_loss)), "lr": optimizer.param_groups[0]["lr"],
-                       "sec_per_iter": elapsed / len(window_loss),
-                       "eta_sec": elapsed / len(window_loss) * (iters - done)})
+            log.write(
+                {
+                    "iter": done,
+                    "loss": float(np.mean(window_loss)),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "sec_per_iter": elapsed / len(window_loss),
+                    "eta_sec": elapsed / len(window_loss) * (iters - done),
+                }
+            )
             window_loss, window_start = [], time.perf_counter()
 
         val_interval = cfg_train.get("val_interval")
@@ -326,7 +373,9 @@ def train(recipe: dict[str, Any], work_dir: str | Path, resume: bool = False, pr
             if dist_info.is_main:
                 log.write({"iter": done, "val": {k: last_val[k] for k in ("mIoU", "mAcc", "aAcc")}})
                 if bar is not None:
-                    bar.write(f"iter {done}: val mIoU {last_val['mIoU']:.2f}  mAcc {last_val['mAcc']:.2f}  aAcc {last_val['aAcc']:.2f}")
+                    bar.write(
+                        f"iter {done}: val mIoU {last_val['mIoU']:.2f}  mAcc {last_val['mAcc']:.2f}  aAcc {last_val['aAcc']:.2f}"
+                    )
             if last_val["mIoU"] > best_miou:
                 best_miou = last_val["mIoU"]
                 save(best_path, done)

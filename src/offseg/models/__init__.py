@@ -1,4 +1,5 @@
 """Model families register themselves on import."""
+
 from . import offseg  # noqa: F401
 from .registry import list_models, register_model  # noqa: F401
 from .segmentor import Segmentor  # noqa: F401

@@ -24,6 +24,7 @@ What the model methods return (inputs are normalised images with sides multiple 
   dice terms of every decoder prediction) for semantic labels (B, H, W) at the input size
   (255 = ignore). `offseg train` uses it instead of per-pixel cross-entropy.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -144,8 +145,15 @@ def build_mask2former(
     return Mask2FormerSegmentor(backbone, head, size_divisor=32, name=name)
 
 
-register_variant("mask2former-swin-t", build_mask2former,
-                 "Mask2Former Swin-T (MMSegmentation); overrides: see `build_mask2former`.", offset_learning=False)
-register_variant("mask2former-swin-t-ol", build_mask2former,
-                 "Mask2Former Swin-T with Offset Learning (OffSeg); overrides: see `build_mask2former`.",
-                 offset_learning=True)
+register_variant(
+    "mask2former-swin-t",
+    build_mask2former,
+    "Mask2Former Swin-T (MMSegmentation); overrides: see `build_mask2former`.",
+    offset_learning=False,
+)
+register_variant(
+    "mask2former-swin-t-ol",
+    build_mask2former,
+    "Mask2Former Swin-T with Offset Learning (OffSeg); overrides: see `build_mask2former`.",
+    offset_learning=True,
+)

@@ -7,6 +7,7 @@ Variants of each size (X = t, b, l):
   offseg-X-co       class offsets only: masks = LN(E (W + dW)^T); no feature-offset projection
   offseg-X-fo       feature offsets only: masks = LN((E + dE) W^T); no class-offset projection
 """
+
 from __future__ import annotations
 
 from .backbones.efficientformer_v2 import EfficientFormerV2
@@ -22,17 +23,35 @@ OFFSEG_SIZES = {
 OFFSEG_VARIANTS = {"": "offset", "-pixel": "pixel", "-co": "offset-class", "-fo": "offset-feature"}
 
 
-def build_offseg(size: str, num_classes: int = 150, classifier: str = "offset", freeze_bn: bool = False,
-                 drop_path_rate: float | None = None, channels: int = 256, dropout_ratio: float = 0.1) -> Segmentor:
+def build_offseg(
+    size: str,
+    num_classes: int = 150,
+    classifier: str = "offset",
+    freeze_bn: bool = False,
+    drop_path_rate: float | None = None,
+    channels: int = 256,
+    dropout_ratio: float = 0.1,
+) -> Segmentor:
     cfg = OFFSEG_SIZES[size]
     backbone = EfficientFormerV2(cfg["arch"], drop_path_rate=drop_path_rate, freeze_bn=freeze_bn)
-    head = OffSegHead(cfg["in_channels"], cfg["new_channels"], num_classes, channels=channels,
-                      dropout_ratio=dropout_ratio, classifier=classifier)
+    head = OffSegHead(
+        cfg["in_channels"],
+        cfg["new_channels"],
+        num_classes,
+        channels=channels,
+        dropout_ratio=dropout_ratio,
+        classifier=classifier,
+    )
     suffix = next(s for s, c in OFFSEG_VARIANTS.items() if c == classifier)
     return Segmentor(backbone, head, size_divisor=32, name=f"offseg-{size}{suffix}")
 
 
 for _size in OFFSEG_SIZES:
     for _suffix, _classifier in OFFSEG_VARIANTS.items():
-        register_variant(f"offseg-{_size}{_suffix}", build_offseg, f"OffSeg-{_size.upper()} ({_classifier} classifier).",
-                         size=_size, classifier=_classifier)
+        register_variant(
+            f"offseg-{_size}{_suffix}",
+            build_offseg,
+            f"OffSeg-{_size.upper()} ({_classifier} classifier).",
+            size=_size,
+            classifier=_classifier,
+        )

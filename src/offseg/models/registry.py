@@ -1,4 +1,5 @@
 """Model registry: small builder functions registered by name, one `create_model` to call them."""
+
 from __future__ import annotations
 
 import inspect

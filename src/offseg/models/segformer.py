@@ -7,12 +7,14 @@ Settings follow MMSegmentation's SegFormer configs and OffSeg's segformer_offset
 configs: head width 256 for every size (the original SegFormer used 768 for B2..B5), BN in the
 head, stochastic depth 0.1 in the encoder.
 """
+
 from __future__ import annotations
 
 from .backbones.mit import MIT_ARCHS, MixVisionTransformer
 from .heads.segformer_head import SegformerHead, SegformerHeadOffsetLearning
 from .registry import register_variant
 from .segmentor import Segmentor
+
 
 def build_segformer(
     size: str,
@@ -34,6 +36,10 @@ def build_segformer(
 
 for _size in MIT_ARCHS:
     for _ol, _head in ((False, "per-pixel classifier, logits at 1/4"), (True, "Offset Learning, logits at 1/8")):
-        register_variant(f"segformer-{_size}{'-ol' if _ol else ''}", build_segformer,
-                         f"SegFormer-{_size.upper()} (MiT-{_size.upper()} + all-MLP head, {_head}).",
-                         size=_size, offset_learning=_ol)
+        register_variant(
+            f"segformer-{_size}{'-ol' if _ol else ''}",
+            build_segformer,
+            f"SegFormer-{_size.upper()} (MiT-{_size.upper()} + all-MLP head, {_head}).",
+            size=_size,
+            offset_learning=_ol,
+        )

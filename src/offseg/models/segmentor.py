@@ -1,5 +1,6 @@
 """A segmentation model: a backbone and a decode head, nothing else (so state-dict keys are
 `backbone.*` and `decode_head.*`, as in the official checkpoints)."""
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,9 @@ class Segmentor(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"{self.name or 'model'}: expected a batch of RGB images (B, 3, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{self.name or 'model'}: expected a batch of RGB images (B, 3, H, W), got shape {tuple(x.shape)}"
+            )
         h, w = x.shape[-2:]
         d = self.size_divisor
         if h % d or w % d:

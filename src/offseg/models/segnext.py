@@ -14,6 +14,7 @@ Offset-Learning head.
 The NMF draws random bases at every forward; see `offseg.models.heads.ham_head` for seeding and
 `model.decode_head.set_generator(...)` (or the `nmf_seed` option) for deterministic evaluation.
 """
+
 from __future__ import annotations
 
 from .backbones.mscan import MSCAN, MSCAN_ARCHS
@@ -46,8 +47,14 @@ def build_segnext(
     backbone = MSCAN(size, drop_path_rate=drop_path_rate)
     width = SEGNEXT_HEAD_WIDTHS[size]
     head_cls = LightHamHeadOffsetLearning if offset_learning else LightHamHead
-    head = head_cls(backbone.out_channels[1:], num_classes, channels=width, ham_channels=width,
-                    in_index=(1, 2, 3), dropout_ratio=dropout_ratio)
+    head = head_cls(
+        backbone.out_channels[1:],
+        num_classes,
+        channels=width,
+        ham_channels=width,
+        in_index=(1, 2, 3),
+        dropout_ratio=dropout_ratio,
+    )
     if nmf_seed is not None:
         head.set_generator(nmf_seed)
     return Segmentor(backbone, head, size_divisor=32, name=name)
@@ -55,9 +62,16 @@ def build_segnext(
 
 for _size in MSCAN_ARCHS:
     for _ol in (False, True):
-        _note = " No official OffSeg config exists for L: MMSegmentation's L settings with the OL head." if (
-            _size == "l" and _ol) else ""
-        register_variant(f"segnext-{_size}{'-ol' if _ol else ''}", build_segnext,
-                         f"SegNeXt-{_size.upper()} (MSCAN-{_size.upper()} + LightHam head, "
-                         f"{'Offset Learning' if _ol else 'per-pixel classifier'}, logits at 1/8).{_note}",
-                         size=_size, offset_learning=_ol)
+        _note = (
+            " No official OffSeg config exists for L: MMSegmentation's L settings with the OL head."
+            if (_size == "l" and _ol)
+            else ""
+        )
+        register_variant(
+            f"segnext-{_size}{'-ol' if _ol else ''}",
+            build_segnext,
+            f"SegNeXt-{_size.upper()} (MSCAN-{_size.upper()} + LightHam head, "
+            f"{'Offset Learning' if _ol else 'per-pixel classifier'}, logits at 1/8).{_note}",
+            size=_size,
+            offset_learning=_ol,
+        )

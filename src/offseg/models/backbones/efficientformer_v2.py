@@ -10,6 +10,7 @@ BatchNorm in training: the official backbone means to freeze BN statistics while
 in the paper's runs that freeze never took effect (see SPEC §2), so BN statistics are trained by
 default here; `freeze_bn=True` keeps every BN in eval mode instead.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,21 +25,36 @@ from ..layers.drop_path import DropPath
 # name: (widths, depths, attention blocks per late stage, drop-path rate, MLP expansion ratios per stage)
 EFFICIENTFORMER_V2_ARCHS: dict[str, dict] = {
     "s0": dict(
-        widths=(32, 48, 96, 176), depths=(2, 2, 6, 4), vit_num=2, drop_path_rate=0.0,
+        widths=(32, 48, 96, 176),
+        depths=(2, 2, 6, 4),
+        vit_num=2,
+        drop_path_rate=0.0,
         mlp_ratios=((4, 4), (4, 4), (4, 3, 3, 3, 4, 4), (4, 3, 3, 4)),
     ),
     "s1": dict(
-        widths=(32, 48, 120, 224), depths=(3, 3, 9, 6), vit_num=2, drop_path_rate=0.0,
+        widths=(32, 48, 120, 224),
+        depths=(3, 3, 9, 6),
+        vit_num=2,
+        drop_path_rate=0.0,
         mlp_ratios=((4, 4, 4), (4, 4, 4), (4, 4, 3, 3, 3, 3, 4, 4, 4), (4, 4, 3, 3, 4, 4)),
     ),
     "s2": dict(
-        widths=(32, 64, 144, 288), depths=(4, 4, 12, 8), vit_num=4, drop_path_rate=0.02,
+        widths=(32, 64, 144, 288),
+        depths=(4, 4, 12, 8),
+        vit_num=4,
+        drop_path_rate=0.02,
         mlp_ratios=((4,) * 4, (4,) * 4, (4, 4, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 3, 3, 3, 3, 4, 4)),
     ),
     "l": dict(
-        widths=(40, 80, 192, 384), depths=(5, 5, 15, 10), vit_num=6, drop_path_rate=0.1,
+        widths=(40, 80, 192, 384),
+        depths=(5, 5, 15, 10),
+        vit_num=6,
+        drop_path_rate=0.1,
         mlp_ratios=(
-            (4,) * 5, (4,) * 5, (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 4, 3, 3, 3, 3, 4, 4, 4),
+            (4,) * 5,
+            (4,) * 5,
+            (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4),
+            (4, 4, 4, 3, 3, 3, 3, 4, 4, 4),
         ),
     ),
 }
@@ -73,10 +89,23 @@ class _BatchNormGELUConv(torch.autograd.Function):
     while training; the same function and gradients as the three modules applied in turn."""
 
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-                conv_weight, conv_bias, conv_args):
-        normed, mean, invstd = torch.ops.aten.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var,
-                                                                training, momentum, eps)
+    def forward(
+        ctx,
+        x,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        conv_weight,
+        conv_bias,
+        conv_args,
+    ):
+        normed, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps
+        )
         # Running statistics are needed by the backward only in eval mode (where they are not
         # updated in place); in training mode the batch statistics come from the forward.
         stats = (None, None) if training else (running_mean, running_var)
@@ -106,15 +135,37 @@ class _BatchNormGELUConv(torch.autograd.Function):
             stride, padding, dilation, groups = ctx.conv_args
             needs = ctx.needs_input_grad
             grad, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
-                grad, F.gelu(normed), conv_weight, [conv_weight.shape[0]] if ctx.conv_has_bias else None,
-                stride, padding, dilation, False, [0, 0], groups,
-                [True, needs[8], ctx.conv_has_bias and needs[9]])
+                grad,
+                F.gelu(normed),
+                conv_weight,
+                [conv_weight.shape[0]] if ctx.conv_has_bias else None,
+                stride,
+                padding,
+                dilation,
+                False,
+                [0, 0],
+                groups,
+                [True, needs[8], ctx.conv_has_bias and needs[9]],
+            )
         grad_normed = torch.ops.aten.gelu_backward(grad, normed)
         needs = ctx.needs_input_grad
         wants = [needs[0], bn_weight is not None and needs[1], bn_bias is not None and needs[2]]
         grad_x, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_normed, x, bn_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps, wants)
-        return grad_x, grad_bn_weight, grad_bn_bias, None, None, None, None, None, grad_conv_weight, grad_conv_bias, None
+            grad_normed, x, bn_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps, wants
+        )
+        return (
+            grad_x,
+            grad_bn_weight,
+            grad_bn_bias,
+            None,
+            None,
+            None,
+            None,
+            None,
+            grad_conv_weight,
+            grad_conv_bias,
+            None,
+        )
 
 
 def batch_norm_gelu(norm: nn.Module, act: nn.Module, x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor:
@@ -122,9 +173,15 @@ def batch_norm_gelu(norm: nn.Module, act: nn.Module, x: torch.Tensor, conv: nn.C
     [-> zero-padded Conv2d] while gradients are recorded, the memory-saving fused form
     (`_BatchNormGELUConv`; the running statistics are updated as nn.BatchNorm2d does)."""
     fusable = (
-        type(norm) is nn.BatchNorm2d and type(act) is nn.GELU and act.approximate == "none"
-        and (conv is None or (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)))
-        and torch.is_grad_enabled() and x.requires_grad
+        type(norm) is nn.BatchNorm2d
+        and type(act) is nn.GELU
+        and act.approximate == "none"
+        and (
+            conv is None
+            or (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple))
+        )
+        and torch.is_grad_enabled()
+        and x.requires_grad
     )
     if not fusable:
         out = act(norm(x))
@@ -139,12 +196,23 @@ def batch_norm_gelu(norm: nn.Module, act: nn.Module, x: torch.Tensor, conv: nn.C
     track = not norm.training or norm.track_running_stats
     conv_args = None if conv is None else (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
     return _BatchNormGELUConv.apply(
-        x, norm.weight, norm.bias, norm.running_mean if track else None, norm.running_var if track else None,
-        use_batch_stats, momentum, norm.eps,
-        None if conv is None else conv.weight, None if conv is None else conv.bias, conv_args)
+        x,
+        norm.weight,
+        norm.bias,
+        norm.running_mean if track else None,
+        norm.running_var if track else None,
+        use_batch_stats,
+        momentum,
+        norm.eps,
+        None if conv is None else conv.weight,
+        None if conv is None else conv.bias,
+        conv_args,
+    )
 
 
-def batch_norm_gelu_reference(norm: nn.Module, act: nn.Module, x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor:
+def batch_norm_gelu_reference(
+    norm: nn.Module, act: nn.Module, x: torch.Tensor, conv: nn.Conv2d | None = None
+) -> torch.Tensor:
     """`batch_norm_gelu` as three module calls, storing every intermediate for the backward as the
     reference implementation does. For benchmarks and tests (`offseg.optimize.reference_computation`)."""
     out = act(norm(x))
@@ -188,7 +256,15 @@ class Attention4D(AttentionBias):
     """Multi-head attention over a feature map, with talking heads and a depthwise local value
     branch. With `stride=2` it attends at half resolution and upsamples the result."""
 
-    def __init__(self, dim: int, resolution: int, stride: int | None = None, key_dim: int = 32, num_heads: int = 8, attn_ratio: int = 4) -> None:
+    def __init__(
+        self,
+        dim: int,
+        resolution: int,
+        stride: int | None = None,
+        key_dim: int = 32,
+        num_heads: int = 8,
+        attn_ratio: int = 4,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.key_dim = key_dim
@@ -270,7 +346,9 @@ class LGQuery(nn.Module):
 class Attention4DDownsample(AttentionBias):
     """Attention whose queries live at half resolution: a learned stride-2 downsampling."""
 
-    def __init__(self, dim: int, out_dim: int, resolution: int, key_dim: int = 16, num_heads: int = 8, attn_ratio: int = 4) -> None:
+    def __init__(
+        self, dim: int, out_dim: int, resolution: int, key_dim: int = 16, num_heads: int = 8, attn_ratio: int = 4
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.scale = key_dim**-0.5
@@ -355,7 +433,15 @@ class FFN(nn.Module):
 
 
 class AttnFFN(nn.Module):
-    def __init__(self, dim: int, mlp_ratio: float, resolution: int, stride: int | None, drop_path: float = 0.0, layer_scale_init: float = 1e-5) -> None:
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float,
+        resolution: int,
+        stride: int | None,
+        drop_path: float = 0.0,
+        layer_scale_init: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.token_mixer = Attention4D(dim, resolution, stride)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -401,7 +487,9 @@ class EfficientFormerV2(nn.Module):
 
     out_indices = (0, 2, 4, 6)  # positions of the four stages in `network`
 
-    def __init__(self, arch: str = "s1", resolution: int = 512, drop_path_rate: float | None = None, freeze_bn: bool = False) -> None:
+    def __init__(
+        self, arch: str = "s1", resolution: int = 512, drop_path_rate: float | None = None, freeze_bn: bool = False
+    ) -> None:
         super().__init__()
         if arch not in EFFICIENTFORMER_V2_ARCHS:
             raise ValueError(f"unknown EfficientFormerV2 arch {arch!r}; choose from {sorted(EFFICIENTFORMER_V2_ARCHS)}")
@@ -413,8 +501,12 @@ class EfficientFormerV2(nn.Module):
         self.out_channels = list(widths)
 
         self.patch_embed = nn.Sequential(
-            nn.Conv2d(3, widths[0] // 2, 3, 2, 1), nn.BatchNorm2d(widths[0] // 2), nn.GELU(),
-            nn.Conv2d(widths[0] // 2, widths[0], 3, 2, 1), nn.BatchNorm2d(widths[0]), nn.GELU(),
+            nn.Conv2d(3, widths[0] // 2, 3, 2, 1),
+            nn.BatchNorm2d(widths[0] // 2),
+            nn.GELU(),
+            nn.Conv2d(widths[0] // 2, widths[0], 3, 2, 1),
+            nn.BatchNorm2d(widths[0]),
+            nn.GELU(),
         )
         total = sum(depths)
         network: list[nn.Module] = []

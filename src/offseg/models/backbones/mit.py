@@ -13,6 +13,7 @@ stage i is `layers.i` = [patch embedding, blocks, norm] (keys `layers.i.0.*`, `l
 `layers.i.2.*`), attention is an `nn.MultiheadAttention` under `attn.attn` (packed
 `in_proj_weight` / `in_proj_bias`), and the FFN convs sit at `ffn.layers.{0,1,4}`.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -69,8 +70,13 @@ class EfficientSelfAttention(nn.Module):
     attention affordable at stride 4."""
 
     def __init__(
-        self, embed_dims: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True,
-        attn_drop: float = 0.0, proj_drop: float = 0.0,
+        self,
+        embed_dims: int,
+        num_heads: int,
+        sr_ratio: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
         self.sr_ratio = sr_ratio
@@ -112,8 +118,15 @@ class MiTBlock(nn.Module):
     """Pre-norm transformer block: efficient attention, then Mix-FFN, each residual."""
 
     def __init__(
-        self, embed_dims: int, num_heads: int, sr_ratio: int, mlp_ratio: int = 4, qkv_bias: bool = True,
-        drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+        self,
+        embed_dims: int,
+        num_heads: int,
+        sr_ratio: int,
+        mlp_ratio: int = 4,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(embed_dims, eps=LN_EPS)
@@ -184,8 +197,14 @@ class MixVisionTransformer(nn.Module):
             width = self.out_channels[i]
             blocks = [
                 MiTBlock(
-                    width, num_heads[i], sr_ratios[i], mlp_ratio, qkv_bias,
-                    drop_rate, attn_drop_rate, block_drop_rates[first_block + j],
+                    width,
+                    num_heads[i],
+                    sr_ratios[i],
+                    mlp_ratio,
+                    qkv_bias,
+                    drop_rate,
+                    attn_drop_rate,
+                    block_drop_rates[first_block + j],
                 )
                 for j in range(depth)
             ]

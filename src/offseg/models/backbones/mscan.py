@@ -20,6 +20,7 @@ the ImageNet releases it converts load as they are. MMSegmentation builds the no
 config (SyncBN in the released configs, BN here: the same state dict and the same eval-mode
 behaviour). Unlike EfficientFormerV2, MSCAN never freezes its BatchNorms while training.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -90,9 +91,7 @@ class MultiScaleConvAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.conv0(x)
-        branches = [
-            getattr(self, f"conv{i}_2")(getattr(self, f"conv{i}_1")(local)) for i in range(len(STRIP_KERNELS))
-        ]
+        branches = [getattr(self, f"conv{i}_2")(getattr(self, f"conv{i}_1")(local)) for i in range(len(STRIP_KERNELS))]
         attn = local
         for branch in branches:  # left to right, as the reference sums them
             attn = attn + branch
@@ -133,8 +132,9 @@ class ConvMlp(nn.Module):
 class MSCABlock(nn.Module):
     """BN -> spatial attention and BN -> MLP, each scaled per channel and added back."""
 
-    def __init__(self, channels: int, mlp_ratio: float, drop: float = 0.0, drop_path: float = 0.0,
-                 layer_scale_init: float = 1e-2) -> None:
+    def __init__(
+        self, channels: int, mlp_ratio: float, drop: float = 0.0, drop_path: float = 0.0, layer_scale_init: float = 1e-2
+    ) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(channels)
         self.attn = SpatialAttention(channels)

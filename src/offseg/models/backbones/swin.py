@@ -13,6 +13,7 @@ Behaviour that matters for equivalence with the official code:
 - Patch merging concatenates each 2x2 neighbourhood in `nn.Unfold` order (channel-major: c0 of
   the four pixels, then c1, ...), which is the order of the official `reduction` weights.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -40,8 +41,15 @@ class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows of w x w tokens, with a learned relative-position
     bias per head."""
 
-    def __init__(self, embed_dims: int, num_heads: int, window_size: int, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        embed_dims: int,
+        num_heads: int,
+        window_size: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.window_size = window_size
@@ -84,7 +92,9 @@ def window_merge(windows: torch.Tensor, window_size: int, h: int, w: int) -> tor
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
 
 
-def shifted_window_mask(h: int, w: int, window_size: int, shift: int, device: torch.device | None = None) -> torch.Tensor:
+def shifted_window_mask(
+    h: int, w: int, window_size: int, shift: int, device: torch.device | None = None
+) -> torch.Tensor:
     """(num_windows, N, N) additive mask for a map of (padded) size h x w rolled up-left by `shift`:
     tokens from different regions of the unrolled map must not attend to each other."""
     region = torch.zeros(1, h, w, 1, device=device)
@@ -103,8 +113,17 @@ class ShiftedWindowAttention(nn.Module):
     """Pads the map to whole windows, optionally rolls it by `shift`, attends within windows,
     and undoes both. The parameters live in `w_msa`."""
 
-    def __init__(self, embed_dims: int, num_heads: int, window_size: int, shift: int = 0, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        embed_dims: int,
+        num_heads: int,
+        window_size: int,
+        shift: int = 0,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         if not 0 <= shift < window_size:
             raise ValueError(f"shift must be in [0, window_size), got {shift}")
@@ -148,11 +167,23 @@ class SwinFFN(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, embed_dims: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        embed_dims: int,
+        num_heads: int,
+        window_size: int,
+        shift: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(embed_dims)
-        self.attn = ShiftedWindowAttention(embed_dims, num_heads, window_size, shift, qkv_bias, attn_drop, drop, drop_path)
+        self.attn = ShiftedWindowAttention(
+            embed_dims, num_heads, window_size, shift, qkv_bias, attn_drop, drop, drop_path
+        )
         self.norm2 = nn.LayerNorm(embed_dims)
         self.ffn = SwinFFN(embed_dims, int(mlp_ratio * embed_dims), drop)
         self.drop_path = DropPath(drop_path)
@@ -199,12 +230,26 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, embed_dims: int, depth: int, num_heads: int, window_size: int, drop_paths: Sequence[float],
-                 downsample: bool, **block_options) -> None:
+    def __init__(
+        self,
+        embed_dims: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        drop_paths: Sequence[float],
+        downsample: bool,
+        **block_options,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinBlock(embed_dims, num_heads, window_size, shift=window_size // 2 if i % 2 else 0,
-                      drop_path=drop_paths[i], **block_options)
+            SwinBlock(
+                embed_dims,
+                num_heads,
+                window_size,
+                shift=window_size // 2 if i % 2 else 0,
+                drop_path=drop_paths[i],
+                **block_options,
+            )
             for i in range(depth)
         )
         self.downsample = PatchMerging(embed_dims, 2 * embed_dims) if downsample else None
@@ -248,11 +293,20 @@ class SwinTransformer(nn.Module):
         self.stages = nn.ModuleList()
         for i in range(num_stages):
             start = sum(depths[:i])
-            self.stages.append(SwinStage(
-                self.out_channels[i], depths[i], num_heads[i], window_size, rates[start:start + depths[i]],
-                downsample=i < num_stages - 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                attn_drop=attn_drop_rate,
-            ))
+            self.stages.append(
+                SwinStage(
+                    self.out_channels[i],
+                    depths[i],
+                    num_heads[i],
+                    window_size,
+                    rates[start : start + depths[i]],
+                    downsample=i < num_stages - 1,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                )
+            )
         for i, channels in enumerate(self.out_channels):
             self.add_module(f"norm{i}", nn.LayerNorm(channels))
         self.reset_parameters()

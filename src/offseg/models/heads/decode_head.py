@@ -3,6 +3,7 @@
 Offset-Learning heads build `conv_seg` and `dropout` but never use them, as the official heads
 do: they are in the official checkpoints and in the paper's parameter counts.
 """
+
 from __future__ import annotations
 
 import torch

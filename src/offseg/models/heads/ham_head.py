@@ -28,6 +28,7 @@ With an integer seed every forward uses the bases that `torch.manual_seed(seed)`
 each batch's prediction depends only on the batch (not on what ran before) and matches the
 official code run under that seed.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -65,8 +66,12 @@ class NMF2D(nn.Module):
 
     def __init__(self, rank: int = 16, spatial_groups: int = 1, train_steps: int = 6, eval_steps: int = 7) -> None:
         super().__init__()
-        for label, value, low in (("rank", rank, 1), ("spatial_groups", spatial_groups, 1),
-                                  ("train_steps", train_steps, 0), ("eval_steps", eval_steps, 0)):
+        for label, value, low in (
+            ("rank", rank, 1),
+            ("spatial_groups", spatial_groups, 1),
+            ("train_steps", train_steps, 0),
+            ("eval_steps", eval_steps, 0),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"NMF2D: {label} must be an integer >= {low}, got {value!r}")
         self.rank = rank
@@ -85,9 +90,13 @@ class NMF2D(nn.Module):
         elif isinstance(generator, int) and not isinstance(generator, bool):
             self.generator, self.seed = None, generator
         else:
-            raise TypeError(f"NMF2D.set_generator: expected a torch.Generator, an int seed or None, got {type(generator).__name__}")
+            raise TypeError(
+                f"NMF2D.set_generator: expected a torch.Generator, an int seed or None, got {type(generator).__name__}"
+            )
 
-    def random_bases(self, batch: int, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    def random_bases(
+        self, batch: int, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Initial bases (batch * S, dim, R): one uniform draw, L2-normalised over `dim`.
 
         With the default (global) RNG this makes the same single call as the official code, with
@@ -140,8 +149,10 @@ class NMF2D(nn.Module):
         return torch.bmm(bases, coef.transpose(1, 2)).reshape(b, c, h, w)
 
     def extra_repr(self) -> str:
-        return (f"rank={self.rank}, spatial_groups={self.spatial_groups}, "
-                f"train_steps={self.train_steps}, eval_steps={self.eval_steps}")
+        return (
+            f"rank={self.rank}, spatial_groups={self.spatial_groups}, "
+            f"train_steps={self.train_steps}, eval_steps={self.eval_steps}"
+        )
 
 
 class Hamburger(nn.Module):
@@ -181,7 +192,9 @@ class LightHamHead(DecodeHead):
         self.in_channels = list(in_channels)
         self.in_index = list(in_index)
         if len(self.in_channels) != len(self.in_index):
-            raise ValueError(f"{type(self).__name__}: in_channels {self.in_channels} and in_index {self.in_index} differ in length")
+            raise ValueError(
+                f"{type(self).__name__}: in_channels {self.in_channels} and in_index {self.in_index} differ in length"
+            )
         self.ham_channels = ham_channels
         self.align_corners = align_corners
         self.squeeze = ConvModule(sum(self.in_channels), ham_channels, 1, norm=norm, norm_groups=norm_groups)
@@ -214,7 +227,9 @@ class LightHamHead(DecodeHead):
         selected = self.select_inputs(inputs)
         size = selected[0].shape[-2:]
         resized = [
-            x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+            x
+            if x.shape[-2:] == size
+            else F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
             for x in selected
         ]
         return self.align(self.hamburger(self.squeeze(torch.cat(resized, dim=1))))

@@ -19,6 +19,7 @@ With Offset Learning (the OffSeg variant), every prediction first aligns the mas
 the (original) mask features with `OffsetLearningMask`; the aligned pair only feeds that
 prediction's einsum. So all 10 predictions, and hence all attention masks, see Offset Learning.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,15 @@ from ..layers.ms_deform_attn import MultiScaleDeformableAttention
 from ..layers.offset_learning import OffsetLearningMask
 
 
-def sine_positional_encoding(batch: int, h: int, w: int, num_feats: int, device: torch.device | None = None,
-                             temperature: float = 10000.0, eps: float = 1e-6) -> torch.Tensor:
+def sine_positional_encoding(
+    batch: int,
+    h: int,
+    w: int,
+    num_feats: int,
+    device: torch.device | None = None,
+    temperature: float = 10000.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """DETR's normalised sine encoding of an unpadded h x w map: (B, 2 * num_feats, h, w), the y half
     first. Positions are (i + 1) / (n + eps) * 2 pi; channel pairs (2j, 2j + 1) are sin and cos at
     frequency temperature^(-2j / num_feats). Always float32, as in the official code."""
@@ -55,8 +63,15 @@ def sine_positional_encoding(batch: int, h: int, w: int, num_feats: int, device:
 class ConvGN(nn.Module):
     """Conv2d -> GroupNorm [-> ReLU], named `conv` and `gn` as in the official checkpoints."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool, num_groups: int = 32,
-                 relu: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        bias: bool,
+        num_groups: int = 32,
+        relu: bool = False,
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
         self.gn = nn.GroupNorm(num_groups, out_channels)
@@ -96,8 +111,13 @@ class DeformableEncoderLayer(nn.Module):
         self.ffn = FeedForward(embed_dims, ffn_channels)
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(2))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
         # Offsets and weights come from the features plus position; the values from the features alone.
         x = self.norms[0](x + self.self_attn(x + pos, x, reference_points, spatial_shapes))
         return self.norms[1](self.ffn(x))
@@ -108,8 +128,13 @@ class DeformableEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_options) for _ in range(num_layers))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, pos, reference_points, spatial_shapes)
         return x
@@ -148,8 +173,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for i in range(num_encoder_levels)
         )
         self.encoder = DeformableEncoder(
-            encoder_layers, embed_dims=feat_channels, num_heads=encoder_heads, num_levels=num_encoder_levels,
-            num_points=encoder_points, ffn_channels=encoder_ffn_channels,
+            encoder_layers,
+            embed_dims=feat_channels,
+            num_heads=encoder_heads,
+            num_levels=num_encoder_levels,
+            num_points=encoder_points,
+            ffn_channels=encoder_ffn_channels,
         )
         self.level_encoding = nn.Embedding(num_encoder_levels, feat_channels)
         # FPN steps for the finer levels the encoder does not see, from coarse to fine.
@@ -222,8 +251,15 @@ class AttentionWithPos(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(embed_dims, num_heads, dropout=attn_drop, batch_first=True)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_pos: torch.Tensor,
-                key_pos: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        query_pos: torch.Tensor,
+        key_pos: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # need_weights stays on, as in the official wrapper: it keeps PyTorch on the explicit
         # (baddbmm + softmax) path rather than the fused kernel.
         out = self.attn(query + query_pos, key + key_pos, value, attn_mask=attn_mask)[0]
@@ -240,8 +276,14 @@ class MaskedAttentionDecoderLayer(nn.Module):
         self.ffn = FeedForward(embed_dims, ffn_channels)
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(3))
 
-    def forward(self, query: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         query = self.norms[0](self.cross_attn(query, memory, memory, query_pos, memory_pos, attn_mask))
         query = self.norms[1](self.self_attn(query, query, query, query_pos, query_pos))
         return self.norms[2](self.ffn(query))
@@ -263,7 +305,9 @@ class MaskedAttentionDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def semantic_scores(cls_scores: torch.Tensor, mask_preds: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+def semantic_scores(
+    cls_scores: torch.Tensor, mask_preds: torch.Tensor, size: Sequence[int] | None = None
+) -> torch.Tensor:
     """Per-pixel class scores (B, K, H, W) from one prediction: sum over queries of
     softmax(class logits) without "no object" times sigmoid(mask logits), the masks first resized
     bilinearly to `size` (align_corners False) when given. Values are probability products in
@@ -313,17 +357,29 @@ class Mask2FormerHead(nn.Module):
         self.num_heads = decoder_heads
         self.pos_num_feats = pos_num_feats
         self.pixel_decoder = MSDeformAttnPixelDecoder(
-            in_channels, feat_channels, out_channels, num_transformer_feat_level, encoder_layers, encoder_heads,
-            encoder_points, encoder_ffn_channels, pos_num_feats, num_groups,
+            in_channels,
+            feat_channels,
+            out_channels,
+            num_transformer_feat_level,
+            encoder_layers,
+            encoder_heads,
+            encoder_points,
+            encoder_ffn_channels,
+            pos_num_feats,
+            num_groups,
         )
-        self.transformer_decoder = MaskedAttentionDecoder(decoder_layers, feat_channels, decoder_heads, decoder_ffn_channels)
+        self.transformer_decoder = MaskedAttentionDecoder(
+            decoder_layers, feat_channels, decoder_heads, decoder_ffn_channels
+        )
         self.query_embed = nn.Embedding(num_queries, feat_channels)  # positional part of the queries
         self.query_feat = nn.Embedding(num_queries, feat_channels)  # initial query content
         self.level_embed = nn.Embedding(num_transformer_feat_level, feat_channels)
         self.cls_embed = nn.Linear(feat_channels, num_classes + 1)
         self.mask_embed = nn.Sequential(
-            nn.Linear(feat_channels, feat_channels), nn.ReLU(inplace=True),
-            nn.Linear(feat_channels, feat_channels), nn.ReLU(inplace=True),
+            nn.Linear(feat_channels, feat_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(feat_channels, feat_channels),
+            nn.ReLU(inplace=True),
             nn.Linear(feat_channels, out_channels),
         )
         self.offset_learning = OffsetLearningMask(feat_channels) if offset_learning else None
@@ -332,8 +388,9 @@ class Mask2FormerHead(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
 
-    def predict_layer(self, queries: torch.Tensor, mask_features: torch.Tensor,
-                      attn_mask_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def predict_layer(
+        self, queries: torch.Tensor, mask_features: torch.Tensor, attn_mask_size: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One prediction from decoder output (B, Q, C): class logits, mask logits, and the boolean
         attention mask (B * heads, Q, h * w) for the next layer (True = not attended)."""
         queries = self.transformer_decoder.post_norm(queries)

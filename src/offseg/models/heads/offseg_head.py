@@ -2,6 +2,7 @@
 level up, a 1x1 fusion conv, then Offset Learning (or, for the per-pixel baseline, the 1x1
 classifier). Logits come out at 1/4 of the input resolution.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -42,7 +43,8 @@ class OffSegHead(DecodeHead):
         super().__init__(channels, num_classes, dropout_ratio)
         self.classifier = classifier
         self.pre = nn.ModuleList(
-            ConvModule(c_in, c_new, 1, norm="GN", norm_groups=norm_groups) for c_in, c_new in zip(in_channels, new_channels)
+            ConvModule(c_in, c_new, 1, norm="GN", norm_groups=norm_groups)
+            for c_in, c_new in zip(in_channels, new_channels)
         )
         self.freqfusions = nn.ModuleList()
         coarse_first = list(new_channels)[::-1]
@@ -55,7 +57,9 @@ class OffSegHead(DecodeHead):
         if classifier in branches:
             self.offset_learning = OffsetLearning(num_classes, channels, branches=branches[classifier])
         elif classifier != "pixel":
-            raise ValueError(f"classifier must be 'offset', 'offset-class', 'offset-feature' or 'pixel', got {classifier!r}")
+            raise ValueError(
+                f"classifier must be 'offset', 'offset-class', 'offset-feature' or 'pixel', got {classifier!r}"
+            )
 
     def fuse(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The fused 1/4-resolution feature that feeds the classifier (B, channels, H/4, W/4)."""

@@ -9,6 +9,7 @@ SegformerHeadOffsetLearning: the same fusion, then a 2x2 max-pool (stride 2) and
 instead of the classifier, so logits come out at 1/8. `conv_seg` and `dropout` are built but
 unused, as in the official head (they are in its checkpoints and parameter counts).
 """
+
 from __future__ import annotations
 
 from typing import Sequence

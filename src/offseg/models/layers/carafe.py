@@ -20,6 +20,7 @@ ONNX, operators that ONNX Runtime runs well.
 the unfold to the output size, multiply by the masks, sum over the taps). It is slow and
 memory-hungry by design and exists for benchmarks and tests only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -74,8 +75,9 @@ def _as_nchw(out: torch.Tensor) -> torch.Tensor:
     return out.view(n, h * s, w * s, g * cg).permute(0, 3, 1, 2)
 
 
-def _mask_grad_by_rows(grad: torch.Tensor, padded: torch.Tensor, grad_masks: torch.Tensor, k: int,
-                       target_elements: int = 1 << 22) -> None:
+def _mask_grad_by_rows(
+    grad: torch.Tensor, padded: torch.Tensor, grad_masks: torch.Tensor, k: int, target_elements: int = 1 << 22
+) -> None:
     """The mask gradient of an upsampling CARAFE (s > 1), written into `grad_masks`.
 
     For each input position, the s*s sub-pixel output gradients (s*s x C) times its k*k
@@ -146,7 +148,9 @@ class _Carafe(torch.autograd.Function):
         return grad_features, grad_masks, None, None, None
 
 
-def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1) -> torch.Tensor:
+def carafe(
+    features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1
+) -> torch.Tensor:
     """CARAFE of `features` (N, C, h, w) with `masks` (N, G*k*k, h*s, w*s) -> (N, C, h*s, w*s).
 
     The result is channels-last in memory (call `.contiguous()` if you need NCHW strides).
@@ -195,7 +199,9 @@ def _carafe_for_export(features: torch.Tensor, masks: torch.Tensor, k: int, g: i
     return out.view(n, h, w, g, s, s, cg).permute(0, 3, 6, 1, 4, 2, 5).reshape(n, c, h * s, w * s)
 
 
-def carafe_reference(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1) -> torch.Tensor:
+def carafe_reference(
+    features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1
+) -> torch.Tensor:
     """The reference formulation: unfold the k*k neighbourhoods, upsample the unfold (nearest) to
     the output size, multiply by the masks and sum over the taps. Materialises k*k*s*s times the
     features; for benchmarks and tests."""

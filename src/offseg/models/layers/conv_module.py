@@ -1,4 +1,5 @@
 """Conv -> norm -> activation, with the submodule names of the official checkpoints."""
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ Only the configuration of the official OffSeg head is built (semi-conv, compress
 kernel initialisation, high pass, residual, 4-group resampler, no Hamming window). Submodule
 and buffer names follow the official checkpoints.
 """
+
 from __future__ import annotations
 
 import torch
@@ -223,7 +224,9 @@ class FreqFusion(nn.Module):
         lr_up = self.dysampler(hr_c, lr_c, lr_up)
         return mask_lr, hr_out, lr_up
 
-    def forward_reference(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_reference(
+        self, hr_feat: torch.Tensor, lr_feat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward` as the reference implementation runs it: the same steps plus its two
         nearest-neighbour resizes of the CARAFE-upsampled kernel maps to the size they already
         have. Call it under `offseg.optimize.reference_computation()` to also get the reference

@@ -12,6 +12,7 @@ align_corners=False, which is what mmcv's CPU path computes and what its CUDA ke
 Parameter names (`sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`) follow
 mmcv's MultiScaleDeformableAttention, so official checkpoints load unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ def multi_scale_deformable_attention(
         level_value = per_level[level].flatten(2).transpose(1, 2).reshape(batch * num_heads, head_dims, h, w)
         # (B, Q, heads, points, 2) -> (B * heads, Q, points, 2)
         level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        sampled.append(
+            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
     # (B * heads, d, Q, levels * points) weighted by (B * heads, 1, Q, levels * points)
     sampled = torch.stack(sampled, dim=-2).flatten(-2)
     weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)

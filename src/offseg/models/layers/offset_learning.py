@@ -13,6 +13,7 @@ Both offsets are computed from the original W and E. Mask variant (`OffsetLearni
 Mask2Former): W is the per-image query mask embeddings, there is no LayerNorm, and the aligned
 pair is returned for the head's einsum.
 """
+
 from __future__ import annotations
 
 import torch

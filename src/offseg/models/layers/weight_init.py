@@ -1,4 +1,5 @@
 """MMSegmentation's from-scratch initialisation of transformer backbones, shared by MiT, MSCAN and Swin."""
+
 from __future__ import annotations
 
 import math

@@ -23,6 +23,7 @@ For every decoder prediction (all num_layers + 1 entries) and every image:
 `loss_cls`, `loss_mask`, `loss_dice` for the last prediction and `d{i}.loss_*` for the others;
 the training loss is the sum of its values.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -188,7 +189,9 @@ def hungarian_match(
     gt_points = point_sample(gt_masks[:, None].to(mask_logits.dtype), points.expand(g, -1, -1))[:, 0]
     cost = match_cost(cls_logits, mask_points, gt_labels, gt_points, class_weight, mask_weight, dice_weight)
     rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
-    return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(cols, dtype=torch.long, device=device)
+    return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(
+        cols, dtype=torch.long, device=device
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,8 +241,9 @@ class Mask2FormerLoss(nn.Module):
         for label in labels:
             classes, masks = semantic_to_instances(label, self.ignore_index)
             if classes.numel() and (classes.min() < 0 or classes.max() >= self.num_classes):
-                raise ValueError(f"labels must be in [0, {self.num_classes}) or {self.ignore_index}, "
-                                 f"got values {classes.tolist()}")
+                raise ValueError(
+                    f"labels must be in [0, {self.num_classes}) or {self.ignore_index}, got values {classes.tolist()}"
+                )
             out.append((classes, masks))
         return out
 
@@ -257,8 +261,15 @@ class Mask2FormerLoss(nn.Module):
         matched_preds, matched_masks = [], []
         for b, (gt_labels, gt_masks) in enumerate(targets):
             query_idx, gt_idx = hungarian_match(
-                cls_scores[b].detach(), mask_preds[b].detach(), gt_labels, gt_masks, self.num_points,
-                self.class_weight, self.mask_weight, self.dice_weight, generator,
+                cls_scores[b].detach(),
+                mask_preds[b].detach(),
+                gt_labels,
+                gt_masks,
+                self.num_points,
+                self.class_weight,
+                self.mask_weight,
+                self.dice_weight,
+                generator,
             )
             class_targets[b, query_idx] = gt_labels[gt_idx]
             matched_preds.append(mask_preds[b, query_idx])
@@ -276,8 +287,9 @@ class Mask2FormerLoss(nn.Module):
             return loss_cls, zero, zero
         masks = torch.cat(matched_masks)
         with torch.no_grad():
-            points = uncertain_point_coords(preds[:, None], self.num_points, self.oversample_ratio,
-                                            self.importance_sample_ratio, generator)
+            points = uncertain_point_coords(
+                preds[:, None], self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator
+            )
             target_points = point_sample(masks[:, None].to(preds.dtype), points)[:, 0]
         pred_points = point_sample(preds[:, None], points)[:, 0]
 
