@@ -80,10 +80,9 @@ def running_server(app) -> Iterator[str]:
         sock.close()
 
 
-def assert_same_labels(served: np.ndarray, model, image, scale, margin: float = 1e-3) -> float:
-    """Issue 18's correctness rule: wherever the top-two class scores differ by more than `margin`,
-    the served label equals `offseg.predict(model, image)` with the same mode and scale. Returns the
-    share of pixels the rule covers."""
+def reference_labels(model, image, scale, margin: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """`offseg.predict(model, image)` at `scale`, and where the top-two class scores of that
+    computation differ by more than `margin` (the pixels issue 18's correctness rule covers)."""
     import offseg
     from offseg.inference import infer
     from offseg.optimize import fast_model_for
@@ -94,7 +93,14 @@ def assert_same_labels(served: np.ndarray, model, image, scale, margin: float = 
     with torch.no_grad():
         scores = infer(fast_model_for(model), x[None], out_size=size)
     top2 = scores.topk(2, dim=1).values[0]
-    decided = (top2[0] - top2[1] > margin).numpy()
+    return expected, (top2[0] - top2[1] > margin).numpy()
+
+
+def assert_same_labels(served: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> float:
+    """Issue 18's correctness rule: wherever the top-two class scores differ by more than the margin,
+    the served label equals offseg.predict's (`reference` from `reference_labels`). Returns the share
+    of pixels the rule covers."""
+    expected, decided = reference
     assert served.shape == expected.shape, f"label map {served.shape}, expected {expected.shape}"
     wrong = decided & (served != expected)
     assert not wrong.any(), f"{int(wrong.sum())} decided pixels differ from offseg.predict"

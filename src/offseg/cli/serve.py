@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     scale = f"{served.scale[0]}x{served.scale[1]}" if served.scale else "none"
     print(
-        f"offseg serve: {served.name}, {served.num_classes} classes, test mode {mode}, scale {scale}", file=sys.stderr
+        f"offseg serve: {served.name}, {served.num_classes} classes, test mode {mode}, test scale {scale}", file=sys.stderr
     )
     uvicorn.run(create_app(served, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0

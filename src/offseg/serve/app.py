@@ -17,10 +17,12 @@ import base64
 import contextlib
 import io
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio.to_thread
 import numpy as np
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -74,7 +76,7 @@ class Metrics:
         self.batch_size = Histogram(
             "offseg_batch_size",
             "Images per forward pass of the inference worker",
-            buckets=sorted({1, 2, 4, 8, 16, 32, 64, max_batch}),
+            buckets=sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch} | {max_batch}),
             registry=self.registry,
         )
         self.queue_depth = Gauge(
@@ -168,6 +170,13 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> St
         on_batch=metrics.batch_size.observe,
     )
     metrics.queue_depth.set_function(lambda: worker.depth)
+    # Decoding and encoding run in at most one thread per CPU: more would only compete with the
+    # worker for the cores and hold more pictures in memory at once.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpu_threads = anyio.CapacityLimiter(cpus)
+
+    async def in_thread(function, *args):
+        return await anyio.to_thread.run_sync(function, *args, limiter=cpu_threads)
 
     def prepare(data: bytes):
         image = open_image(data, settings.max_pixels)
@@ -207,7 +216,7 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> St
                 raise BadInput(400, f"unsupported format {fmt!r}: use json (default), labels or overlay")
             body = await _read_body(request, settings.max_body_bytes)
             data = await _image_bytes(request, body, settings.max_body_bytes)
-            image, x, size = await run_in_threadpool(prepare, data)
+            image, x, size = await in_thread(prepare, data)
         except BadInput as err:
             return _error(err.status, err.message)
         decoded = time.perf_counter()
@@ -222,7 +231,7 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> St
             "queue": round(result.queued_s * 1e3, 2),
             "inference": round(result.inference_s * 1e3, 2),
         }
-        response = await run_in_threadpool(answer, fmt, image, x, result, timing)
+        response = await in_thread(answer, fmt, image, x, result, timing)
         metrics.latency.observe(time.perf_counter() - arrived)
         return response
 
