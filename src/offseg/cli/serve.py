@@ -21,7 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=int, default=8, help="most images per forward pass (default: 8)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more (default: 5)")
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for requests still being read (default: 5)",
+    )
     p.add_argument("--queue", type=int, default=64, help="most requests waiting; beyond: 503 (default: 64)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default: 20)")
     p.add_argument("--max-pixels", type=float, default=16e6, help="largest image, width x height (default: 16e6)")
@@ -81,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     )
     scale = f"{served.scale[0]}x{served.scale[1]}" if served.scale else "none"
     print(
-        f"offseg serve: {served.name}, {served.num_classes} classes, test mode {mode}, test scale {scale}", file=sys.stderr
+        f"offseg serve: {served.name}, {served.num_classes} classes, test mode {mode}, test scale {scale}",
+        file=sys.stderr,
     )
     uvicorn.run(create_app(served, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0

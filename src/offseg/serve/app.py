@@ -56,7 +56,7 @@ class ServeSettings:
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 16_000_000
     threads: int | None = None
-    batch_wait: float = 0.005  # seconds the worker waits for more requests of the same size
+    batch_wait: float = 0.005  # seconds a batch waits for requests still being read and decoded
 
 
 class Metrics:
@@ -153,7 +153,8 @@ def _png(image: Image.Image) -> bytes:
 
 def create_app(served: ServedModel, settings: ServeSettings | None = None) -> Starlette:
     """The ASGI app serving `served` (its worker starts and stops with the app's lifespan)."""
-    from ..predict import label_image, preprocess
+    from ..data.transforms import resize_image
+    from ..predict import fit_scale, label_image
     from ..visualize import overlay
 
     settings = settings or ServeSettings()
@@ -178,15 +179,17 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> St
     async def in_thread(function, *args):
         return await anyio.to_thread.run_sync(function, *args, limiter=cpu_threads)
 
-    def prepare(data: bytes):
-        image = open_image(data, settings.max_pixels)
-        x, size = preprocess(np.asarray(image), served.scale)
-        return image, x, size
+    def prepare(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """The picture (H, W, 3) and its copy resized to the test scale as `offseg.predict` resizes it."""
+        picture = np.asarray(open_image(data, settings.max_pixels))
+        if served.scale is None:
+            return picture, picture
+        return picture, resize_image(picture, fit_scale(picture.shape[0], picture.shape[1], served.scale))
 
-    def answer(fmt: str, image: Image.Image, x, result, timing: dict) -> Response:
+    def answer(fmt: str, picture: np.ndarray, resized: np.ndarray, result, timing: dict) -> Response:
         labels = result.labels
         if fmt == "overlay":
-            return Response(_png(overlay(image, labels, served.palette)), media_type="image/png")
+            return Response(_png(overlay(picture, labels, served.palette)), media_type="image/png")
         png = _png(label_image(labels, served.palette))
         if fmt == "labels":
             return Response(png, media_type="image/png")
@@ -199,8 +202,8 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> St
         return JSONResponse(
             {
                 "model": served.name,
-                "input_size": [image.height, image.width],
-                "inference_size": [int(x.shape[-2]), int(x.shape[-1])],
+                "input_size": [int(picture.shape[0]), int(picture.shape[1])],
+                "inference_size": [int(resized.shape[0]), int(resized.shape[1])],
                 "classes": classes,
                 "batch_size": result.batch_size,
                 "timing_ms": timing,
@@ -210,18 +213,24 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> St
 
     async def segment(request: Request) -> Response:
         arrived = time.perf_counter()
+        fmt = request.query_params.get("format", "json")
+        if fmt not in FORMATS:
+            return _error(400, f"unsupported format {fmt!r}: use json (default), labels or overlay")
+        worker.expect()  # a batch starting now waits a few ms for this request
         try:
-            fmt = request.query_params.get("format", "json")
-            if fmt not in FORMATS:
-                raise BadInput(400, f"unsupported format {fmt!r}: use json (default), labels or overlay")
             body = await _read_body(request, settings.max_body_bytes)
             data = await _image_bytes(request, body, settings.max_body_bytes)
-            image, x, size = await in_thread(prepare, data)
+            picture, resized = await in_thread(prepare, data)
+            del data, body  # only the decoded picture is kept while the request waits
         except BadInput as err:
+            worker.forget()
             return _error(err.status, err.message)
+        except BaseException:
+            worker.forget()
+            raise
         decoded = time.perf_counter()
         try:
-            future = worker.submit(x, size)
+            future = worker.submit(resized, picture.shape[:2], expected=True)
         except QueueFullError as err:
             retry = max(1, math.ceil((worker.depth / settings.max_batch + 1) * worker.batch_seconds))
             return _error(503, f"server busy: {err}; retry later", headers={"Retry-After": str(retry)})
@@ -231,7 +240,7 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> St
             "queue": round(result.queued_s * 1e3, 2),
             "inference": round(result.inference_s * 1e3, 2),
         }
-        response = await in_thread(answer, fmt, image, x, result, timing)
+        response = await in_thread(answer, fmt, picture, resized, result, timing)
         metrics.latency.observe(time.perf_counter() - arrived)
         return response
 

@@ -83,19 +83,17 @@ def _gflops(model: nn.Module, size: tuple[int, int]) -> dict[str, Any]:
 def load_served_model(
     name: str,
     checkpoint: str | os.PathLike | None = None,
-    model: nn.Module | None = None,
     mode: str | None = None,
     crop_size: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
     scale: Sequence[int] | None = None,
     num_classes: int | None = None,
 ) -> ServedModel:
-    """Build (or take) the network and settle what it serves.
+    """Build the network on the CPU fast path and settle what it serves.
 
     Test mode: `mode` when given, else the official one for the dataset the checkpoint records
     (whole when it records none). Test scale: `scale` (w, h) when given, else the one the
     checkpoint records, else none (pictures are segmented at their own size).
-    `model` (tests, benchmarks): an already built network used instead of `name` + `checkpoint`.
     """
     import argparse
 
@@ -105,12 +103,8 @@ def load_served_model(
     from ..optimize import optimize_for_inference
     from ..predict import fit_scale
 
-    dataset = None
-    if model is None:
-        model = create_model(name, num_classes=num_classes, checkpoint=checkpoint)
-        if checkpoint is not None:
-            dataset = read_checkpoint(checkpoint).metadata.get("dataset")
-    model.eval()
+    model = create_model(name, num_classes=num_classes, checkpoint=checkpoint).eval()
+    dataset = read_checkpoint(checkpoint).metadata.get("dataset") if checkpoint is not None else None
     test_mode = resolve_test_mode(
         argparse.Namespace(model=name, data=dataset or "folder", mode=mode, crop=crop_size, stride=stride)
     )

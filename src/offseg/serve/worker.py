@@ -1,13 +1,16 @@
 """The inference worker of `offseg serve`: one thread that owns torch, a bounded queue, and
 dynamic batching.
 
-Requests put a prepared image (normalised (3, h, w), as `offseg.predict` prepares it) into the
-queue and get a `concurrent.futures.Future`. The worker takes the oldest job, then for up to
-`batch_wait` seconds gathers queued jobs that pad to the same model input size (whole mode:
-(h, w) rounded up to the size divisor; slide mode: the same (h, w)), at most `max_batch` in all,
-and runs them as one forward. Each job's scores are cropped to its own size and resized to its
-picture's size before the argmax, exactly the steps of `offseg.predict`, so a batched label map
-differs from the single one only where float rounding of the batched kernels flips a near-tie.
+Requests put a picture already resized to the test scale (uint8 RGB (h, w, 3), as
+`offseg.predict` resizes it) into the queue and get a `concurrent.futures.Future`; the worker
+normalises it straight into the batch (a waiting request holds 1 byte per value, not 4).
+The worker takes the oldest job, then, while other requests are still being read and prepared
+(`expect`), waits up to `batch_wait` seconds for them; it gathers the queued jobs that pad to the
+same model input size (whole mode: (h, w) rounded up to the size divisor; slide mode: the
+same (h, w)), at most `max_batch` in all, and runs them as one forward. Each job's scores are
+cropped to its own size and resized to its picture's size before the argmax, exactly the steps of
+`offseg.predict`, so a batched label map differs from the single one only where float rounding of
+the batched kernels flips a near-tie.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class SegmentResult:
 
 @dataclass
 class _Job:
-    image: torch.Tensor
+    image: np.ndarray
     out_size: tuple[int, int]
     key: tuple[int, int]
     future: Future = field(default_factory=Future)
@@ -86,6 +89,7 @@ class InferenceWorker:
         self._pending: collections.deque[_Job] = collections.deque()
         self._lock = threading.Condition()
         self._stopping = False
+        self._incoming = 0  # requests announced by `expect` and not yet submitted
         self._thread: threading.Thread | None = None
         self.batch_seconds = 0.0  # exponential average of one batch's run time (for Retry-After)
 
@@ -108,17 +112,32 @@ class InferenceWorker:
         """Jobs waiting (not yet running)."""
         return len(self._pending)
 
-    def _key(self, image: torch.Tensor) -> tuple[int, int]:
-        h, w = int(image.shape[-2]), int(image.shape[-1])
+    def _key(self, image: np.ndarray) -> tuple[int, int]:
+        h, w = int(image.shape[0]), int(image.shape[1])
         if self.mode == "slide":  # windows depend on the exact size
             return h, w
         return -(-h // self.divisor) * self.divisor, -(-w // self.divisor) * self.divisor
 
-    def submit(self, image: torch.Tensor, out_size: Sequence[int]) -> Future:
-        """Queue a normalised image (3, h, w) whose label map is wanted at `out_size` (H, W).
-        Raises QueueFullError when `queue_size` jobs are waiting already."""
-        job = _Job(image, (int(out_size[0]), int(out_size[1])), self._key(image))
+    def expect(self) -> None:
+        """A request has arrived and will be submitted (or `forget`-ten) soon: batches wait for it."""
         with self._lock:
+            self._incoming += 1
+
+    def forget(self) -> None:
+        """An expected request will not come (it was refused)."""
+        with self._lock:
+            self._incoming -= 1
+            self._lock.notify()
+
+    def submit(self, image: np.ndarray, out_size: Sequence[int], expected: bool = False) -> Future:
+        """Queue a resized uint8 RGB picture (h, w, 3) whose label map is wanted at `out_size` (H, W),
+        the picture's own size. Raises QueueFullError when `queue_size` jobs are waiting already."""
+        with self._lock:
+            if expected:  # arrived, whatever happens next
+                self._incoming -= 1
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"expected a uint8 RGB picture (h, w, 3), got {image.dtype} {image.shape}")
+            job = _Job(image, (int(out_size[0]), int(out_size[1])), self._key(image))
             if self._stopping:
                 raise RuntimeError("the inference worker is stopping")
             if len(self._pending) >= self.queue_size:
@@ -151,7 +170,8 @@ class InferenceWorker:
             while True:
                 self._take_compatible(batch)
                 remaining = deadline - time.perf_counter()
-                if len(batch) >= self.max_batch or remaining <= 0:
+                # nothing on its way: waiting would only add latency
+                if len(batch) >= self.max_batch or remaining <= 0 or self._incoming <= 0:
                     return batch
                 self._lock.wait(remaining)
 
@@ -176,19 +196,22 @@ class InferenceWorker:
                 job.future.set_result(SegmentResult(label, len(batch), started - job.submitted, spent))
 
     @torch.inference_mode()
-    def run_batch(self, images: Sequence[torch.Tensor], out_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Label maps of images that share a key, in one forward (also used by the benchmark's
-        plain loop). Whole mode pads each image at the bottom and right with 0, as
-        `offseg.inference.pad_to_divisor` does, to the batch's common size."""
+    def run_batch(self, images: Sequence[np.ndarray], out_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Label maps of resized pictures that share a key, in one forward (also used by the
+        benchmark's plain loop). Each is normalised by `offseg.predict`'s own `preprocess`; whole
+        mode pads them at the bottom and right with 0, as `offseg.inference.pad_to_divisor` does, to
+        the batch's common size."""
+        from ..predict import preprocess
+
         height, width = self._key(images[0])
-        x = images[0].new_zeros((len(images), 3, height, width))
+        x = torch.zeros((len(images), 3, height, width))
         for i, image in enumerate(images):
-            x[i, :, : image.shape[-2], : image.shape[-1]] = image
+            x[i, :, : image.shape[0], : image.shape[1]] = preprocess(image)[0]
         scores = infer(self.model, x, mode=self.mode, crop_size=self.crop_size, stride=self.stride)
         dtype = np.uint8 if scores.shape[1] <= 256 else np.int32
         labels = []
         for i, (image, out_size) in enumerate(zip(images, out_sizes, strict=True)):
-            own = scores[i : i + 1, :, : image.shape[-2], : image.shape[-1]]
+            own = scores[i : i + 1, :, : image.shape[0], : image.shape[1]]
             if tuple(own.shape[-2:]) != tuple(out_size):
                 own = F.interpolate(own, size=out_size, mode="bilinear", align_corners=False)
             labels.append(own.argmax(dim=1)[0].numpy().astype(dtype))
