@@ -2,7 +2,7 @@
 beside the model alone in a plain loop, in one run.
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_serve.py --doc docs/serve.md
-    python benchmarks/bench_serve.py --seconds 4 --rounds 1       # a smoke run, prints the table
+    python benchmarks/bench_serve.py --seconds 4 --rounds 1 --warmup 1     # a smoke run, prints the table
 
 Two child processes stay up through the run:
 1. the model alone: `offseg.predict` on the decoded picture in a plain loop (batch 1), and
@@ -13,7 +13,8 @@ Two child processes stay up through the run:
    picture's file and waiting for the answer in a closed loop, on 127.0.0.1 only; every load
    stops by itself. Server RSS: after one warm-up request (idle), and its peak at the end.
 The rows run round-robin in `--rounds` slices of `--seconds / --rounds` each (a noisy machine's
-drifts then hit every row alike). Figures: images/s, latency percentiles, errors (must be 0), peak
+drifts then hit every row alike); a server slice is counted after `--warmup` seconds of load, so
+that the ramp-up and the drain are left out. Figures: images/s, latency percentiles, errors (must be 0), peak
 RSS; issue 18's targets are checked at the end. Clients, server and plain loop share the CPUs
 this runs on.
 """
@@ -150,23 +151,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def closed_loop(url: str, body: bytes, clients: int, seconds: float) -> tuple[list[float], list[str], float]:
-    """`clients` threads, each posting `body` and waiting for the answer, again and again. Returns
-    the latencies of the requests answered within `seconds` of the start, the errors, and that time
-    (the answers still in flight then are awaited but not counted: the draining tail would
-    otherwise be measured as if it were load)."""
+def closed_loop(url: str, body: bytes, clients: int, seconds: float, warmup: float) -> tuple[list[float], list[str]]:
+    """`clients` threads, each posting `body` and waiting for the answer, again and again. Counted:
+    the requests answered within the `seconds` that follow a `warmup` (the ramp-up, when all clients
+    start at once, and the draining tail after the window are left out of the figures). Returns the
+    latencies of the counted requests and every error."""
     import httpx
 
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
-    stop_at = [0.0]
+    window = [0.0, 0.0]
 
     def client() -> None:
         with httpx.Client(timeout=300) as http:
             start.wait()
-            while time.perf_counter() < stop_at[0]:
+            while time.perf_counter() < window[1]:
                 sent = time.perf_counter()
                 try:
                     response = http.post(f"{url}/v1/segment", content=body)
@@ -178,17 +179,18 @@ def closed_loop(url: str, body: bytes, clients: int, seconds: float) -> tuple[li
                 with lock:
                     if problem is not None:
                         errors.append(problem)
-                    elif done <= stop_at[0]:
+                    elif window[0] <= done <= window[1]:
                         latencies.append(done - sent)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
-    stop_at[0] = time.perf_counter() + seconds
+    now = time.perf_counter()
+    window[:] = [now + warmup, now + warmup + seconds]
     start.wait()
     for t in threads:
         t.join()
-    return latencies, errors, seconds
+    return latencies, errors
 
 
 class Server:
@@ -259,11 +261,11 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict, dict]:
                     row["images"] += len(times) * int(name.split()[1])
                 else:
                     before = server.batches()
-                    latencies, errors, elapsed = closed_loop(server.url, body, int(name.split()[1]), share)
+                    latencies, errors = closed_loop(server.url, body, int(name.split()[1]), share, args.warmup)
                     after = server.batches()
                     row["times"] += latencies
                     row["errors"] += errors
-                    row["elapsed"] += elapsed
+                    row["elapsed"] += share
                     row["forwards"] += after[0] - before[0]
                     row["images"] += after[1] - before[1]
         server_rss = {"idle_rss_mb": server_idle, "peak_rss_mb": rss_mb(server.process.pid, "VmHWM")}
@@ -295,7 +297,8 @@ def report(args: argparse.Namespace, rows: dict, plain_rss: dict, server_rss: di
         f"{cpu_name()}, {os.cpu_count()} logical CPUs; this run on CPU(s) {', '.join(map(str, cpus))}: server, "
         f"client threads and plain loop all share them. torch threads {args.threads}, {args.model} ({weights}), "
         f"picture {Path(args.image).name} ({args.image_size}), `--max-batch {args.max_batch}`, "
-        f"{args.seconds:g} s per row in {args.rounds} round-robin slices; load average at the start {args.load_start}.",
+        f"{args.seconds:g} s per row in {args.rounds} round-robin slices (server slices counted after "
+        f"{args.warmup:g} s of load); load average at the start {args.load_start}.",
         "",
         "| what | images/s | p50 ms | p95 ms | p99 ms | errors | images per forward |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -316,6 +319,11 @@ def report(args: argparse.Namespace, rows: dict, plain_rss: dict, server_rss: di
             f"| {what} | {images_per_s:.2f} | {f['p50']:.0f} | {f['p95']:.0f} | {f['p99']:.0f} | {errors} "
             f"| {per_forward:.2f} |"
         )
+    lines.append("")
+    lines.append(
+        "Images per forward: the server's `/metrics` over each whole slice (ramp-up and drain included). "
+        "Latency: from sending a request to its whole answer, at the client."
+    )
     lines.append("")
     b1, bn = figures["plain 1"], figures[f"plain {args.max_batch}"]
     checks = []
@@ -355,7 +363,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of plain loop and server (default: 1)")
     parser.add_argument("--seconds", type=float, default=20.0, help="time per row (default: 20)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--rounds", type=int, default=4, help="round-robin slices of each row (default: 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin slices of each row (default: 3)")
+    parser.add_argument(
+        "--warmup", type=float, default=5.0, help="seconds of load before each server slice is counted (default: 5)"
+    )
     parser.add_argument("--doc", help="write the table into this Markdown file, between its bench_serve markers")
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()

@@ -6,7 +6,7 @@
     GET  /metrics                                    Prometheus text format
     GET  /                                           the web page (offline: no CDN, no external fonts)
 
-Decoding, preparing and encoding run in Starlette's thread pool; the network runs only in the
+Decoding, resizing and encoding run in a pool of one thread per CPU; the network runs only in the
 `InferenceWorker` thread. Every refused request gets a JSON body {"error": message, "status": code}.
 """
 
