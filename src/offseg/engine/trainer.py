@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.sampling import worker_init_fn
 from .checkpointing import atomic_save, load_training_checkpoint, rng_states, set_rng_states
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .optim import WarmupPolySchedule, build_optimizer
@@ -272,6 +273,7 @@ def train(
         batch_size=batch,
         sampler=sampler,
         num_workers=workers,
+        worker_init_fn=worker_init_fn if workers else None,
         drop_last=False,
         pin_memory=dist_info.device.type == "cuda",
         persistent_workers=False,
