@@ -12,11 +12,13 @@ Release formats per backbone class:
   `convert_efficientformer_v2`). In both, the 224-pixel `attention_biases` tables land in the unused
   legacy buffers and the `attention_biases_seg` tables start at zero, as in the official
   fine-tuning. The classifier (norm, head, dist_head / head_dist) is reported unused.
-- MixVisionTransformer (MiT-B0..B5), three namings (see `convert_mit`):
+- MixVisionTransformer (MiT-B0..B5), four namings (see `convert_mit`):
   the SegFormer release (NVlabs: `patch_embed1.proj`, `block1.0.attn.q` / `attn.kv`, `norm1`, `head`),
-  MMSegmentation's converted files (our names already), and Hugging Face `transformers`
+  MMSegmentation's converted files (our names already), Hugging Face `transformers` 4.x
   (`segformer.encoder.patch_embeddings.0.proj`, `block.0.0.attention.self.query` / `key` / `value`,
-  `layer_norm.0`, `classifier`).
+  `layer_norm.0`, `classifier`) and transformers 5 (`segformer.stages.0.patch_embeddings.proj`,
+  `stages.0.blocks.0.layernorm_before`, `attention.q_proj` / `k_proj` / `v_proj` / `o_proj`,
+  `attention.sequence_reduction.*`, `mlp.fc1`, `stages.0.layer_norm`).
 - MSCAN (SegNeXt): the SegNeXt release (Visual-Attention-Network) names the depthwise conv of the
   MLP `mlp.dwconv.dwconv`, MMSegmentation `mlp.dwconv`; everything else already matches. Its
   classifier (`head.*`) is reported unused.
@@ -86,20 +88,46 @@ _MIT_HUGGINGFACE_RULES = [  # transformers' Segformer encoder, stages numbered f
     (r"block\.(\d+)\.(\d+)\.mlp\.dense2\.(.+)", "layers.{0}.1.{1}.ffn.layers.4.{2}"),
     (r"layer_norm\.(\d+)\.(.+)", "layers.{0}.2.{1}"),
 ]
+_MIT_TRANSFORMERS5_RULES = [  # transformers >= 5 (its SegformerModel rename table), stages from 0
+    (r"stages\.(\d+)\.patch_embeddings\.proj\.(.+)", "layers.{0}.0.projection.{1}"),
+    (r"stages\.(\d+)\.patch_embeddings\.layer_norm\.(.+)", "layers.{0}.0.norm.{1}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.layernorm_before\.(.+)", "layers.{0}.1.{1}.norm1.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.layernorm_after\.(.+)", "layers.{0}.1.{1}.norm2.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.attention\.o_proj\.(.+)", "layers.{0}.1.{1}.attn.attn.out_proj.{2}"),
+    (
+        r"stages\.(\d+)\.blocks\.(\d+)\.attention\.sequence_reduction\.sequence_reduction\.(.+)",
+        "layers.{0}.1.{1}.attn.sr.{2}",
+    ),
+    (
+        r"stages\.(\d+)\.blocks\.(\d+)\.attention\.sequence_reduction\.layer_norm\.(.+)",
+        "layers.{0}.1.{1}.attn.norm.{2}",
+    ),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.(.+)", "layers.{0}.1.{1}.ffn.layers.0.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.dwconv\.dwconv\.(.+)", "layers.{0}.1.{1}.ffn.layers.1.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.(.+)", "layers.{0}.1.{1}.ffn.layers.4.{2}"),
+    (r"stages\.(\d+)\.layer_norm\.(.+)", "layers.{0}.2.{1}"),
+]
 # The attention input projections, concatenated in this order into in_proj_{weight,bias}.
 _MIT_SEGFORMER_QKV = (r"block(\d+)\.(\d+)\.attn\.(q|kv)\.(weight|bias)", ("q", "kv"))
 _MIT_HUGGINGFACE_QKV = (
     r"block\.(\d+)\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)",
     ("query", "key", "value"),
 )
+_MIT_TRANSFORMERS5_QKV = (
+    r"stages\.(\d+)\.blocks\.(\d+)\.attention\.(q_proj|k_proj|v_proj)\.(weight|bias)",
+    ("q_proj", "k_proj", "v_proj"),
+)
 
 
 def mit_release_format(state: Mapping[str, torch.Tensor]) -> str:
-    """'segformer' (NVlabs release), 'huggingface' (transformers) or 'mmseg' (our names)."""
+    """'segformer' (NVlabs release), 'huggingface' (transformers 4.x), 'transformers5' or 'mmseg'
+    (our names)."""
     if any(re.match(r"(patch_embed|block)\d+\.", k) for k in state):
         return "segformer"
     if any(k.startswith(("segformer.encoder.", "encoder.patch_embeddings.", "patch_embeddings.")) for k in state):
         return "huggingface"
+    if any(re.match(r"(segformer\.)?stages\.\d+\.patch_embeddings\.", k) for k in state):
+        return "transformers5"
     return "mmseg"
 
 
@@ -142,10 +170,13 @@ def _rename_mit(state: Mapping[str, torch.Tensor], rules, qkv, stage_base: int) 
 
 @register_key_converter("MixVisionTransformer")
 def convert_mit(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MiT weights in any of the three namings -> our (MMSegmentation) names."""
+    """MiT weights in any of the four namings -> our (MMSegmentation) names."""
     fmt = mit_release_format(state)
     if fmt == "segformer":
         return _rename_mit(state, _MIT_SEGFORMER_RULES, _MIT_SEGFORMER_QKV, stage_base=1)
+    if fmt == "transformers5":
+        encoder = {k.removeprefix("segformer."): v for k, v in state.items()}
+        return _rename_mit(encoder, _MIT_TRANSFORMERS5_RULES, _MIT_TRANSFORMERS5_QKV, stage_base=0)
     if fmt == "huggingface":
         encoder = {}
         for key, value in state.items():
