@@ -141,7 +141,7 @@ class JsonlLog:
         self.path, self.enabled = path, enabled
         self.tensorboard = tensorboard and enabled
         self.class_names = class_names
-        self.tb = None
+        self.tb: Any = None  # a SummaryWriter once asked for
 
     def _writer(self, purge_step: int | None = None):
         if self.tensorboard and self.tb is None:
