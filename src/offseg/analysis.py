@@ -38,9 +38,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -428,8 +429,8 @@ class IdealReprAnalysis:
             "feature_channels": int(self.ideal_repr.shape[-1]),
             "ideal_mIoU": self.ideal_metrics["mIoU"],
             "model_mIoU": self.model_metrics["mIoU"],
-            "ideal_IoU": dict(zip(self.class_names, self.ideal_metrics["IoU"])),
-            "model_IoU": dict(zip(self.class_names, self.model_metrics["IoU"])),
+            "ideal_IoU": dict(zip(self.class_names, self.ideal_metrics["IoU"], strict=True)),
+            "model_IoU": dict(zip(self.class_names, self.model_metrics["IoU"], strict=True)),
             "ideal_image_mIoU": self.ideal_image_miou,
             "model_image_mIoU": self.model_image_miou,
             "pixel_counts": self.pixel_counts.tolist(),
@@ -650,7 +651,7 @@ def plot_ideal_repr(
             panels.append(("aligned", "model W + \u0394W (per image)", entry["aligned_mean_similarity"]))
         fig = _figure(figsize=(4.2 * len(panels) + 0.8, 4.4), layout="constrained")
         axes = fig.subplots(1, len(panels))
-        for ax, (which, title, mean) in zip(np.atleast_1d(axes), panels):
+        for ax, (which, title, mean) in zip(np.atleast_1d(axes), panels, strict=True):
             mean_text = "n/a" if mean is None else f"{mean:.2f}"
             image = _heatmap(ax, analysis.similarity(k, which), labels, f"{title}\nmean off-diagonal {mean_text}")
         fig.colorbar(image, ax=list(np.atleast_1d(axes)), shrink=0.8, label="cosine similarity")
@@ -677,7 +678,8 @@ def plot_ideal_repr(
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach 1
         ax.set_title(
-            f"{analysis.model_name}, {len(analysis.image_ids)} images: mIoU of argmax W*E\u1d40 {_fmt(summary['ideal_mIoU'])}"
+            f"{analysis.model_name}, {len(analysis.image_ids)} images: mIoU of argmax W*E\u1d40 "
+            f"{_fmt(summary['ideal_mIoU'])}"
             f"\nvs the model's own {_fmt(summary['model_mIoU'])} (at head resolution 1/{analysis.stride})",
             fontsize=9,
         )
@@ -700,7 +702,7 @@ def plot_ideal_repr(
             panels = [example["image"]] + [
                 np.asarray(colorize(example[key], colours)) for key in ("label", "ideal", "model")
             ]
-            for c, (ax, panel) in enumerate(zip(axes[r], panels)):
+            for c, (ax, panel) in enumerate(zip(axes[r], panels, strict=True)):
                 ax.imshow(panel, interpolation="nearest")
                 ax.set_axis_off()
                 if r == 0:
@@ -827,11 +829,11 @@ def plot_offsets(
     return _json_safe(
         {
             "classes_shown": [names[k] for k in classes],
-            "class_offset_norm": dict(zip(names, class_norm.tolist())) if class_norm is not None else None,
-            "class_repr_norm": dict(zip(names, repr_norm.tolist())),
+            "class_offset_norm": dict(zip(names, class_norm.tolist(), strict=True)) if class_norm is not None else None,
+            "class_repr_norm": dict(zip(names, repr_norm.tolist(), strict=True)),
             "feature_offset_norm_mean": float(feature_norm.mean()) if feature_norm is not None else None,
             "feature_offset_norm_max": float(feature_norm.max()) if feature_norm is not None else None,
             "feature_norm_mean": float(quantities["features"].norm(dim=0).mean()),
-            "predicted_area": dict(zip(names, (areas / areas.sum()).tolist())),
+            "predicted_area": dict(zip(names, (areas / areas.sum()).tolist(), strict=True)),
         }
     )

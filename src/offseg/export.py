@@ -41,9 +41,10 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -226,7 +227,7 @@ def _quiet_exporter():
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
@@ -288,7 +289,7 @@ def fixed_nmf_bases(wrapper: nn.Module, max_batch: int, divisor: int = 32) -> It
             )
         yield sorted(set(notes))
     finally:
-        for m, (old_seed, old_generator) in zip(nmfs, saved):
+        for m, (old_seed, old_generator) in zip(nmfs, saved, strict=True):
             m.__dict__.pop("random_bases", None)
             if "export_bases" in m._buffers:
                 del m._buffers["export_bases"]

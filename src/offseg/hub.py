@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch.nn as nn
@@ -91,7 +92,8 @@ def pretrained_config(
         "palette": palette,
         "mean": mean,
         "std": std,
-        "input": f"RGB, 0-255, normalised as (x - mean) / std, H and W multiples of {getattr(model, 'size_divisor', 32)}",
+        "input": "RGB, 0-255, normalised as (x - mean) / std, H and W multiples of "
+        f"{getattr(model, 'size_divisor', 32)}",
         # the keep-ratio test resize (w, h) the weights were validated at, when a training run recorded one
         "test_scale": getattr(model, "test_scale", None),
     }

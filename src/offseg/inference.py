@@ -8,7 +8,7 @@ size) after a bilinear resize with align_corners=False; the prediction is their 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -37,17 +37,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.backbones import efficientformer_v2 as effv2
+from .models.heads.offseg_head import OffSegHead, interleave_groups
 from .models.layers import freqfusion as freqfusion_module
 from .models.layers.carafe import carafe_reference
 from .models.layers.conv_module import ConvModule
-from .models.heads.offseg_head import OffSegHead, interleave_groups
 from .models.layers.offset_learning import OffsetLearning
 
 __all__ = ["optimize_for_inference", "fast_model_for", "fold_batch_norms", "InferenceModel", "reference_computation"]
@@ -213,8 +213,8 @@ class _FastAttnDownsample(effv2.AttnDownsample):
 def _merge_convs(convs: Sequence[nn.Conv2d], scales: Sequence[float]) -> nn.Conv2d:
     """One 1x1 conv computing the given 1x1 convs (same input) stacked along channels, each
     multiplied by its scale."""
-    weight = torch.cat([c.weight.double() * s for c, s in zip(convs, scales)])
-    bias = torch.cat([_conv_bias(c) * s for c, s in zip(convs, scales)])
+    weight = torch.cat([c.weight.double() * s for c, s in zip(convs, scales, strict=True)])
+    bias = torch.cat([_conv_bias(c) * s for c, s in zip(convs, scales, strict=True)])
     merged = nn.Conv2d(weight.shape[1], weight.shape[0], 1).to(convs[0].weight.dtype)
     _set_conv_params(merged, weight, bias)
     return merged
@@ -388,9 +388,9 @@ class _FastOffSegHead(OffSegHead):
     """OffSegHead whose interleaved concatenations stay channels-last when the model is."""
 
     def fuse(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        feats = [pre(x) for pre, x in zip(self.pre, inputs)][::-1]
+        feats = [pre(x) for pre, x in zip(self.pre, inputs, strict=True)][::-1]
         fused = feats[0]
-        for hr_feat, freqfusion in zip(feats[1:], self.freqfusions):
+        for hr_feat, freqfusion in zip(feats[1:], self.freqfusions, strict=True):
             _, hr_feat, fused = freqfusion(hr_feat, fused)
             if _layout(hr_feat) is torch.channels_last:
                 fused = _interleave_channels_last(hr_feat, fused)
@@ -430,7 +430,7 @@ class InferenceModel(nn.Module):
     def num_classes(self) -> int:
         return self.model.num_classes
 
-    def train(self, mode: bool = True) -> "InferenceModel":
+    def train(self, mode: bool = True) -> InferenceModel:
         if mode:
             raise RuntimeError("an inference-optimised model cannot be trained; train the original model")
         return super().train(False)
@@ -492,7 +492,7 @@ def optimize_for_inference(
     return wrapped
 
 
-_FAST_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceModel]]" = weakref.WeakKeyDictionary()
+_FAST_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceModel]] = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(model: nn.Module) -> tuple:

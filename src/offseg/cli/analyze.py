@@ -174,7 +174,8 @@ def run_ideal_repr(args: argparse.Namespace) -> int:
         f"{min(analysis.feature_rank)}-{max(analysis.feature_rank)} (rcond {rcond:g})"
     )
     print(
-        f"mIoU at head resolution: recomputed argmax W* E^T {_pct(summary['ideal_mIoU'])}, model {_pct(summary['model_mIoU'])}"
+        f"mIoU at head resolution: recomputed argmax W* E^T {_pct(summary['ideal_mIoU'])}, model "
+        f"{_pct(summary['model_mIoU'])}"
     )
     aligned = analysis.aligned_repr is not None
     print(

@@ -44,9 +44,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 VARIANTS = ("reference", "eager", "fast", "onnxruntime", "compile")
 TRAIN_VARIANTS = ("reference", "eager")
@@ -355,7 +356,7 @@ def time_rows(
         results.append(result)
     log(f"  timing {len(rows)} rows x {runs} runs, round-robin ...")
     for _ in range(runs):
-        for runner, result in zip(runners, results):
+        for runner, result in zip(runners, results, strict=True):
             start = time.perf_counter()
             runner.run()
             result.times_ms.append(1e3 * (time.perf_counter() - start))

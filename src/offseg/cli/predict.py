@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..factory import create_model
     from ..predict import (
+        VideoWriter,
         collect_inputs,
         is_video,
         iter_video_frames,
@@ -96,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
         load_image,
         predict,
         video_frame_rate,
-        VideoWriter,
     )
     from ..visualize import overlay
 

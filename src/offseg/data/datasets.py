@@ -24,9 +24,10 @@ is what `InfiniteSampler` yields, so persistent workers see the right epoch too.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -12,7 +12,7 @@ caller passes in, which makes a sample's augmentation a pure function of that ge
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -14,8 +14,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpointing import atomic_save, load_training_checkpoint, rng_states, set_rng_states
-from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .distributed import barrier, cleanup, init_distributed
 from .optim import WarmupPolySchedule, build_optimizer
 from .recipes import save_recipe
 
@@ -374,7 +375,8 @@ def train(
                 log.write({"iter": done, "val": {k: last_val[k] for k in ("mIoU", "mAcc", "aAcc")}})
                 if bar is not None:
                     bar.write(
-                        f"iter {done}: val mIoU {last_val['mIoU']:.2f}  mAcc {last_val['mAcc']:.2f}  aAcc {last_val['aAcc']:.2f}"
+                        f"iter {done}: val mIoU {last_val['mIoU']:.2f}  mAcc {last_val['mAcc']:.2f}  aAcc "
+                        f"{last_val['aAcc']:.2f}"
                     )
             if last_val["mIoU"] > best_miou:
                 best_miou = last_val["mIoU"]

@@ -27,7 +27,7 @@ What the model methods return (inputs are normalised images with sides multiple 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

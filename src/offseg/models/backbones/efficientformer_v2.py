@@ -510,7 +510,7 @@ class EfficientFormerV2(nn.Module):
         )
         total = sum(depths)
         network: list[nn.Module] = []
-        for i, (dim, depth) in enumerate(zip(widths, depths)):
+        for i, (dim, depth) in enumerate(zip(widths, depths, strict=True)):
             stage_res = math.ceil(resolution / 2 ** (i + 2))
             blocks = []
             for j in range(depth):
@@ -526,7 +526,7 @@ class EfficientFormerV2(nn.Module):
                 network.append(AttnDownsample(dim, nxt, stage_res) if i >= 2 else ConvDownsample(dim, nxt))
         self.network = nn.ModuleList(network)
 
-    def train(self, mode: bool = True) -> "EfficientFormerV2":
+    def train(self, mode: bool = True) -> EfficientFormerV2:
         super().train(mode)
         if mode and self.freeze_bn:
             for m in self.modules():

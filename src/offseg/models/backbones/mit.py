@@ -16,7 +16,7 @@ stage i is `layers.i` = [patch embedding, blocks, norm] (keys `layers.i.0.*`, `l
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

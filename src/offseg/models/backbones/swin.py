@@ -16,7 +16,7 @@ Behaviour that matters for equivalence with the official code:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

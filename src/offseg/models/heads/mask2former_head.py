@@ -23,7 +23,7 @@ prediction's einsum. So all 10 predictions, and hence all attention masks, see O
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -229,7 +229,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         memory = memory.transpose(1, 2)
         outs = [
             level.reshape(batch, -1, h, w)
-            for level, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=-1), shapes)
+            for level, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=-1), shapes, strict=True)
         ]
         for step, i in enumerate(range(self.num_inputs - self.num_encoder_levels - 1, -1, -1)):
             lateral = self.lateral_convs[step](feats[i])

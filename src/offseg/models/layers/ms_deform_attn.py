@@ -16,7 +16,7 @@ mmcv's MultiScaleDeformableAttention, so official checkpoints load unchanged.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
