@@ -33,6 +33,7 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -391,7 +392,9 @@ def _function_scopes() -> dict[Any, str]:
     return scopes
 
 
-def _bias_resize(module: nn.Module, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
+# The corrections below get an instance of the class their table entry names (imported lazily,
+# hence `Any`).
+def _bias_resize(module: Any, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
     # The official EfficientFormerV2 attention always resizes its bias table bicubically to the
     # token counts; ours skips the resize when the table already has that size (512x512).
     if any(e.operator == "upsample_bicubic2d" for e in events):
@@ -400,7 +403,7 @@ def _bias_resize(module: nn.Module, inputs: tuple, events: list[FlopEvent]) -> l
     return [("upsample_bicubic2d", 16 * heads * _prod(module.attention_bias_idxs_seg.shape))]
 
 
-def _freqfusion_kernel_resize(module: nn.Module, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
+def _freqfusion_kernel_resize(module: Any, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
     # The official FreqFusion resizes its two CARAFE-upsampled kernel maps (k_l^2 and k_h^2
     # channels) with a nearest F.interpolate to the size they already have.
     hr_feat = inputs[0]
@@ -408,7 +411,7 @@ def _freqfusion_kernel_resize(module: nn.Module, inputs: tuple, events: list[Flo
     return [("upsample_nearest2d", hr_feat.shape[0] * channels * _prod(hr_feat.shape[-2:]))]
 
 
-def _same_size_level_resize(module: nn.Module, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
+def _same_size_level_resize(module: Any, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
     # MMSegmentation's heads resize every projected level bilinearly to the common size, also
     # the level that already has it (an identity our heads skip).
     feats = inputs[0]
@@ -417,7 +420,7 @@ def _same_size_level_resize(module: nn.Module, inputs: tuple, events: list[FlopE
     return [("upsample_bilinear2d", 4 * feats[0].shape[0] * module.channels * _prod(size) * skipped)]
 
 
-def _ham_same_size_level_resize(module: nn.Module, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
+def _ham_same_size_level_resize(module: Any, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
     # MMSegmentation's LightHam head resizes each selected level bilinearly to the first selected
     # level's size, that level included (an identity our head skips); 4 FLOPs per output element.
     feats = [inputs[0][i] for i in module.in_index]
@@ -554,7 +557,7 @@ class _CountingMode(TorchFunctionMode):
         self.scopes = _function_scopes()
 
     def _scope(self) -> str | None:
-        frame = sys._getframe(2)
+        frame: FrameType | None = sys._getframe(2)
         while frame is not None:
             name = self.scopes.get(frame.f_code)
             if name is not None:
@@ -691,7 +694,7 @@ def trace_flops(
         used = "meta"
         if device in ("auto", "meta"):
             try:
-                tensors = dict(model.named_parameters(remove_duplicate=False))
+                tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
                 tensors.update(model.named_buffers(remove_duplicate=False))
                 meta = {n: torch.empty_like(t, device="meta") for n, t in tensors.items()}
                 mode = _run_counted(model, torch.empty(shape, device="meta"), meta)

@@ -30,6 +30,7 @@ import numpy as np
 import torch.nn as nn
 
 from .checkpoint import SAFETENSORS_CONFIG_KEY, CheckpointError, infer_num_classes, load_checkpoint, read_checkpoint
+from .models.segmentor import num_classes_of
 
 FORMAT_NAME = "offseg"
 FORMAT_VERSION = 1
@@ -63,7 +64,7 @@ def pretrained_config(
     name = getattr(model, "name", "")
     if not name:
         raise ValueError("the model has no registered name (build it with offseg.create_model)")
-    num_classes = int(model.num_classes)
+    num_classes = num_classes_of(model)
     if dataset is not None:
         from .data import dataset_info
 
@@ -138,7 +139,6 @@ def load_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     num_classes = info.metadata.get("num_classes") or infer_num_classes(info.state_dict)
     model = create_model(name, num_classes=num_classes, **overrides)
     load_checkpoint(model, info.state_dict, source=str(info.path))
-    model.class_names = info.metadata.get("class_names")
-    model.palette = info.metadata.get("palette")
-    model.test_scale = info.metadata.get("test_scale")
+    for key in ("class_names", "palette", "test_scale"):
+        setattr(model, key, info.metadata.get(key))
     return model

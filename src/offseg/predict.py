@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ def preprocess(image: ImageLike, scale: Sequence[int] | None = None) -> tuple[to
     else:
         array = np.asarray(load_image(image))
     size = (int(array.shape[0]), int(array.shape[1]))
-    return TestPipeline(scale).prepare_image(array), size
+    return TestPipeline(None if scale is None else (scale[0], scale[1])).prepare_image(array), size
 
 
 @torch.no_grad()
@@ -151,7 +152,7 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
 
 
-def _import_av():
+def _import_av() -> Any:
     try:
         import av
     except ImportError as err:
@@ -171,7 +172,7 @@ def iter_video_frames(path: str | os.PathLike) -> Iterator[Image.Image]:
             yield frame.to_image()
 
 
-def video_frame_rate(path: str | os.PathLike, default: float = 25.0):
+def video_frame_rate(path: str | os.PathLike, default: float = 25.0) -> Any:
     """Average frame rate of the first video stream (`default` when the file does not say)."""
     av = _import_av()
     with av.open(str(path)) as container:
@@ -185,13 +186,13 @@ class VideoWriter:
     Frame sides are cut down to even numbers, which the 4:2:0 pixel format requires.
     """
 
-    def __init__(self, path: str | os.PathLike, rate=25) -> None:
+    def __init__(self, path: str | os.PathLike, rate: Any = 25) -> None:
         av = _import_av()
         self._av = av
         self.container = av.open(str(path), mode="w")
         self.codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         self.rate = rate
-        self.stream = None
+        self.stream: Any = None  # PyAV's video stream, added at the first frame
 
     def write(self, frame: Image.Image) -> None:
         width, height = frame.width // 2 * 2, frame.height // 2 * 2
@@ -214,5 +215,5 @@ class VideoWriter:
     def __enter__(self) -> VideoWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..factory import create_model
+    from ..models.segmentor import num_classes_of
     from ..predict import (
         VideoWriter,
         collect_inputs,
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         from ..optimize import optimize_for_inference
 
         model = optimize_for_inference(model.eval())
-    palette = _palette(args, model.num_classes)
+    palette = _palette(args, num_classes_of(model))
     out_root = Path(args.out)
     options = dict(**test_mode, tta=args.tta, scale=scale)
 

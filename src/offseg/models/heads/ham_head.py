@@ -64,6 +64,8 @@ class NMF2D(nn.Module):
     overrides with 1; there is none here.
     """
 
+    export_bases: torch.Tensor  # buffer, present only while offseg.export fixes the bases
+
     def __init__(self, rank: int = 16, spatial_groups: int = 1, train_steps: int = 6, eval_steps: int = 7) -> None:
         super().__init__()
         for label, value, low in (

@@ -60,6 +60,11 @@ def sine_positional_encoding(
     return pos.unsqueeze(0).expand(batch, -1, -1, -1)
 
 
+def _conv2d_layers(*modules: nn.Module) -> list[nn.Conv2d]:
+    """The Conv2d layers inside `modules`, in order."""
+    return [m for module in modules for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
 class ConvGN(nn.Module):
     """Conv2d -> GroupNorm [-> ReLU], named `conv` and `gn` as in the official checkpoints."""
 
@@ -195,10 +200,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def reset_parameters(self) -> None:
         """MMDetection's init: Xavier-uniform input convs, Caffe2-Xavier FPN convs and mask_feature,
         N(0, 1) level encodings, Xavier-normal encoder matrices, then the deformable-attention init."""
-        for conv in self.input_convs:
-            nn.init.xavier_uniform_(conv.conv.weight)
-            nn.init.zeros_(conv.conv.bias)
-        for conv in [c.conv for c in self.lateral_convs] + [c.conv for c in self.output_convs] + [self.mask_feature]:
+        for conv in _conv2d_layers(self.input_convs):
+            nn.init.xavier_uniform_(conv.weight)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        for conv in _conv2d_layers(self.lateral_convs, self.output_convs, self.mask_feature):
             nn.init.kaiming_uniform_(conv.weight, a=1)  # Caffe2's "XavierFill"
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
@@ -206,8 +212,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for p in self.encoder.parameters():
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
-        for layer in self.encoder.layers:
-            layer.self_attn.reset_parameters()
+        for module in self.encoder.modules():
+            if isinstance(module, MultiScaleDeformableAttention):  # each encoder layer's self_attn
+                module.reset_parameters()
 
     def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         batch = feats[0].shape[0]

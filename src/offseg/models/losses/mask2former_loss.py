@@ -210,6 +210,8 @@ def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
 class Mask2FormerLoss(nn.Module):
     """Class, mask (BCE) and dice losses on every decoder prediction, with Hungarian matching."""
 
+    ce_class_weights: torch.Tensor  # buffer, registered in __init__
+
     def __init__(
         self,
         num_classes: int,
