@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from offseg.cli.main import main
-from offseg.data import InfiniteSampler, SYNTHETIC_CLASSES, build_dataset, dataset_info, generate_synthetic_dataset
+from offseg.data import SYNTHETIC_CLASSES, InfiniteSampler, build_dataset, dataset_info, generate_synthetic_dataset
 
 
 def digest(root):

@@ -57,7 +57,7 @@ def test_rgb_to_hsv_is_opencv_exact():
 
 def test_photometric_steps_match_mmsegmentation_with_opencv():
     # OpenCV outputs of MMSegmentation's steps with fixed parameters (make_opencv_reference.py)
-    for case, expected in zip(REFERENCE["cases"], REFERENCE["photometric"]):
+    for case, expected in zip(REFERENCE["cases"], REFERENCE["photometric"], strict=True):
         b, c, s, h, first = [None if np.isnan(v) else float(v) for v in case]
         out = adjust_colours(REFERENCE["image"], b, c, s, None if h is None else int(h), bool(first))
         np.testing.assert_array_equal(out, expected, err_msg=f"case {case}")

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engine.distributed import all_reduce_sum, cleanup, init_distributed
     from ..factory import create_model
+    from ..models.segmentor import num_classes_of
     from ..predict import (
         VideoWriter,
         collect_inputs,
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         from ..optimize import optimize_for_inference
 
         model = optimize_for_inference(model.eval())
-    palette = _palette(args, model.num_classes)
+    palette = _palette(args, num_classes_of(model))
     out_root = Path(args.out)
     options = dict(**test_mode, tta=args.tta, scale=scale)
 

@@ -8,7 +8,7 @@ the dataset even inside persistent workers, and batches are identical for 0, 1 o
 from __future__ import annotations
 
 import random
-from typing import Iterator, Sized
+from collections.abc import Iterator, Sized
 
 import cv2
 import numpy as np

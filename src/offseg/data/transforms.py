@@ -13,7 +13,7 @@ sample's augmentation a pure function of that generator's seed.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np

@@ -14,8 +14,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.sampling import worker_init_fn
 from .checkpointing import atomic_save, load_training_checkpoint, rng_states, set_rng_states
-from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .distributed import barrier, cleanup, init_distributed
 from .optim import WarmupPolySchedule, build_optimizer
 from .recipes import save_recipe
 
@@ -52,10 +53,10 @@ class TrainStream(Dataset):
 
     def locate(self, draw: int) -> tuple[int, int]:
         """(dataset index, epoch) of a draw."""
-        epoch, pos = divmod(draw, len(self.dataset))
+        epoch, pos = divmod(draw, len(cast(Sized, self.dataset)))  # map-style datasets have a length
         if epoch != self._perm_epoch:
             gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._perm = torch.randperm(len(self.dataset), generator=gen).tolist()
+            self._perm = torch.randperm(len(cast(Sized, self.dataset)), generator=gen).tolist()
             self._perm_epoch = epoch
         return self._perm[pos], epoch
 
@@ -115,8 +116,9 @@ class SegmentationLoss(nn.Module):
         self.avg_non_ignore = avg_non_ignore
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.model, "loss"):
-            return self.model.loss(images, labels)
+        model_loss = getattr(self.model, "loss", None)
+        if model_loss is not None:
+            return model_loss(images, labels)
         logits = self.model(images)
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
@@ -279,7 +281,7 @@ def train(
             device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None,
             find_unused_parameters=True,
         )  # Offset-Learning heads carry an unused conv_seg
-    model = _unwrap(loss_module).model
+    model = cast(SegmentationLoss, _unwrap(loss_module)).model
 
     optimizer = build_optimizer(model, recipe["optimizer"])
     schedule = WarmupPolySchedule.from_recipe(recipe["schedule"], iters)
@@ -340,7 +342,7 @@ def train(
 
     def save(path: Path, iteration: int) -> None:
         # every rank's RNG state, so a resumed multi-process run continues each rank exactly
-        gathered = [rng_states()]
+        gathered: list[Any] = [rng_states()]
         if dist_info.enabled:
             import torch.distributed as dist
 
@@ -417,7 +419,8 @@ def train(
                 log.write({"iter": done, "val": record})
                 if bar is not None:
                     bar.write(
-                        f"iter {done}: val mIoU {last_val['mIoU']:.2f}  mAcc {last_val['mAcc']:.2f}  aAcc {last_val['aAcc']:.2f}"
+                        f"iter {done}: val mIoU {last_val['mIoU']:.2f}  mAcc {last_val['mAcc']:.2f}  aAcc "
+                        f"{last_val['aAcc']:.2f}"
                     )
             if last_val["mIoU"] > best_miou:
                 best_miou = last_val["mIoU"]
@@ -439,6 +442,6 @@ def validate(model: nn.Module, dataset: Dataset, recipe: Mapping[str, Any], prog
 
     limit = recipe["train"].get("val_limit")
     if limit:
-        dataset = torch.utils.data.Subset(dataset, range(min(int(limit), len(dataset))))
+        dataset = torch.utils.data.Subset(dataset, range(min(int(limit), len(cast(Sized, dataset)))))
     test = dict(recipe.get("test") or {})
     return evaluate(model, dataset, progress=progress, **test)
