@@ -23,7 +23,7 @@ median over rounds of the mean time per sample.
 this one, and prints the ratio: e.g. the hand-written NumPy resize / HSV of commit 1d13b46 against
 OpenCV (see docs/data.md for the figures):
 
-    git archive 1d13b46 src | tar -x -C /tmp/offseg-numpy
+    mkdir -p /tmp/offseg-numpy && git archive 1d13b46 src | tar -x -C /tmp/offseg-numpy
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_data.py --synthetic ade cityscapes \
         --baseline-src /tmp/offseg-numpy/src
 """
