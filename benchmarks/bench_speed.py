@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. FLOP-bound limit.
     log("FLOP counts")
     out += [
-        f"## FLOP-bound limit",
+        "## FLOP-bound limit",
         "",
         f"This machine's float32 matrix-product rate, measured in this run (torch.mm 2048x2048, {threads} threads, "
         f"median of 5): **{rate / 1e9:.1f} G multiply-adds/s**. The limit is the model's multiply-adds (the "
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         limit = 1e3 * flops / rate
         f_ms, e_ms = zres[(m, "fast", False, size)].median_ms, zres[(m, "eager", False, size)].median_ms
         flop_lines.append(
-            f"| {m} | {flops / 1e9:.2f} | {limit:.0f} | {f_ms:.0f} | {f_ms / limit:.1f}x | {e_ms:.0f} | {e_ms / limit:.1f}x |"
+            f"| {m} | {flops / 1e9:.2f} | {limit:.0f} | {f_ms:.0f} | {f_ms / limit:.1f}x | {e_ms:.0f} | "
+            f"{e_ms / limit:.1f}x |"
         )
     out += flop_lines + [""]
     out += [
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         "Targets for OffSeg-T:",
         "",
         f"- training step time vs reference: {verdict(t_ours.median_ms / t_ref.median_ms, TARGETS['train_latency'])}",
-        f"- training step peak memory vs reference: {verdict(t_ours.peak_rss_mb / t_ref.peak_rss_mb, TARGETS['train_memory'])}",
+        "- training step peak memory vs reference: "
+        f"{verdict(t_ours.peak_rss_mb / t_ref.peak_rss_mb, TARGETS['train_memory'])}",
         f"- loss and gradients vs reference: max rel. error {t_ours.rel_error:.1e} (tests/test_optimize.py checks "
         "1e-5 at a small size in float64 and float32)",
         "",
