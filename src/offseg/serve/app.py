@@ -19,6 +19,7 @@ import io
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +105,7 @@ class MetricsMiddleware:
         return await self.app(scope, receive, send_counted)
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
@@ -256,7 +257,8 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> St
     async def page(request: Request) -> Response:
         return FileResponse(PAGE_DIR / "index.html", media_type="text/html")
 
-    async def http_error(request: Request, exc: HTTPException) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)  # registered for HTTPException only
         message = {404: f"no such path: {request.url.path}", 405: f"method {request.method} not allowed here"}
         return _error(exc.status_code, message.get(exc.status_code, str(exc.detail)), headers=exc.headers)
 

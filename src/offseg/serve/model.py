@@ -59,7 +59,7 @@ class ServedModel:
 def _classes_and_colours(model: nn.Module) -> tuple[list[str], np.ndarray]:
     from ..visualize import default_palette
 
-    k = int(model.num_classes)
+    k = int(getattr(model, "num_classes", 0))
     names = list(getattr(model, "class_names", None) or [])
     if len(names) != k:
         names = [f"class {i}" for i in range(k)]
@@ -108,16 +108,16 @@ def load_served_model(
     test_mode = resolve_test_mode(
         argparse.Namespace(model=name, data=dataset or "folder", mode=mode, crop=crop_size, stride=stride)
     )
-    if scale is None and getattr(model, "test_scale", None):
-        scale = model.test_scale
-    scale = (int(scale[0]), int(scale[1])) if scale else None
-    if scale is not None and min(scale) < 1:
-        raise ValueError(f"the test scale must be two positive sizes, got {scale}")
+    if scale is None:
+        scale = getattr(model, "test_scale", None)
+    test_scale = (int(scale[0]), int(scale[1])) if scale else None
+    if test_scale is not None and min(test_scale) < 1:
+        raise ValueError(f"the test scale must be two positive sizes, got {test_scale}")
     # FLOPs at the input the served pictures mostly get: the test scale's fit of a 4:3 picture,
     # else 512 x 512 (the paper's size).
-    flops_size = fit_scale(3 * max(scale), 4 * max(scale), scale) if scale else (512, 512)
+    fitted = fit_scale(3 * max(test_scale), 4 * max(test_scale), test_scale) if test_scale else (512, 512)
     divisor = int(getattr(model, "size_divisor", 1) or 1)
-    flops_size = tuple(-(-s // divisor) * divisor for s in flops_size)
+    flops_size = (-(-fitted[0] // divisor) * divisor, -(-fitted[1] // divisor) * divisor)
     names, colours = _classes_and_colours(model)
     # --- fast path (offseg.optimize); same logits within float32 rounding ---
     runner = optimize_for_inference(model, size=flops_size)
@@ -127,7 +127,7 @@ def load_served_model(
         class_names=names,
         palette=colours,
         mode=test_mode,
-        scale=scale,
+        scale=test_scale,
         parameters=sum(p.numel() for p in model.parameters()),
         gflops=_gflops(model, flops_size),
     )

@@ -150,7 +150,7 @@ class InferenceWorker:
 
     def _take_compatible(self, batch: list[_Job]) -> None:
         key = batch[0].key
-        kept = collections.deque()
+        kept: collections.deque[_Job] = collections.deque()
         while self._pending:
             job = self._pending.popleft()
             if job.key == key and len(batch) < self.max_batch:
