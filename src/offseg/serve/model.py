@@ -18,9 +18,9 @@ __all__ = ["ServedModel", "load_served_model"]
 class ServedModel:
     """What the service needs to know about its network.
 
-    runner: what the worker runs (the `optimize_for_inference` copy), model: the network as built
-    (kept for the model card). mode is `dict(mode, crop_size, stride)` as `offseg.predict` takes it;
-    scale the keep-ratio test resize (w, h) or None.
+    runner: what the worker runs (the `optimize_for_inference` copy of the network). mode is
+    `dict(mode, crop_size, stride)` as `offseg.predict` takes it; scale the keep-ratio test resize
+    (w, h) or None; parameters and gflops are the network's as built (for the model card).
     """
 
     name: str
