@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import offseg
-from offseg.cli.bench import Result, Row, build_model, format_table, realistic_weights, relative_error
+from offseg.benchmark import Result, Row, build_model, format_table, realistic_weights, relative_error
 from offseg.models.backbones import efficientformer_v2 as effv2
 from offseg.models.layers import freqfusion
 from offseg.models.layers.carafe import carafe, carafe_reference

@@ -25,29 +25,31 @@ BN -> GELU -> conv need no rewrite here: `offseg.models` computes them without u
 redundant passes in training and inference alike (exact reformulations of the official ops).
 
 `reference_computation()` is the opposite: a context manager under which the models compute as
-the official implementation does (CARAFE by unfold + nearest upsampling of the unfold, the
-similarity by a dilated unfold and F.cosine_similarity, the kernel normaliser with its permutes
-and copies, FreqFusion's two identity resizes, attention biases gathered and bicubically resized
-on every call, talking heads as 1x1 convs, BN -> GELU -> conv storing every intermediate). Same
-function; benchmarks and tests use it as the baseline.
+the official implementation does (the similarity by a dilated unfold and F.cosine_similarity, the
+kernel normaliser with its permutes and copies, FreqFusion's two identity resizes, attention
+biases gathered and bicubically resized on every call, talking heads as 1x1 convs, BN -> GELU ->
+conv storing every intermediate), with one exception: CARAFE, a fused compiled kernel in the
+official code, is the library's own tap loop (`offseg.models.layers.carafe.carafe`), not an
+unfold at full resolution. Same function; the benchmarks' reference row and the tests use it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import mmap
+import warnings
 import weakref
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.backbones import efficientformer_v2 as effv2
-from .models.layers import freqfusion as freqfusion_module
-from .models.layers.carafe import carafe_reference
-from .models.layers.conv_module import ConvModule
 from .models.heads.offseg_head import OffSegHead, interleave_groups
+from .models.layers import freqfusion as freqfusion_module
+from .models.layers.conv_module import ConvModule
 from .models.layers.offset_learning import OffsetLearning
 
 __all__ = ["optimize_for_inference", "fast_model_for", "fold_batch_norms", "InferenceModel", "reference_computation"]
@@ -213,8 +215,8 @@ class _FastAttnDownsample(effv2.AttnDownsample):
 def _merge_convs(convs: Sequence[nn.Conv2d], scales: Sequence[float]) -> nn.Conv2d:
     """One 1x1 conv computing the given 1x1 convs (same input) stacked along channels, each
     multiplied by its scale."""
-    weight = torch.cat([c.weight.double() * s for c, s in zip(convs, scales)])
-    bias = torch.cat([_conv_bias(c) * s for c, s in zip(convs, scales)])
+    weight = torch.cat([c.weight.double() * s for c, s in zip(convs, scales, strict=True)])
+    bias = torch.cat([_conv_bias(c) * s for c, s in zip(convs, scales, strict=True)])
     merged = nn.Conv2d(weight.shape[1], weight.shape[0], 1).to(convs[0].weight.dtype)
     _set_conv_params(merged, weight, bias)
     return merged
@@ -339,6 +341,37 @@ def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# GroupNorm on channels-last maps
+# --------------------------------------------------------------------------------------------
+
+
+class _CenteredGroupNorm(nn.GroupNorm):
+    """GroupNorm that stays exact on channels-last input.
+
+    PyTorch's channels-last GroupNorm kernel takes the variance as E[x^2] - E[x]^2 in float32,
+    which loses digits when a group's mean is large against its spread (relative errors of 1e-5
+    to 1e-4 on the OffSeg head's projections, where the contiguous kernel gives 1e-7). GroupNorm
+    is unchanged by subtracting a constant from each group, so the group means are taken first
+    (a cheap column sum) and subtracted; the kernel then sees centred data.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _layout(x) is not torch.channels_last:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        g = self.num_groups
+        channel_means = x.permute(0, 2, 3, 1).reshape(n, h * w, c).mean(dim=1)
+        group_means = channel_means.view(n, g, c // g).mean(dim=2, keepdim=True).expand(n, g, c // g)
+        return F.group_norm(x - group_means.reshape(n, c, 1, 1), g, self.weight, self.bias, self.eps)
+
+
+def _optimise_group_norms(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is nn.GroupNorm:
+            module.__class__ = _CenteredGroupNorm
+
+
+# --------------------------------------------------------------------------------------------
 # Offset Learning, regrouped
 # --------------------------------------------------------------------------------------------
 
@@ -388,9 +421,9 @@ class _FastOffSegHead(OffSegHead):
     """OffSegHead whose interleaved concatenations stay channels-last when the model is."""
 
     def fuse(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        feats = [pre(x) for pre, x in zip(self.pre, inputs)][::-1]
+        feats = [pre(x) for pre, x in zip(self.pre, inputs, strict=True)][::-1]
         fused = feats[0]
-        for hr_feat, freqfusion in zip(feats[1:], self.freqfusions):
+        for hr_feat, freqfusion in zip(feats[1:], self.freqfusions, strict=True):
             _, hr_feat, fused = freqfusion(hr_feat, fused)
             if _layout(hr_feat) is torch.channels_last:
                 fused = _interleave_channels_last(hr_feat, fused)
@@ -430,7 +463,7 @@ class InferenceModel(nn.Module):
     def num_classes(self) -> int:
         return self.model.num_classes
 
-    def train(self, mode: bool = True) -> "InferenceModel":
+    def train(self, mode: bool = True) -> InferenceModel:
         if mode:
             raise RuntimeError("an inference-optimised model cannot be trained; train the original model")
         return super().train(False)
@@ -451,7 +484,38 @@ class InferenceModel(nn.Module):
             # Segmentor.forward, with NCHW logits before the (large) final resize: the bilinear
             # kernel is several times slower on channels-last input.
             logits = forward_logits(x).contiguous()
-            return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            out = _large_empty((*logits.shape[:2], *x.shape[-2:]), logits)
+            if out is None:
+                return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return torch._C._nn.upsample_bilinear2d(logits, list(x.shape[-2:]), False, None, None, out=out)
+
+
+# Outputs at least this large are allocated in transparent huge pages (below).
+_HUGE_PAGE_MIN_BYTES = 16 << 20
+
+
+def _large_empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor | None:
+    """An uninitialised CPU float tensor backed by transparent huge pages (Linux), or None.
+
+    A fresh tensor of 150 x 512 x 512 logits (157 MB) costs some 40 000 page faults, each mapping
+    and zeroing a 4 KB page, on every call: about as long as the resize that fills it. Memory
+    advised for huge pages faults once per 2 MB. (Where THP is off or unavailable the advice is a
+    no-op, or this returns None and the caller allocates as usual.)
+    """
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    nbytes = numel * like.element_size()
+    if like.device.type != "cpu" or nbytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    try:
+        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer warns about non-writable buffers; this one is writable
+        return torch.frombuffer(buffer, dtype=like.dtype).view(*shape)
 
 
 def _segmentor_forward():
@@ -480,6 +544,7 @@ def optimize_for_inference(
                 _optimise_efficientformer_v2(module)
         _optimise_offset_learning(fast)
     if channels_last:
+        _optimise_group_norms(fast)
         fast = fast.to(memory_format=torch.channels_last)
     wrapped = InferenceModel(fast, channels_last).eval()
     if size is not None:
@@ -492,7 +557,7 @@ def optimize_for_inference(
     return wrapped
 
 
-_FAST_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceModel]]" = weakref.WeakKeyDictionary()
+_FAST_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceModel]] = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(model: nn.Module) -> tuple:
@@ -530,14 +595,18 @@ def _position_bias_reference(self: effv2.AttentionBias, num_queries: int, num_ke
 
 @contextlib.contextmanager
 def reference_computation() -> Iterator[None]:
-    """Within this block, models compute as the official implementation does: CARAFE by
-    unfold + nearest upsampling of the unfold + multiply + sum, the local cosine similarity by a
-    dilated unfold and F.cosine_similarity, FreqFusion's kernel normaliser with its permutes and
-    copies, and EfficientFormerV2 attention biases gathered and bicubically resized on every
-    call. Same function as the default computation; used
-    as the baseline of benchmarks and tests. Not thread-safe (it swaps module attributes)."""
+    """Within this block, models compute as the official implementation does: the local cosine
+    similarity by a dilated unfold and F.cosine_similarity, FreqFusion's kernel normaliser with
+    its permutes and copies and its two identity resizes, EfficientFormerV2 attention biases
+    gathered and bicubically resized on every call, talking heads as 1x1 convs, BN -> GELU -> conv
+    storing every intermediate for the backward.
+
+    CARAFE is the one exception: the official op is a fused compiled kernel (mmcv), so here it is
+    the library's tap loop (`carafe`, no k*k unfold), not `carafe_reference`, whose full-resolution
+    unfold would make the baseline about twice as slow as the official code. Same function as the
+    default computation; the reference row of `offseg.benchmark` and the tests use it. Frozen: do
+    not change what it computes. Not thread-safe (it swaps module attributes)."""
     saved = [
-        (freqfusion_module, "carafe", carafe_reference),
         (freqfusion_module, "local_cosine_similarity", freqfusion_module.local_cosine_similarity_reference),
         (freqfusion_module, "normalize_kernels", freqfusion_module.normalize_kernels_reference),
         (freqfusion_module.FreqFusion, "forward", freqfusion_module.FreqFusion.forward_reference),
