@@ -298,7 +298,7 @@ def _train_runner(row: Row) -> Runner:
 
     def make_loss(m):
         # The reference resizes the logits to the labels and takes the cross-entropy in one piece.
-        return SegmentationLoss(m)
+        return SegmentationLoss(m, tiled=not reference)
 
     loss_module = make_loss(model)
     x, labels = example_inputs(row)

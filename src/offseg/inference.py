@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models.layers.resample import AxisResample
+
 __all__ = [
     "DEFAULT_TTA_SCALES",
     "default_test_mode",
@@ -71,35 +73,6 @@ def whole_inference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits[..., :h, :w]
 
 
-def bilinear_matrix(size_in: int, size_out: int) -> torch.Tensor:
-    """(size_out, size_in) float64 matrix of a 1-D bilinear resize with align_corners=False, as
-    F.interpolate computes it (source position (i + 0.5) * in / out - 0.5, clamped at 0)."""
-    scale = size_in / size_out
-    src = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
-    lo = src.floor().long().clamp(max=size_in - 1)
-    hi = (lo + 1).clamp(max=size_in - 1)
-    frac = src - lo
-    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
-    rows = torch.arange(size_out)
-    matrix.index_put_((rows, lo), 1 - frac, accumulate=True)
-    matrix.index_put_((rows, hi), frac, accumulate=True)
-    return matrix
-
-
-def _taps(matrix: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A banded resampling matrix (out, in) as per-output taps: indices and weights (out, T)."""
-    nonzero = matrix != 0
-    cols = torch.arange(matrix.shape[1])
-    first = torch.where(nonzero, cols, matrix.shape[1]).min(dim=1).values.clamp(max=matrix.shape[1] - 1)
-    last = torch.where(nonzero, cols, -1).max(dim=1).values.clamp(min=0)
-    taps = int((last - first).max()) + 1
-    index = first[:, None] + torch.arange(taps)
-    valid = index <= last[:, None]
-    index = torch.where(valid, index, first[:, None])
-    weight = torch.where(valid, matrix.gather(1, index), torch.zeros((), dtype=matrix.dtype))
-    return index.to(device), weight.to(device=device, dtype=dtype)
-
-
 def _head_logits(model: nn.Module):
     """`model.forward_logits` when `model(x)` is exactly "head logits resized bilinearly to the
     input size" (a Segmentor, or its `optimize_for_inference` copy), else None."""
@@ -137,31 +110,15 @@ def whole_labels(
     if not isinstance(low, torch.Tensor) or low.dim() != 4:
         return _resize(whole_inference(model, x), out_size).argmax(dim=1)
     low = low.contiguous()
-
-    def axis(size_low: int, size_padded: int, size_crop: int, size_out: int) -> torch.Tensor:
-        matrix = bilinear_matrix(size_low, size_padded)[:size_crop]
-        if size_out != size_crop:
-            matrix = bilinear_matrix(size_crop, size_out) @ matrix
-        return matrix
-
-    row_index, row_weight = _taps(axis(low.shape[2], padded.shape[2], h, out_size[0]), low.dtype, low.device)
-    col_index, col_weight = _taps(axis(low.shape[3], padded.shape[3], w, out_size[1]), low.dtype, low.device)
+    rows = AxisResample.chain(low.shape[2], padded.shape[2], h, out_size[0], low.dtype, low.device)
+    cols = AxisResample.chain(low.shape[3], padded.shape[3], w, out_size[1], low.dtype, low.device)
     labels = torch.empty(low.shape[0], *out_size, dtype=torch.long, device=low.device)
     for top in range(0, out_size[0], tile_rows):
         bottom = min(top + tile_rows, out_size[0])
-        index, weight = row_index[top:bottom], row_weight[top:bottom]
-        first, last = int(index.min()), int(index.max())
-        band = low[:, :, first : last + 1]  # the input rows this tile reads
-        # Columns first (on the few input rows), then rows.
-        cols = None
-        for t in range(col_index.shape[1]):
-            term = band.index_select(3, col_index[:, t]) * col_weight[:, t]
-            cols = term if cols is None else cols.add_(term)
-        tile = None
-        for t in range(index.shape[1]):
-            term = cols.index_select(2, index[:, t] - first) * weight[:, t, None]
-            tile = term if tile is None else tile.add_(term)
-        labels[:, top:bottom] = tile.argmax(dim=1)
+        first, last = rows.band(top, bottom)
+        # Columns first, on the few input rows this band reads; then rows.
+        band = cols.apply_columns(low[:, :, first : last + 1])
+        labels[:, top:bottom] = rows.apply_rows(band, top, bottom, first).argmax(dim=1)
     return labels
 
 

@@ -29,8 +29,8 @@ the official implementation does (the similarity by a dilated unfold and F.cosin
 kernel normaliser with its permutes and copies, FreqFusion's two identity resizes, attention
 biases gathered and bicubically resized on every call, talking heads as 1x1 convs, BN -> GELU ->
 conv storing every intermediate), with one exception: CARAFE, a fused compiled kernel in the
-official code, is the library's own tap loop (`offseg.models.layers.carafe.carafe`), not an
-unfold at full resolution. Same function; the benchmarks' reference row and the tests use it.
+official code, is the library's own tap loop (`offseg.models.layers.carafe.carafe_taps`), not
+an unfold at full resolution. Same function; the benchmarks' reference row and the tests use it.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from .models.backbones import efficientformer_v2 as effv2
 from .models.heads.offseg_head import OffSegHead, interleave_groups
 from .models.layers import freqfusion as freqfusion_module
+from .models.layers.carafe import carafe_taps
 from .models.layers.conv_module import ConvModule
 from .models.layers.offset_learning import OffsetLearning
 
@@ -602,11 +603,12 @@ def reference_computation() -> Iterator[None]:
     storing every intermediate for the backward.
 
     CARAFE is the one exception: the official op is a fused compiled kernel (mmcv), so here it is
-    the library's tap loop (`carafe`, no k*k unfold), not `carafe_reference`, whose full-resolution
+    the library's plain tap loop (`carafe_taps`, no k*k unfold), not `carafe_reference`, whose full-resolution
     unfold would make the baseline about twice as slow as the official code. Same function as the
     default computation; the reference row of `offseg.benchmark` and the tests use it. Frozen: do
     not change what it computes. Not thread-safe (it swaps module attributes)."""
     saved = [
+        (freqfusion_module, "carafe", carafe_taps),
         (freqfusion_module, "local_cosine_similarity", freqfusion_module.local_cosine_similarity_reference),
         (freqfusion_module, "normalize_kernels", freqfusion_module.normalize_kernels_reference),
         (freqfusion_module.FreqFusion, "forward", freqfusion_module.FreqFusion.forward_reference),

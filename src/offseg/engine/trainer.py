@@ -107,22 +107,47 @@ class SegmentationLoss(nn.Module):
     the others get MMSegmentation's cross-entropy: logits resized to the label, ignore 255,
     averaged over all pixels (ignored ones count as 0) unless `avg_non_ignore`."""
 
-    def __init__(self, model: nn.Module, ignore_index: int = 255, avg_non_ignore: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, ignore_index: int = 255, avg_non_ignore: bool = False, tiled: bool = True
+    ) -> None:
         super().__init__()
         self.model = model
         self.ignore_index = ignore_index
         self.avg_non_ignore = avg_non_ignore
+        # Tiled: the resize to the labels and the cross-entropy computed band by band from the
+        # head's logits (offseg.models.losses.resized_cross_entropy: same loss and gradients,
+        # without the full-resolution logits of every class and their gradient).
+        self.tiled = tiled
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if hasattr(self.model, "loss"):
             return self.model.loss(images, labels)
+        if self.tiled and _returns_resized_head_logits(self.model):
+            from ..models.losses.resized_cross_entropy import resized_cross_entropy
+
+            return resized_cross_entropy(
+                self.model.forward_logits(images),
+                labels,
+                resize_to=tuple(images.shape[-2:]),
+                ignore_index=self.ignore_index,
+                avg_non_ignore=self.avg_non_ignore,
+            )
         logits = self.model(images)
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction="none")
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # mixed precision: the loss in float32 (float64 stays float64)
+        loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="none")
         if self.avg_non_ignore:
             return loss.sum() / (labels != self.ignore_index).sum().clamp(min=1)
         return loss.mean()
+
+
+def _returns_resized_head_logits(model: nn.Module) -> bool:
+    """True when `model(x)` is exactly its head's logits resized bilinearly to the input."""
+    from ..models.segmentor import Segmentor
+
+    return isinstance(model, Segmentor) and type(model).forward is Segmentor.forward
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
