@@ -4,6 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Before anything imports torch: the `offseg` command's OpenMP setting (see offseg._openmp).
+from ._openmp import set_cli_defaults  # noqa: E402
+
+set_cli_defaults()
+
 from .checkpoint import load_checkpoint, read_state_dict  # noqa: E402
 from .factory import create_model  # noqa: E402
 from .models import list_models  # noqa: E402

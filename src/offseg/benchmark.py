@@ -111,6 +111,7 @@ class Result:
     peak_rss_mb: float | None = None  # peak RSS of the row's child process above its RSS after `import torch`
     build_rss_mb: float | None = None  # RSS above `import torch` once the row is built
     rel_error: float | None = None
+    rel_error_eager: float | None = None  # against the eager row of the same model and mode, if any
     flop_limit_ms: float | None = None
     note: str = ""
 
@@ -410,7 +411,7 @@ def time_rows(
     import torch
 
     torch.set_num_threads(threads)
-    results, runners, references = [], [], {}
+    results, runners, references, eager_outputs = [], [], {}, {}
     for row in rows:
         log(f"  building {row.label} ...")
         runner = build_runner(row, workdir, onnx_spin)
@@ -421,6 +422,10 @@ def time_rows(
             result.rel_error = _compare(row, output, references[key])
         elif row.variant != "labels":
             references[key] = output
+        if key in eager_outputs:
+            result.rel_error_eager = _compare(row, output, eager_outputs[key])
+        elif row.variant == "eager":
+            eager_outputs[key] = output
         del output
         for _ in range(warmup):
             runner.run()
@@ -614,6 +619,7 @@ def results_to_json(results: Sequence[Result]) -> list[dict]:
             "peak_rss_mb": r.peak_rss_mb,
             "build_rss_mb": r.build_rss_mb,
             "rel_error": r.rel_error,
+            "rel_error_eager": r.rel_error_eager,
         }
         for r in results
     ]
