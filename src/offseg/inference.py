@@ -109,16 +109,18 @@ def whole_labels(
     low = head(padded)
     if not isinstance(low, torch.Tensor) or low.dim() != 4:
         return _resize(whole_inference(model, x), out_size).argmax(dim=1)
-    low = low.contiguous()
     rows = AxisResample.chain(low.shape[2], padded.shape[2], h, out_size[0], low.dtype, low.device)
     cols = AxisResample.chain(low.shape[3], padded.shape[3], w, out_size[1], low.dtype, low.device)
+    # Classes innermost (B, h, w, K): the resampling moves whole class vectors and the argmax
+    # reduces a contiguous axis.
+    low = low.permute(0, 2, 3, 1).contiguous()
     labels = torch.empty(low.shape[0], *out_size, dtype=torch.long, device=low.device)
     for top in range(0, out_size[0], tile_rows):
         bottom = min(top + tile_rows, out_size[0])
         first, last = rows.band(top, bottom)
         # Columns first, on the few input rows this band reads; then rows.
-        band = cols.apply_columns(low[:, :, first : last + 1])
-        labels[:, top:bottom] = rows.apply_rows(band, top, bottom, first).argmax(dim=1)
+        band = cols.apply_columns_last(low[:, first : last + 1])
+        labels[:, top:bottom] = rows.apply_rows_last(band, top, bottom, first).argmax(dim=-1)
     return labels
 
 

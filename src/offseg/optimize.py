@@ -179,6 +179,107 @@ def fold_batch_norms(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Convolution + activation in one oneDNN call
+# --------------------------------------------------------------------------------------------
+
+
+def _fusion_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class _ConvAct(nn.Module):
+    """act(conv(x)) for act GELU (exact, erf) or ReLU, computed by oneDNN as one convolution with
+    the activation applied to its output while it is still in cache (PyTorch's own fused CPU op,
+    the one inductor emits): 1.5-2x faster than a convolution and a separate activation pass, the
+    same values to float32 rounding. Falls back to the two modules where the op does not apply
+    (other devices and dtypes, tracing and export)."""
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.act = act
+        self.attr, self.algorithm = ("gelu", "none") if isinstance(act, nn.GELU) else ("relu", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.dim() == 4
+            and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export()
+            and not torch.compiler.is_compiling()
+        ):
+            c = self.conv
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, self.attr, [], self.algorithm
+            )
+        return self.act(self.conv(x))
+
+
+def _fusable(conv: nn.Module, act: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and ((type(act) is nn.GELU and act.approximate == "none") or type(act) is nn.ReLU)
+    )
+
+
+class _FastConvModule(ConvModule):
+    """ConvModule whose norm was folded away: conv + activation in one call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_act(x)
+
+
+class _FusedConvMlp(nn.Module):
+    """MSCAN's ConvMlp (eval): fc1, then the depthwise conv + GELU in one call, then fc2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dwconv_act(self.fc1(x)))
+
+
+def _fuse_conv_activations(model: nn.Module) -> int:
+    """Conv2d -> [Identity ...] -> GELU/ReLU in `nn.Sequential`s, BN-free ConvModules and the known
+    blocks, each replaced by a `_ConvAct` (the activation module by nn.Identity). Returns how many."""
+    if not _fusion_available():
+        return 0
+    fused = 0
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                j = i + 1
+                while j < len(module) - 1 and isinstance(module[j], nn.Identity):
+                    j += 1
+                if _fusable(module[i], module[j]):
+                    module[i] = _ConvAct(module[i], module[j])
+                    module[j] = nn.Identity()
+                    fused += 1
+        elif type(module) is ConvModule and hasattr(module, "activate"):
+            norm = getattr(module, module.norm_name) if module.norm_name is not None else None
+            if (norm is None or isinstance(norm, nn.Identity)) and _fusable(module.conv, module.activate):
+                module.conv_act = _ConvAct(module.conv, module.activate)
+                module.__class__ = _FastConvModule
+                fused += 1
+        elif type(module) is _FastMlp:
+            module.fc1_act = _ConvAct(module.fc1, module.act)
+            module.mid_act = _ConvAct(module.mid, module.act)
+            module.__class__ = _FusedMlp
+            fused += 2
+    try:
+        from .models.backbones import mscan
+
+        for module in list(model.modules()):
+            if type(module) is mscan.ConvMlp and _fusable(module.dwconv, module.act):
+                module.dwconv_act = _ConvAct(module.dwconv, module.act)
+                module.__class__ = _FusedConvMlp
+                fused += 1
+    except ImportError:  # pragma: no cover - optional model family
+        pass
+    return fused
+
+
+# --------------------------------------------------------------------------------------------
 # EfficientFormerV2 fast blocks (installed by swapping the class of a frozen copy's modules)
 # --------------------------------------------------------------------------------------------
 
@@ -188,6 +289,13 @@ class _FastMlp(effv2.Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.mid(self.act(self.fc1(x)))))
+
+
+class _FusedMlp(_FastMlp):
+    """_FastMlp with fc1 + GELU and the depthwise conv + GELU each one oneDNN call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.mid_act(self.fc1_act(x)))
 
 
 class _FastFFN(effv2.FFN):
@@ -544,6 +652,7 @@ def optimize_for_inference(
             if isinstance(module, effv2.EfficientFormerV2):
                 _optimise_efficientformer_v2(module)
         _optimise_offset_learning(fast)
+        _fuse_conv_activations(fast)
     if channels_last:
         _optimise_group_norms(fast)
         fast = fast.to(memory_format=torch.channels_last)

@@ -89,11 +89,27 @@ class AxisResample:
         """The transpose of `apply_columns` (its gradient)."""
         return torch.matmul(grad, self.matrix)
 
+    def apply_columns_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The map along axis 2 of x (B, rows, columns, C), C innermost: each tap gathers whole
+        C-vectors, the fast direction when C (classes) is the axis reduced next."""
+        out = None
+        for t in range(self.index.shape[1]):
+            term = x.index_select(2, self.index[:, t]) * self.weight[:, t].view(-1, 1)
+            out = term if out is None else out.add_(term)
+        return out
+
+    def apply_rows_last(self, x: torch.Tensor, start: int, stop: int, first: int) -> torch.Tensor:
+        """Outputs start..stop-1 along axis 1 of x (B, rows, W, C) whose row 0 is input row `first`."""
+        return self.apply_rows(x.transpose(1, 2), start, stop, first).transpose(1, 2)
+
     def apply_rows(self, x: torch.Tensor, start: int, stop: int, first: int) -> torch.Tensor:
         """Outputs start..stop-1 along axis 2 of x (B, C, rows, W), whose row 0 is input row `first`."""
         index = (self.index[start:stop] - first).tolist()
         weight = self.weight[start:stop].tolist()
-        out = x.new_empty(x.shape[0], x.shape[1], stop - start, x.shape[3])
+        # The output keeps x's memory layout (x may be a transposed view).
+        shape = (x.shape[0], x.shape[1], stop - start, x.shape[3])
+        order = sorted(range(4), key=lambda d: -x.stride(d))
+        out = x.new_empty([shape[d] for d in order]).permute(*[order.index(d) for d in range(4)])
         for r, (taps, weights) in enumerate(zip(index, weight, strict=True)):
             if len(taps) == 1:
                 out[:, :, r] = x[:, :, taps[0]] * weights[0]
