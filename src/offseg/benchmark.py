@@ -201,7 +201,7 @@ class Runner:
 def _inference_runner(row: Row, workdir: Path, onnx_spin: bool, for_timing: bool = True) -> Runner:
     import torch
 
-    from .optimize import optimize_for_inference, reference_computation
+    from .optimize import reference_computation
 
     x, _ = example_inputs(row)
     if row.variant == "onnxruntime" and not for_timing and onnx_path(row, workdir).is_file():
@@ -209,8 +209,8 @@ def _inference_runner(row: Row, workdir: Path, onnx_spin: bool, for_timing: bool
         session = _onnx_session(None, row, workdir, onnx_spin)
         feed = {session.get_inputs()[0].name: x.numpy()}
         return Runner(lambda: session.run(None, feed)[0], lambda: None)
-    model = build_model(row).eval()
     if row.variant in ("reference", "eager"):
+        model = build_model(row).eval()
         context = reference_computation if row.variant == "reference" else contextlib.nullcontext
 
         def forward():
@@ -218,7 +218,7 @@ def _inference_runner(row: Row, workdir: Path, onnx_spin: bool, for_timing: bool
                 return model(x)
 
         return Runner(forward, forward)
-    fast = optimize_for_inference(model, row.size)
+    fast = _fast_model(row)
     if row.variant == "fast":
         return Runner(lambda: fast(x), lambda: fast(x))
     if row.variant == "labels":
@@ -249,6 +249,14 @@ def _inference_runner(row: Row, workdir: Path, onnx_spin: bool, for_timing: bool
     raise ValueError(f"unknown variant {row.variant!r}; choose from {', '.join(VARIANTS)}")
 
 
+def _fast_model(row: Row):
+    """The fast model of the row, its original released before anything runs (as `offseg predict`
+    does); its size-dependent caches fill on the first (warm-up) call."""
+    from .optimize import optimize_for_inference
+
+    return optimize_for_inference(build_model(row).eval())
+
+
 def onnx_path(row: Row, workdir: Path) -> Path:
     from . import __version__
 
@@ -260,12 +268,11 @@ def onnx_path(row: Row, workdir: Path) -> Path:
 def export_for_bench(row: Row, workdir: Path, fast_model: Any | None = None) -> Path:
     """Export the fast model of `row` to ONNX (once per workdir); returns the file."""
     from .export import export_onnx
-    from .optimize import optimize_for_inference
 
     path = onnx_path(row, workdir)
     if not path.is_file():
         if fast_model is None:
-            fast_model = optimize_for_inference(build_model(row).eval(), row.size)
+            fast_model = _fast_model(row)
         # Export the rewritten network itself (BNs folded, merged projections); tracing ignores
         # memory formats, ONNX Runtime chooses its own layouts.
         export_onnx(fast_model.model, path, row.size, dynamic=row.batch != 1, check=False)
