@@ -98,6 +98,17 @@ class AxisResample:
             out = term if out is None else out.add_(term)
         return out
 
+    def apply_columns_last_transposed(self, grad: torch.Tensor) -> torch.Tensor:
+        """The transpose of `apply_columns_last` (its gradient): (B, rows, out, C) -> (B, rows, in, C)."""
+        out = grad.new_zeros(grad.shape[0], grad.shape[1], self.size_in, grad.shape[3])
+        for t in range(self.index.shape[1]):
+            out.index_add_(2, self.index[:, t], grad * self.weight[:, t].view(-1, 1))
+        return out
+
+    def apply_rows_last_transposed(self, grad: torch.Tensor, start: int, stop: int, first: int, size: int):
+        """The transpose of `apply_rows_last` (its gradient), into `size` input rows from `first`."""
+        return self.apply_rows_transposed(grad.transpose(1, 2), start, stop, first, size).transpose(1, 2)
+
     def apply_rows_last(self, x: torch.Tensor, start: int, stop: int, first: int) -> torch.Tensor:
         """Outputs start..stop-1 along axis 1 of x (B, rows, W, C) whose row 0 is input row `first`."""
         return self.apply_rows(x.transpose(1, 2), start, stop, first).transpose(1, 2)
@@ -126,7 +137,9 @@ class AxisResample:
         """The transpose of `apply_rows` (its gradient): `size` input rows from input row `first`."""
         index = (self.index[start:stop] - first).tolist()
         weight = self.weight[start:stop].tolist()
-        out = grad.new_zeros(grad.shape[0], grad.shape[1], size, grad.shape[3])
+        shape = (grad.shape[0], grad.shape[1], size, grad.shape[3])
+        order = sorted(range(4), key=lambda d: -grad.stride(d))  # keep grad's memory layout
+        out = grad.new_zeros([shape[d] for d in order]).permute(*[order.index(d) for d in range(4)])
         for r, (taps, weights) in enumerate(zip(index, weight, strict=True)):
             for tap, w in zip(taps, weights, strict=True):
                 if w != 0:

@@ -28,10 +28,14 @@ def _band_rows(batch: int, classes: int, width: int, band_elements: int) -> int:
 
 
 class _ResizedCrossEntropy(torch.autograd.Function):
+    # The logits are handled classes-innermost, (B, h, w, K): the resampling moves whole class
+    # vectors and the log-sum-exp reduces a contiguous axis.
+
     @staticmethod
     def forward(ctx, logits, labels, rows: AxisResample, cols: AxisResample, ignore_index, avg_non_ignore, band):
         b, k = logits.shape[:2]
         height, width = labels.shape[-2:]
+        low = logits.permute(0, 2, 3, 1).contiguous()
         valid = labels != ignore_index
         safe_labels = torch.where(valid, labels, 0)
         logsumexp = logits.new_empty(b, height, width)
@@ -40,39 +44,38 @@ class _ResizedCrossEntropy(torch.autograd.Function):
         for top in range(0, height, step):
             bottom = min(top + step, height)
             first, last = rows.band(top, bottom)
-            full = rows.apply_rows(cols.apply_columns(logits[:, :, first : last + 1]), top, bottom, first)
-            lse = torch.logsumexp(full, dim=1)
-            picked = full.gather(1, safe_labels[:, None, top:bottom]).squeeze(1)
+            full = rows.apply_rows_last(cols.apply_columns_last(low[:, first : last + 1]), top, bottom, first)
+            lse = torch.logsumexp(full, dim=-1)
+            picked = full.gather(-1, safe_labels[:, top:bottom, :, None]).squeeze(-1)
             total += ((lse - picked) * valid[:, top:bottom]).sum(dtype=torch.float64)
             logsumexp[:, top:bottom] = lse
         count = valid.sum() if avg_non_ignore else torch.tensor(valid.numel())
         count = count.clamp(min=1)
-        ctx.save_for_backward(logits, safe_labels, valid, logsumexp, count)
+        ctx.save_for_backward(low, safe_labels, valid, logsumexp, count)
         ctx.resample, ctx.band = (rows, cols), band
         return (total / count).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, labels, valid, logsumexp, count = ctx.saved_tensors
+        low, labels, valid, logsumexp, count = ctx.saved_tensors
         rows, cols = ctx.resample
-        b, k, h_low, w_low = logits.shape
+        b, h_low, w_low, k = low.shape
         height, width = labels.shape[-2:]
-        scale = (grad_loss / count).to(logits.dtype)
-        grad_logits = torch.zeros_like(logits)
+        scale = (grad_loss / count).to(low.dtype)
+        grad_low = torch.zeros_like(low)
         step = _band_rows(b, k, width, ctx.band)
         for top in range(0, height, step):
             bottom = min(top + step, height)
             first, last = rows.band(top, bottom)
-            full = rows.apply_rows(cols.apply_columns(logits[:, :, first : last + 1]), top, bottom, first)
+            full = rows.apply_rows_last(cols.apply_columns_last(low[:, first : last + 1]), top, bottom, first)
             # d loss / d full logits = (softmax - one-hot) * scale at counted pixels, 0 elsewhere
-            grad_full = (full - logsumexp[:, None, top:bottom]).exp_()
-            grad_full.scatter_add_(
-                1, labels[:, None, top:bottom], grad_full.new_full((b, 1, bottom - top, width), -1.0)
-            )
-            grad_full.mul_((valid[:, None, top:bottom] * scale).to(grad_full.dtype))
-            grad_band = rows.apply_rows_transposed(grad_full, top, bottom, first, last + 1 - first)
-            grad_logits[:, :, first : last + 1] += cols.apply_columns_transposed(grad_band)
-        return grad_logits, None, None, None, None, None, None
+            grad_full = (full - logsumexp[:, top:bottom, :, None]).exp_()
+            minus_one = grad_full.new_full((b, bottom - top, width, 1), -1.0)
+            grad_full.scatter_add_(-1, labels[:, top:bottom, :, None], minus_one)
+            grad_full.mul_((valid[:, top:bottom, :, None] * scale).to(grad_full.dtype))
+            grad_band = rows.apply_rows_last_transposed(grad_full, top, bottom, first, last + 1 - first)
+            grad_low[:, first : last + 1] += cols.apply_columns_last_transposed(grad_band)
+        return grad_low.permute(0, 3, 1, 2), None, None, None, None, None, None
 
 
 def resized_cross_entropy(
