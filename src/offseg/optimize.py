@@ -183,6 +183,9 @@ def fold_batch_norms(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+_FUSION_WORKS = True
+
+
 def _fusion_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
@@ -201,8 +204,10 @@ class _ConvAct(nn.Module):
         self.attr, self.algorithm = ("gelu", "none") if isinstance(act, nn.GELU) else ("relu", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global _FUSION_WORKS
         if (
-            x.device.type == "cpu"
+            _FUSION_WORKS
+            and x.device.type == "cpu"
             and x.dtype == torch.float32
             and x.dim() == 4
             and not torch.jit.is_tracing()
@@ -210,9 +215,12 @@ class _ConvAct(nn.Module):
             and not torch.compiler.is_compiling()
         ):
             c = self.conv
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, self.attr, [], self.algorithm
-            )
+            try:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, self.attr, [], self.algorithm
+                )
+            except RuntimeError:  # a PyTorch build whose op differs: the two modules from now on
+                _FUSION_WORKS = False
         return self.act(self.conv(x))
 
 
