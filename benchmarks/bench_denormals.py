@@ -17,6 +17,7 @@ drift falls on both, and prints the medians and their ratio. `offseg` commands a
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -49,6 +50,18 @@ def subnormal_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str
     for h in handles:
         h.remove()
     return sorted(found, key=lambda f: -f[1])
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    model.train()
+    F.cross_entropy(model(x), y, ignore_index=255).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def eval_forward(model: torch.nn.Module, x: torch.Tensor) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(x)
 
 
 def timed(fn, reps: int) -> dict[bool, float]:
@@ -99,19 +112,11 @@ def main() -> int:
         found = subnormal_outputs(model.eval(), x)
         total = sum(count for _, count, _ in found)
 
-        def step() -> None:
-            model.train()
-            F.cross_entropy(model(x), y, ignore_index=255).backward()
-            model.zero_grad(set_to_none=True)
-
-        def forward() -> None:
-            model.eval()
-            with torch.no_grad():
-                model(x)
-
-        train_t, eval_t = timed(step, args.reps), timed(forward, args.reps)
+        train_t = timed(functools.partial(train_step, model, x, y), args.reps)
+        eval_t = timed(functools.partial(eval_forward, model, x), args.reps)
         print(
-            f"{str(path)[-48:]:<48} {total:>9} in {len(found):>2} mod. {train_t[False]:>12.2f} s {train_t[True]:>5.2f} s "
+            f"{str(path)[-48:]:<48} {total:>9} in {len(found):>2} mod. {train_t[False]:>12.2f} s "
+            f"{train_t[True]:>5.2f} s "
             f"{train_t[False] / train_t[True]:>5.2f}x {eval_t[False]:>15.2f} s {eval_t[True]:>5.2f} s "
             f"{eval_t[False] / eval_t[True]:>5.2f}x"
         )

@@ -81,13 +81,15 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
         "",
         f"One run's command: `offseg {command.split(' ', 2)[-1]}`",
         "",
-        f"Finished: {finished} of the {len(planned)} planned runs (3 seeds per variant and {main_seeds} for per-pixel vs "
+        f"Finished: {finished} of the {len(planned)} planned runs (3 seeds per variant and {main_seeds} for "
+        "per-pixel vs "
         "offset learning, the most telling first; seeds 3 and 4 of those two were added after the first 18 runs, "
         "because three seeds left their test difference close to the line). "
         + (
             "All are done; `python benchmarks/camvid_study.py --report-only` rewrites this page from them. "
             if finished == len(planned)
-            else "`python benchmarks/camvid_study.py --jobs 2` trains the next ones (two at a time) and rewrites this page. "
+            else "`python benchmarks/camvid_study.py --jobs 2` trains the next ones (two at a time) and rewrites "
+            "this page. "
         )
         + "Finished runs are kept in `benchmarks/results/camvid/` (result and training log of each).",
         "",
@@ -101,7 +103,8 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
             continue
         lines.append(
             f"| {variant} | `{model}` | {len(runs)} | {_pm([r['test']['mIoU'] for r in runs])} | "
-            f"{_pm([r['best_val_mIoU'] for r in runs])} | {runs[0]['params'] / 1e6:.2f} | {runs[0]['gflops_at_crop']:.2f} | {_times(runs)} |"
+            f"{_pm([r['best_val_mIoU'] for r in runs])} | {runs[0]['params'] / 1e6:.2f} | "
+            f"{runs[0]['gflops_at_crop']:.2f} | {_times(runs)} |"
         )
     lines += [
         "",
@@ -197,7 +200,7 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
         "| model | seed | test mIoU | best val mIoU (iteration) | train time | setting |",
         "|---|---|---|---|---|---|",
     ]
-    for variant, model in variants:
+    for _, model in variants:
         for r in sorted(results.get(model, []), key=lambda r: r["seed"]):
             lines.append(
                 f"| `{model}` | {r['seed']} | {r['test']['mIoU']:.2f} | {r['best_val_mIoU']:.2f} ({r['best_iter']}) | "

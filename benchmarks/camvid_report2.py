@@ -84,7 +84,8 @@ def write_report(results_dir: Path, round1_dir: Path, planned: list, arms: dict,
         + (
             " All are done."
             if finished == len(planned) and pretrain
-            else " `python benchmarks/camvid_round2.py --jobs 2` trains the rest (two at a time) and rewrites this page."
+            else " `python benchmarks/camvid_round2.py --jobs 2` trains the rest (two at a time) and rewrites this "
+            "page."
         ),
         "",
     ]
@@ -95,7 +96,8 @@ def write_report(results_dir: Path, round1_dir: Path, planned: list, arms: dict,
         minutes = (pretrain.get("train_seconds_logged") or 0) / 60
         lines += [
             f"`{pretrain['model']}`, {pretrain['iterations']} iterations on {pretrain['data']['num_train']} generated "
-            f"scenes (val: {pretrain['data']['num_val']} more), {minutes:.0f} min with {pretrain['threads']} thread(s). "
+            f"scenes (val: {pretrain['data']['num_val']} more), {minutes:.0f} min with {pretrain['threads']} "
+            "thread(s). "
             f"Val mIoU over its 8 classes by iteration: {curve}.",
             "",
             "Made by: " + "; ".join(f"`{c}`" for c in pretrain["commands"]),
@@ -195,7 +197,8 @@ def write_report(results_dir: Path, round1_dir: Path, planned: list, arms: dict,
         "`benchmarks/results/camvid_round2/<run>/analysis/`). Round 1 (seed 0, docs/analysis.md): "
         "‖dW_k‖ 11.9-17.5 against ‖W_k‖ 0.50-0.86; aligned W + dW cosine ≥ 0.99 across images.",
         "",
-        "| arm | run | ‖W_k‖ (min-max) | ‖dW_k‖ (min-max) | W + dW cosine across images (min-max) | ideal W* mIoU | model mIoU (head res.) |",
+        "| arm | run | ‖W_k‖ (min-max) | ‖dW_k‖ (min-max) | W + dW cosine across images (min-max) | ideal W* mIoU "
+        "| model mIoU (head res.) |",
         "|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
@@ -236,7 +239,8 @@ def write_report(results_dir: Path, round1_dir: Path, planned: list, arms: dict,
             for r in sorted(cells.get(arm, {}).get(model, []), key=lambda r: r["seed"]):
                 extra = r["command"].split("--no-progress", 1)[-1].replace(str(docs.resolve().parent) + "/", "").strip()
                 lines.append(
-                    f"| {arm} | `{model}` | {r['seed']} | {r['test']['mIoU']:.2f} | {r['best_val_mIoU']:.2f} ({r['best_iter']}) | "
+                    f"| {arm} | `{model}` | {r['seed']} | {r['test']['mIoU']:.2f} | {r['best_val_mIoU']:.2f} "
+                    f"({r['best_iter']}) | "
                     f"{r['train_seconds_logged'] / 60:.0f} min | `{extra or '(recipe as is)'}` |"
                 )
     lines.append("")
@@ -256,7 +260,7 @@ def _plot(cells: dict, settings: dict, variants: list, path: Path) -> None:
     if not any(cells.get(arm) for arm in settings if arm != "round 1"):
         return
     fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.4), sharey=True)
-    for ax, (arm, (lr, start)) in zip(axes, settings.items()):
+    for ax, (arm, (lr, start)) in zip(axes, settings.items(), strict=True):
         for variant, model in variants:
             runs = cells.get(arm, {}).get(model) or []
             if not runs:

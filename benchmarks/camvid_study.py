@@ -10,9 +10,10 @@ the best val mIoU is evaluated on the test split. Runs are ordered so the most t
 first: per-pixel vs full Offset Learning (3 seeds each), then the single-branch ablations, then
 SegFormer-B0 vs SegFormer-B0-OL, then seeds 3 and 4 of per-pixel vs full Offset Learning. Those two
 were added to the plan after its first 18 runs, because three seeds left the main comparison's test
-difference close to the line (within twice the seed spread, beyond 1.5 times it). Finished runs are skipped and unfinished ones resumed, so the
-study can span sessions; `--runs N` stops after N runs were trained in this call. After each run
-it rewrites docs/results-camvid.md and docs/results-camvid.png from everything finished so far.
+difference close to the line (within twice the seed spread, beyond 1.5 times it). Finished runs
+are skipped and unfinished ones resumed, so the study can span sessions; `--runs N` stops after
+N runs were trained in this call. After each run it rewrites docs/results-camvid.md and
+docs/results-camvid.png from everything finished so far.
 
 `--jobs J` trains J runs at a time, each with cores/J threads. On the 2-core machines here two
 one-thread runs (1.65 s/iteration each) got through the study 1.6x faster than one two-thread run

@@ -47,7 +47,8 @@ def zoo_rows() -> list[str]:
             city = _fmt(count_flops(city_model, (1024, 2048), convention="paper").gflops)
         rows.append(
             f"| `{name}` | {params:.2f} | {_fmt(paper.get('params_M'), 1)} | {_diff(params, paper.get('params_M'))} | "
-            f"{ade:.2f} ({convention}) | {_fmt(paper.get('gflops_ade20k'), 1)} | {_diff(ade, paper.get('gflops_ade20k'))} | "
+            f"{ade:.2f} ({convention}) | {_fmt(paper.get('gflops_ade20k'), 1)} | "
+            f"{_diff(ade, paper.get('gflops_ade20k'))} | "
             f"{full:.2f} | {city} | {_fmt(city_paper, 1)} |"
         )
         print(rows[-1], file=sys.stderr)

@@ -58,7 +58,9 @@ class TinyPyramid(nn.Module):
     def __init__(self, channels=(8, 8, 16, 16)) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, channels[0], 4, stride=4)
-        self.downs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(channels[:-1], channels[1:]))
+        self.downs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(channels[:-1], channels[1:], strict=True)
+        )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         levels = [torch.relu(self.stem(x))]

@@ -83,7 +83,7 @@ PAPER_GFLOPS = {"offseg_t": (5.33, 44.76), "offseg_b": (10.29, 86.53), "offseg_l
 def test_offseg_figures_both_sizes(key):
     name = registered(key)
     fig = figures(key)
-    for (field, (size, num_classes)), paper_g in zip(SIZES.items(), PAPER_GFLOPS[key]):
+    for (field, (size, num_classes)), paper_g in zip(SIZES.items(), PAPER_GFLOPS[key], strict=True):
         model = offseg.create_model(name, num_classes=num_classes)
         check_against_figures(model, fig[field], size, f"{name} {size[0]}x{size[1]}")
         assert round(count_flops(model, size, convention="paper").gflops, 2) == paper_g

@@ -38,7 +38,7 @@ def test_carafe_forward_backward_equal_reference(n, c, h, w, k, g, s):
     grad_out = torch.randn(n, c, h * s, w * s, dtype=torch.float64)
     ours = torch.autograd.grad(carafe(feats, masks, k, g, s), (feats, masks), grad_out)
     ref = torch.autograd.grad(carafe_reference(feats, masks, k, g, s), (feats, masks), grad_out)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         assert rel(a, b) < 1e-12
     with torch.no_grad():
         assert rel(carafe(feats, masks, k, g, s), carafe_reference(feats, masks, k, g, s)) < 1e-12
@@ -115,7 +115,7 @@ def test_fused_batch_norm_gelu_conv(training, conv_spec):
     assert rel(y_b, y_a) < 1e-12 and rel(x_b.grad, x_a.grad) < 1e-12
     params_a = list(bn_a.parameters()) + ([] if conv_a is None else list(conv_a.parameters()))
     params_b = list(bn_b.parameters()) + ([] if conv_b is None else list(conv_b.parameters()))
-    for a, b in zip(params_a, params_b):
+    for a, b in zip(params_a, params_b, strict=True):
         assert rel(b.grad, a.grad) < 1e-12
     assert torch.equal(bn_a.running_mean, bn_b.running_mean) and torch.equal(bn_a.running_var, bn_b.running_var)
     assert int(bn_a.num_batches_tracked) == int(bn_b.num_batches_tracked)
@@ -148,7 +148,7 @@ def test_offseg_training_gradients_equal_reference(dtype):
     ours = _loss_and_grads(model, x, labels)  # the library's training path: the tiled loss
     assert rel(ours, ref) < (1e-10 if dtype == torch.float64 else 1e-5)
     # The same BatchNorm running statistics afterwards.
-    for (name, a), b in zip(model.named_buffers(), ref_model.buffers()):
+    for (name, a), b in zip(model.named_buffers(), ref_model.buffers(), strict=True):
         if a.is_floating_point():
             assert rel(a, b) < 1e-5, name
 

@@ -135,7 +135,7 @@ def _mit_to_huggingface(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             kind = inner.rsplit(".", 1)[1]
             if inner.startswith("attn.attn.in_proj_"):
                 kind = inner.rsplit("_", 1)[1]
-                for name, part in zip(("query", "key", "value"), value.chunk(3)):
+                for name, part in zip(("query", "key", "value"), value.chunk(3), strict=True):
                     out[prefix + f"attention.self.{name}.{kind}"] = part
             elif inner.startswith("attn.attn.out_proj."):
                 out[prefix + f"attention.output.dense.{kind}"] = value

@@ -38,9 +38,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ import torch.nn.functional as F
 
 from .evaluation import SegMetric
 from .inference import model_device
+from .models.layers.offset_learning import OffsetLearning
+from .models.segmentor import num_classes_of
 
 __all__ = [
     "DEFAULT_RCOND",
@@ -74,10 +77,8 @@ IGNORE_INDEX = 255
 
 
 # --- the classifier and its input ------------------------------------------------------------
-def _classifier_module(model: nn.Module) -> tuple[str, nn.Module]:
+def _classifier_module(model: nn.Module) -> tuple[str, OffsetLearning | nn.Conv2d]:
     """("offset", the OffsetLearning module) or ("pixel", conv_seg) of a per-pixel model."""
-    from .models.layers.offset_learning import OffsetLearning
-
     head = getattr(model, "decode_head", None)
     if head is None:
         raise ValueError(f"{type(model).__name__}: not a segmentation model with a decode head")
@@ -106,8 +107,8 @@ def classifier_kind(model: nn.Module) -> str:
 def model_class_representation(model: nn.Module) -> torch.Tensor:
     """The model's fixed class matrix W (K, C): Offset Learning's `cls_repr`, or the weights of
     the 1x1 classifier `conv_seg` (its bias is left aside)."""
-    kind, module = _classifier_module(model)
-    weight = module.cls_repr[0] if kind == "offset" else module.weight[:, :, 0, 0]
+    _, module = _classifier_module(model)
+    weight = module.cls_repr[0] if isinstance(module, OffsetLearning) else module.weight[:, :, 0, 0]
     return weight.detach().clone()
 
 
@@ -144,10 +145,14 @@ def _head_features(model: nn.Module, image: Any) -> _HeadOutput:
     was_training = model.training
     model.eval()
     try:
-        if hasattr(model, "forward_logits"):
-            logits = model.forward_logits(padded)
+        forward_logits = getattr(model, "forward_logits", None)
+        if forward_logits is not None:
+            logits = forward_logits(padded)
         else:
-            logits = model.decode_head(model.backbone(padded))
+            head, backbone = model.decode_head, model.backbone
+            if not (isinstance(head, nn.Module) and isinstance(backbone, nn.Module)):
+                raise ValueError(f"{type(model).__name__}: not a model with a backbone and a decode head")
+            logits = head(backbone(padded))
     finally:
         hook.remove()
         model.train(was_training)
@@ -177,7 +182,7 @@ def extract_features(model: nn.Module, image: Any) -> tuple[torch.Tensor, torch.
 # --- Offset Learning's quantities ------------------------------------------------------------
 @torch.no_grad()
 def offset_learning_quantities(
-    module: nn.Module, features: torch.Tensor, valid: Sequence[int] | None = None
+    module: OffsetLearning, features: torch.Tensor, valid: Sequence[int] | None = None
 ) -> dict[str, Any]:
     """Every intermediate of a per-pixel `OffsetLearning` for features E (C, h, w), computed from
     the formulas (SPEC section 1) with the module's own parameters. `valid` = (h', w') crops the
@@ -253,8 +258,8 @@ def offset_quantities(model: nn.Module, image: Any) -> dict[str, Any]:
     The image is padded to the model's size divisor, as in inference; the offsets are those the
     model computed on the padded input (its padding takes part in the softmax over space) and
     every map is cropped to the image's extent."""
-    kind, module = _classifier_module(model)
-    if kind != "offset":
+    _, module = _classifier_module(model)
+    if not isinstance(module, OffsetLearning):
         raise ValueError(
             f"{getattr(model, 'name', '') or type(model).__name__} has a per-pixel classifier: "
             "no offsets to show (use an Offset Learning model)"
@@ -428,8 +433,8 @@ class IdealReprAnalysis:
             "feature_channels": int(self.ideal_repr.shape[-1]),
             "ideal_mIoU": self.ideal_metrics["mIoU"],
             "model_mIoU": self.model_metrics["mIoU"],
-            "ideal_IoU": dict(zip(self.class_names, self.ideal_metrics["IoU"])),
-            "model_IoU": dict(zip(self.class_names, self.model_metrics["IoU"])),
+            "ideal_IoU": dict(zip(self.class_names, self.ideal_metrics["IoU"], strict=True)),
+            "model_IoU": dict(zip(self.class_names, self.model_metrics["IoU"], strict=True)),
             "ideal_image_mIoU": self.ideal_image_miou,
             "model_image_mIoU": self.model_image_miou,
             "pixel_counts": self.pixel_counts.tolist(),
@@ -494,7 +499,10 @@ def analyze_ideal_representation(
     `min_pixels` cells, in two or more images) get similarity maps.
     """
     kind, module = _classifier_module(model)
-    num_classes = int(model.num_classes) if hasattr(model, "num_classes") else int(module.weight.shape[0])
+    if hasattr(model, "num_classes"):
+        num_classes = num_classes_of(model)
+    else:
+        num_classes = module.cls_repr.shape[1] if isinstance(module, OffsetLearning) else module.out_channels
     class_names = list(getattr(dataset, "class_names", None) or getattr(model, "class_names", None) or [])
     if len(class_names) != num_classes:
         class_names = [str(k) for k in range(num_classes)]
@@ -508,7 +516,8 @@ def analyze_ideal_representation(
         iterator = tqdm(indices, desc="ideal class representation", unit="img")
 
     ideal_metric, model_metric = SegMetric(num_classes, ignore_index), SegMetric(num_classes, ignore_index)
-    ideal, aligned, counts, ranks, image_ids, ideal_miou, model_miou, examples = [], [], [], [], [], [], [], []
+    ideal, aligned, counts, ranks, image_ids, ideal_miou, model_miou = [], [], [], [], [], [], []
+    examples: list[dict[str, Any]] = []
     stride = 0
     for index in iterator:
         item = dataset[index]
@@ -529,7 +538,7 @@ def analyze_ideal_representation(
         model_miou.append(_image_miou(predicted, label, num_classes, ignore_index))
         ideal.append(w_star)
         counts.append(torch.bincount(label[labelled], minlength=num_classes)[:num_classes])
-        if kind == "offset":
+        if isinstance(module, OffsetLearning):
             # W + dW as the model computed it, from the whole (padded) feature map
             aligned.append(offset_learning_quantities(module, out.features)["aligned_class_repr"].cpu())
         path = item.get("image_path")
@@ -650,7 +659,7 @@ def plot_ideal_repr(
             panels.append(("aligned", "model W + \u0394W (per image)", entry["aligned_mean_similarity"]))
         fig = _figure(figsize=(4.2 * len(panels) + 0.8, 4.4), layout="constrained")
         axes = fig.subplots(1, len(panels))
-        for ax, (which, title, mean) in zip(np.atleast_1d(axes), panels):
+        for ax, (which, title, mean) in zip(np.atleast_1d(axes), panels, strict=True):
             mean_text = "n/a" if mean is None else f"{mean:.2f}"
             image = _heatmap(ax, analysis.similarity(k, which), labels, f"{title}\nmean off-diagonal {mean_text}")
         fig.colorbar(image, ax=list(np.atleast_1d(axes)), shrink=0.8, label="cosine similarity")
@@ -677,7 +686,8 @@ def plot_ideal_repr(
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach 1
         ax.set_title(
-            f"{analysis.model_name}, {len(analysis.image_ids)} images: mIoU of argmax W*E\u1d40 {_fmt(summary['ideal_mIoU'])}"
+            f"{analysis.model_name}, {len(analysis.image_ids)} images: mIoU of argmax W*E\u1d40 "
+            f"{_fmt(summary['ideal_mIoU'])}"
             f"\nvs the model's own {_fmt(summary['model_mIoU'])} (at head resolution 1/{analysis.stride})",
             fontsize=9,
         )
@@ -697,10 +707,10 @@ def plot_ideal_repr(
             "model prediction",
         )
         for r, example in enumerate(analysis.examples):
-            panels = [example["image"]] + [
+            row_images = [example["image"]] + [
                 np.asarray(colorize(example[key], colours)) for key in ("label", "ideal", "model")
             ]
-            for c, (ax, panel) in enumerate(zip(axes[r], panels)):
+            for c, (ax, panel) in enumerate(zip(axes[r], row_images, strict=True)):
                 ax.imshow(panel, interpolation="nearest")
                 ax.set_axis_off()
                 if r == 0:
@@ -827,11 +837,11 @@ def plot_offsets(
     return _json_safe(
         {
             "classes_shown": [names[k] for k in classes],
-            "class_offset_norm": dict(zip(names, class_norm.tolist())) if class_norm is not None else None,
-            "class_repr_norm": dict(zip(names, repr_norm.tolist())),
+            "class_offset_norm": dict(zip(names, class_norm.tolist(), strict=True)) if class_norm is not None else None,
+            "class_repr_norm": dict(zip(names, repr_norm.tolist(), strict=True)),
             "feature_offset_norm_mean": float(feature_norm.mean()) if feature_norm is not None else None,
             "feature_offset_norm_max": float(feature_norm.max()) if feature_norm is not None else None,
             "feature_norm_mean": float(quantities["features"].norm(dim=0).mean()),
-            "predicted_area": dict(zip(names, (areas / areas.sum()).tolist())),
+            "predicted_area": dict(zip(names, (areas / areas.sum()).tolist(), strict=True)),
         }
     )

@@ -144,7 +144,11 @@ def realistic_weights(model: Any, seed: int = 0) -> Any:
                     module.weight.copy_(1 + normal(module.weight, 0.1))
                     module.bias.copy_(normal(module.bias, 0.1))
                     handled.update({id(module.weight), id(module.bias)})
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                if (
+                    isinstance(module, nn.modules.batchnorm._BatchNorm)
+                    and module.running_mean is not None
+                    and module.running_var is not None
+                ):
                     module.running_mean.copy_(normal(module.running_mean, 0.1))
                     module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
         for name, p in model.named_parameters():
@@ -170,9 +174,9 @@ def build_model(row: Row, seed: int = 0):
 
     torch.manual_seed(seed)
     model = create_model(row.model, num_classes=row.num_classes)
-    head = getattr(model, "decode_head", None)
-    if hasattr(head, "set_generator"):
-        head.set_generator(seed)  # SegNeXt's NMF: the same random bases at every forward, in every row
+    set_generator = getattr(getattr(model, "decode_head", None), "set_generator", None)
+    if set_generator is not None:
+        set_generator(seed)  # SegNeXt's NMF: the same random bases at every forward, in every row
     return realistic_weights(model, seed)
 
 
@@ -418,7 +422,9 @@ def time_rows(
     import torch
 
     torch.set_num_threads(threads)
-    results, runners, references, eager_outputs = [], [], {}, {}
+    results, runners = [], []
+    references: dict[Any, Any] = {}
+    eager_outputs: dict[Any, Any] = {}
     for row in rows:
         log(f"  building {row.label} ...")
         runner = build_runner(row, workdir, onnx_spin)

@@ -23,9 +23,10 @@ import collections
 import json
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,7 @@ class InertObject:
     def __setstate__(self, state: Any) -> None:
         pass
 
-    def __call__(self, *args: Any, **kwargs: Any) -> "InertObject":
+    def __call__(self, *args: Any, **kwargs: Any) -> InertObject:
         return InertObject()
 
 
@@ -250,7 +251,7 @@ def _read_safetensors(path: Path) -> CheckpointInfo:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            state_dict = {key: f.get_tensor(key) for key in f.keys()}
+            state_dict = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has keys(), not __iter__)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     raw: dict[str, Any] = {}

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .data.sampling import worker_init_fn
 from .inference import DEFAULT_TTA_SCALES, infer, model_device
 
 __all__ = ["SegMetric", "evaluate", "format_table", "summary_line"]
@@ -89,7 +91,7 @@ class SegMetric:
         self.area_union += area_pred + area_label - intersect
         self.num_images += images
 
-    def reduce(self) -> "SegMetric":
+    def reduce(self) -> SegMetric:
         """Sum the accumulators over all torch.distributed ranks (no-op when not initialised)."""
         if self._reduced or not _distributed():
             return self
@@ -153,7 +155,7 @@ def format_table(results: Mapping[str, Any], class_names: Sequence[str] | None =
         class_names = results.get("class_names") or [str(i) for i in range(len(iou))]
     if len(class_names) != len(iou):
         raise ValueError(f"format_table: {len(class_names)} class names for {len(iou)} classes")
-    rows = [(str(name), _fmt(i), _fmt(a)) for name, i, a in zip(class_names, iou, acc)]
+    rows = [(str(name), _fmt(i), _fmt(a)) for name, i, a in zip(class_names, iou, acc, strict=True)]
     header = ("Class", "IoU", "Acc")
     widths = [max(len(row[col]) for row in [header, *rows]) for col in range(3)]
 
@@ -226,6 +228,7 @@ def evaluate(
         batch_size=None,  # items keep their own sizes; no collation
         shuffle=False,
         num_workers=num_workers,
+        worker_init_fn=worker_init_fn if num_workers else None,
     )
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training

@@ -41,9 +41,10 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ class ExportCheckError(ValueError):
     """ONNX Runtime does not reproduce the PyTorch output of the exported model."""
 
 
-def _import(module: str, purpose: str):
+def _import(module: str, purpose: str) -> Any:
     import importlib
 
     try:
@@ -70,6 +71,9 @@ def _import(module: str, purpose: str):
 
 class ExportWrapper(nn.Module):
     """What the ONNX graph computes: optional uint8 -> normalised float, model, optional argmax."""
+
+    mean: torch.Tensor  # buffers, registered in __init__
+    inv_std: torch.Tensor
 
     def __init__(
         self,
@@ -108,7 +112,9 @@ class ExportCheck:
         shape = "x".join(str(s) for s in self.input_shape)
         if self.max_rel_error is not None:
             return f"input {shape}: max relative error vs PyTorch {self.max_rel_error:.2e}"
-        return f"input {shape}: labels agree with PyTorch on {100 * self.label_agreement:.4f}% of pixels"
+        if self.label_agreement is not None:
+            return f"input {shape}: labels agree with PyTorch on {100 * self.label_agreement:.4f}% of pixels"
+        return f"input {shape}: not compared"
 
 
 @dataclass
@@ -215,7 +221,7 @@ def _export_dynamo(
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def _quiet_exporter() -> Iterator[None]:
     """Silence the dynamo exporter's progress prints and its libraries' info / warning logs
     ("torchvision is not installed", "Skipping constant folding ...")."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
@@ -226,7 +232,7 @@ def _quiet_exporter():
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
@@ -277,9 +283,9 @@ def fixed_nmf_bases(wrapper: nn.Module, max_batch: int, divisor: int = 32) -> It
             seed = m.seed if m.seed is not None else 0
             m.set_generator(seed)
             m.register_buffer("export_bases", m.random_bases(max_batch, widths[id(m)]), persistent=False)
-            # An instance attribute shadows the method. It reads the buffer through the module, so
-            # the exporters take the table for a module constant.
-            m.random_bases = (
+            # An instance attribute shadows the method (removed from __dict__ again below). It reads
+            # the buffer through the module, so the exporters take the table for a module constant.
+            m.__dict__["random_bases"] = (
                 lambda nmf: lambda batch, dim, device=None, dtype=None: nmf.export_bases[: batch * nmf.spatial_groups]
             )(m)
             notes.append(
@@ -288,7 +294,7 @@ def fixed_nmf_bases(wrapper: nn.Module, max_batch: int, divisor: int = 32) -> It
             )
         yield sorted(set(notes))
     finally:
-        for m, (old_seed, old_generator) in zip(nmfs, saved):
+        for m, (old_seed, old_generator) in zip(nmfs, saved, strict=True):
             m.__dict__.pop("random_bases", None)
             if "export_bases" in m._buffers:
                 del m._buffers["export_bases"]
@@ -345,7 +351,7 @@ def _finish_file(path: Path, metadata: dict[str, str], output_shape: tuple[int, 
 
 
 @contextlib.contextmanager
-def _inference_mode_for_export():
+def _inference_mode_for_export() -> Iterator[None]:
     """No autograd (the modules take their inference code paths), but without nn.MultiheadAttention's
     fused fast path, which is a single op that has no ONNX export."""
     fastpath = torch.backends.mha.get_fastpath_enabled()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch.nn as nn
 
@@ -10,7 +11,7 @@ from .models.registry import get_builder
 
 
 def create_model(
-    name: str, num_classes: int | None = None, checkpoint: str | os.PathLike | None = None, **overrides
+    name: str, num_classes: int | None = None, checkpoint: str | os.PathLike | None = None, **overrides: Any
 ) -> nn.Module:
     """Build model `name` (see `offseg.list_models()`).
 

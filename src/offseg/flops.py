@@ -31,8 +31,10 @@ import importlib
 import math
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from types import FrameType
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -190,18 +192,19 @@ def _einsum_flops(equation: str, shapes: list[tuple[int, ...]]) -> int:
     terms = inputs.split(",")
     if "..." in equation:
         unused = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in equation)
-        ell_ndim = max(len(s) - len(t.replace("...", "")) for t, s in zip(terms, shapes) if "..." in t)
+        ell_ndim = max(len(s) - len(t.replace("...", "")) for t, s in zip(terms, shapes, strict=True) if "..." in t)
         ell = "".join(next(unused) for _ in range(ell_ndim))
         terms = [
-            t.replace("...", ell[ell_ndim - (len(s) - len(t.replace("...", ""))) :]) for t, s in zip(terms, shapes)
+            t.replace("...", ell[ell_ndim - (len(s) - len(t.replace("...", ""))) :])
+            for t, s in zip(terms, shapes, strict=True)
         ]
         output = output.replace("...", ell)
     if "->" not in equation:  # implicit output: the indices that appear once, sorted
         letters = Counter("".join(terms))
         output = "".join(sorted(c for c, n in letters.items() if n == 1))
     sizes: dict[str, int] = {}
-    for term, shape in zip(terms, shapes):
-        for letter, size in zip(term, shape):
+    for term, shape in zip(terms, shapes, strict=True):
+        for letter, size in zip(term, shape, strict=True):
             sizes[letter] = max(sizes.get(letter, 1), int(size))
     if len(terms) <= 2:
         summed = any(c not in output for c in sizes)
@@ -389,7 +392,9 @@ def _function_scopes() -> dict[Any, str]:
     return scopes
 
 
-def _bias_resize(module: nn.Module, inputs: tuple, events: list["FlopEvent"]) -> list[tuple[str, int]]:
+# The corrections below get an instance of the class their table entry names (imported lazily,
+# hence `Any`).
+def _bias_resize(module: Any, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
     # The official EfficientFormerV2 attention always resizes its bias table bicubically to the
     # token counts; ours skips the resize when the table already has that size (512x512).
     if any(e.operator == "upsample_bicubic2d" for e in events):
@@ -398,7 +403,7 @@ def _bias_resize(module: nn.Module, inputs: tuple, events: list["FlopEvent"]) ->
     return [("upsample_bicubic2d", 16 * heads * _prod(module.attention_bias_idxs_seg.shape))]
 
 
-def _freqfusion_kernel_resize(module: nn.Module, inputs: tuple, events: list["FlopEvent"]) -> list[tuple[str, int]]:
+def _freqfusion_kernel_resize(module: Any, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
     # The official FreqFusion resizes its two CARAFE-upsampled kernel maps (k_l^2 and k_h^2
     # channels) with a nearest F.interpolate to the size they already have.
     hr_feat = inputs[0]
@@ -406,7 +411,7 @@ def _freqfusion_kernel_resize(module: nn.Module, inputs: tuple, events: list["Fl
     return [("upsample_nearest2d", hr_feat.shape[0] * channels * _prod(hr_feat.shape[-2:]))]
 
 
-def _same_size_level_resize(module: nn.Module, inputs: tuple, events: list["FlopEvent"]) -> list[tuple[str, int]]:
+def _same_size_level_resize(module: Any, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
     # MMSegmentation's heads resize every projected level bilinearly to the common size, also
     # the level that already has it (an identity our heads skip).
     feats = inputs[0]
@@ -415,7 +420,7 @@ def _same_size_level_resize(module: nn.Module, inputs: tuple, events: list["Flop
     return [("upsample_bilinear2d", 4 * feats[0].shape[0] * module.channels * _prod(size) * skipped)]
 
 
-def _ham_same_size_level_resize(module: nn.Module, inputs: tuple, events: list["FlopEvent"]) -> list[tuple[str, int]]:
+def _ham_same_size_level_resize(module: Any, inputs: tuple, events: list[FlopEvent]) -> list[tuple[str, int]]:
     # MMSegmentation's LightHam head resizes each selected level bilinearly to the first selected
     # level's size, that level included (an identity our head skips); 4 FLOPs per output element.
     feats = [inputs[0][i] for i in module.in_index]
@@ -552,7 +557,7 @@ class _CountingMode(TorchFunctionMode):
         self.scopes = _function_scopes()
 
     def _scope(self) -> str | None:
-        frame = sys._getframe(2)
+        frame: FrameType | None = sys._getframe(2)
         while frame is not None:
             name = self.scopes.get(frame.f_code)
             if name is not None:
@@ -676,8 +681,8 @@ def trace_flops(
 
     device: "meta" (shapes only, fast), "cpu" (a real forward on random input under no_grad, on
     the model's own device), or "auto": meta, falling back to a real forward when the model
-    cannot run on meta (data-dependent shapes, `.item()`, tensors cached outside parameters). The model is left as it was (weights, train/eval flags,
-    global RNG state).
+    cannot run on meta (data-dependent shapes, `.item()`, tensors cached outside parameters). The
+    model is left as it was (weights, train/eval flags, global RNG state).
     """
     h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     shape = (batch, in_channels, int(h), int(w))
@@ -689,7 +694,7 @@ def trace_flops(
         used = "meta"
         if device in ("auto", "meta"):
             try:
-                tensors = dict(model.named_parameters(remove_duplicate=False))
+                tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
                 tensors.update(model.named_buffers(remove_duplicate=False))
                 meta = {n: torch.empty_like(t, device="meta") for n, t in tensors.items()}
                 mode = _run_counted(model, torch.empty(shape, device="meta"), meta)

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch.nn as nn
 
 from .checkpoint import SAFETENSORS_CONFIG_KEY, CheckpointError, infer_num_classes, load_checkpoint, read_checkpoint
+from .models.segmentor import num_classes_of
 
 FORMAT_NAME = "offseg"
 FORMAT_VERSION = 1
@@ -62,7 +64,7 @@ def pretrained_config(
     name = getattr(model, "name", "")
     if not name:
         raise ValueError("the model has no registered name (build it with offseg.create_model)")
-    num_classes = int(model.num_classes)
+    num_classes = num_classes_of(model)
     if dataset is not None:
         from .data import dataset_info
 
@@ -91,7 +93,8 @@ def pretrained_config(
         "palette": palette,
         "mean": mean,
         "std": std,
-        "input": f"RGB, 0-255, normalised as (x - mean) / std, H and W multiples of {getattr(model, 'size_divisor', 32)}",
+        "input": "RGB, 0-255, normalised as (x - mean) / std, H and W multiples of "
+        f"{getattr(model, 'size_divisor', 32)}",
         # the keep-ratio test resize (w, h) the weights were validated at, when a training run recorded one
         "test_scale": getattr(model, "test_scale", None),
     }
@@ -136,7 +139,6 @@ def load_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     num_classes = info.metadata.get("num_classes") or infer_num_classes(info.state_dict)
     model = create_model(name, num_classes=num_classes, **overrides)
     load_checkpoint(model, info.state_dict, source=str(info.path))
-    model.class_names = info.metadata.get("class_names")
-    model.palette = info.metadata.get("palette")
-    model.test_scale = info.metadata.get("test_scale")
+    for key in ("class_names", "palette", "test_scale"):
+        setattr(model, key, info.metadata.get(key))
     return model

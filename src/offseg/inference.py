@@ -155,7 +155,7 @@ def slide_inference(
     smaller than the crop) is padded to the size divisor where MMSegmentation would feed it as is.
     """
     height, width = x.shape[-2:]
-    total = None
+    total: torch.Tensor | None = None
     hits = x.new_zeros((1, 1, height, width))
     for y1, y2, x1, x2 in slide_windows(height, width, crop_size, stride):
         logits = whole_inference(model, x[..., y1:y2, x1:x2])
@@ -163,10 +163,18 @@ def slide_inference(
             total = logits.new_zeros((x.shape[0], logits.shape[1], height, width))
         total[..., y1:y2, x1:x2] += logits
         hits[..., y1:y2, x1:x2] += 1
+    if total is None:
+        raise ValueError(f"slide_inference: no window fits a {height}x{width} input")
     return total / hits
 
 
-def _single_pass(model: nn.Module, x: torch.Tensor, mode: str, crop_size, stride) -> torch.Tensor:
+def _single_pass(
+    model: nn.Module,
+    x: torch.Tensor,
+    mode: str,
+    crop_size: Sequence[int] | int | None,
+    stride: Sequence[int] | int | None,
+) -> torch.Tensor:
     if mode == "whole":
         return whole_inference(model, x)
     if mode == "slide":

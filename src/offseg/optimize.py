@@ -41,6 +41,7 @@ import mmap
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
+from typing import TypeGuard, cast
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,7 @@ from .models.layers import freqfusion as freqfusion_module
 from .models.layers.carafe import carafe_taps
 from .models.layers.conv_module import ConvModule
 from .models.layers.offset_learning import OffsetLearning
+from .models.segmentor import num_classes_of
 
 __all__ = ["optimize_for_inference", "fast_model_for", "fold_batch_norms", "InferenceModel", "reference_computation"]
 
@@ -63,6 +65,8 @@ __all__ = ["optimize_for_inference", "fast_model_for", "fold_batch_norms", "Infe
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode BN as y = scale * x + shift, per channel, in float64."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("a BatchNorm without running statistics cannot be folded")
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.double()
@@ -108,7 +112,7 @@ def scale_conv_outputs(conv: nn.Conv2d, scale: torch.Tensor) -> None:
     _set_conv_params(conv, weight, _conv_bias(conv) * scale)
 
 
-def _usable_bn(bn: nn.Module) -> bool:
+def _usable_bn(bn: object) -> TypeGuard[nn.BatchNorm2d]:
     return isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None
 
 
@@ -128,7 +132,7 @@ def _set(module: nn.Module, path: str, value: nn.Module) -> None:
 def _bn_fold_rules() -> dict[type, tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
     """Per block class: (conv -> BN pairs, BN -> 1x1-conv pairs) whose BN output feeds only
     that conv in the block's forward. `nn.Sequential` and `ConvModule` are handled generically."""
-    rules = {
+    rules: dict[type, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
         effv2.Mlp: ([("fc1", "norm1"), ("mid", "mid_norm"), ("fc2", "norm2")], []),
         effv2.ConvDownsample: ([("proj", "norm")], []),
         effv2.AttnDownsample: ([("conv", "bn")], []),
@@ -164,15 +168,15 @@ def fold_batch_norms(model: nn.Module) -> int:
         elif type(module) in rules:
             after, before = rules[type(module)]
             for conv_path, bn_path in after:
-                bn = _get(module, bn_path)
-                if _usable_bn(bn):
-                    fold_bn_after_conv(_get(module, conv_path), bn)
+                conv, bn = _get(module, conv_path), _get(module, bn_path)
+                if isinstance(conv, nn.Conv2d) and _usable_bn(bn):
+                    fold_bn_after_conv(conv, bn)
                     _set(module, bn_path, nn.Identity())
                     folded += 1
             for bn_path, conv_path in before:
-                bn = _get(module, bn_path)
-                if _usable_bn(bn):
-                    fold_bn_before_conv(bn, _get(module, conv_path))
+                bn, conv = _get(module, bn_path), _get(module, conv_path)
+                if isinstance(conv, nn.Conv2d) and _usable_bn(bn):
+                    fold_bn_before_conv(bn, conv)
                     _set(module, bn_path, nn.Identity())
                     folded += 1
     return folded
@@ -341,7 +345,8 @@ def _merge_convs(convs: Sequence[nn.Conv2d], scales: Sequence[float]) -> nn.Conv
 
 def _head_mix(mix: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """A 1x1 conv over the head axis as (weight (H, H), bias (H, 1))."""
-    return mix.weight.detach()[:, :, 0, 0].clone(), mix.bias.detach().view(-1, 1).clone()
+    bias = mix.bias if mix.bias is not None else mix.weight.new_zeros(mix.out_channels)
+    return mix.weight.detach()[:, :, 0, 0].clone(), bias.detach().view(-1, 1).clone()
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -354,7 +359,7 @@ class _FastAttention4D(effv2.Attention4D):
     first talking head) cached per token count, and the head mixes as matrix products."""
 
     def prepare(self) -> None:
-        q, k, v = self.q[0], self.k[0], self.v[0]
+        q, k, v = (cast(nn.Conv2d, branch[0]) for branch in (self.q, self.k, self.v))  # conv_bn: conv, BN
         self.qkv = _merge_convs([q, k, v], [self.scale, 1.0, 1.0])
         self.split_sizes = [q.out_channels, k.out_channels, v.out_channels]
         del self.q, self.k, self.v
@@ -403,11 +408,12 @@ class _FastAttention4DDownsample(effv2.Attention4DDownsample):
     """Attention4DDownsample with merged k/v, the scale folded into q and the bias cached."""
 
     def prepare(self) -> None:
-        k, v = self.k[0], self.v[0]
+        k, v = (cast(nn.Conv2d, branch[0]) for branch in (self.k, self.v))  # conv_bn: conv, BN
         self.kv = _merge_convs([k, v], [1.0, 1.0])
         self.split_sizes = [k.out_channels, v.out_channels]
         del self.k, self.v
-        scale_conv_outputs(self.q.proj[0], torch.full((self.q.proj[0].out_channels,), self.scale))
+        q_conv = cast(nn.Conv2d, self.q.proj[0])
+        scale_conv_outputs(q_conv, torch.full((q_conv.out_channels,), self.scale))
         self.bias_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def cached_bias(self, nq: int, nk: int) -> torch.Tensor:
@@ -446,15 +452,16 @@ def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
             scale_conv_outputs(module.mlp.fc2, module.layer_scale_2)
             module.__class__ = _FastFFN
         elif isinstance(module, effv2.AttnFFN):
-            scale_conv_outputs(module.token_mixer.proj[1], module.layer_scale_1)
+            scale_conv_outputs(cast(nn.Conv2d, module.token_mixer.proj[1]), module.layer_scale_1)
             scale_conv_outputs(module.mlp.fc2, module.layer_scale_2)
             module.__class__ = _FastAttnFFN
     for module in list(backbone.modules()):
         fast = swaps.get(type(module))
         if fast is not None:
             module.__class__ = fast
-            if hasattr(fast, "prepare"):
-                module.prepare()
+            prepare = getattr(module, "prepare", None)
+            if prepare is not None:
+                prepare()
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,7 +583,7 @@ def _optimise_offset_learning(model: nn.Module) -> None:
             module.__class__ = _FastOffSegHead
         if type(module) is OffsetLearning and module.branches == "both":
             module.__class__ = _FastOffsetLearning
-            module.prepare()
+            cast(_FastOffsetLearning, module).prepare()
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,7 +606,7 @@ class InferenceModel(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.model.num_classes
+        return num_classes_of(self.model)
 
     def train(self, mode: bool = True) -> InferenceModel:
         if mode:
@@ -610,8 +617,11 @@ class InferenceModel(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def forward_logits(self, x: torch.Tensor):
+        forward_logits = getattr(self.model, "forward_logits", None)
+        if forward_logits is None:
+            raise AttributeError(f"{type(self.model).__name__} has no forward_logits")
         with torch.inference_mode():
-            return self.model.forward_logits(self._prepare_input(x))
+            return forward_logits(self._prepare_input(x))
 
     def forward(self, x: torch.Tensor):
         with torch.inference_mode():
@@ -684,7 +694,8 @@ def optimize_for_inference(
         _fuse_conv_activations(fast)
     if channels_last:
         _optimise_group_norms(fast)
-        fast = fast.to(memory_format=torch.channels_last)
+        # torch's overloads of Module.to omit memory_format, which Module.to accepts and documents
+        fast = fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     wrapped = InferenceModel(fast, channels_last).eval()
     if size is not None:
         h, w = (size, size) if isinstance(size, int) else tuple(size)

@@ -4,8 +4,9 @@ behind `offseg predict`."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,12 +29,14 @@ __all__ = [
     "load_image",
     "predict",
     "preprocess",
+    "shard_inputs",
     "VideoWriter",
     "is_video",
     "video_frame_rate",
 ]
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+T = TypeVar("T")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
@@ -78,7 +81,7 @@ def preprocess(image: ImageLike, scale: Sequence[int] | None = None) -> tuple[to
     else:
         array = np.asarray(load_image(image))
     size = (int(array.shape[0]), int(array.shape[1]))
-    return TestPipeline(scale).prepare_image(array), size
+    return TestPipeline(None if scale is None else (scale[0], scale[1])).prepare_image(array), size
 
 
 @torch.no_grad()
@@ -154,11 +157,20 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path
     return found
 
 
+def shard_inputs(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """This process's share of `items` under torchrun: every `world_size`-th one from `rank`.
+    The shares of ranks 0..world_size-1 partition the list (each item in exactly one), and the
+    files of a folder, listed in sorted order, alternate between processes, which balances sizes."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    return list(items[rank::world_size])
+
+
 def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
 
 
-def _import_av():
+def _import_av() -> Any:
     try:
         import av
     except ImportError as err:
@@ -178,7 +190,7 @@ def iter_video_frames(path: str | os.PathLike) -> Iterator[Image.Image]:
             yield frame.to_image()
 
 
-def video_frame_rate(path: str | os.PathLike, default: float = 25.0):
+def video_frame_rate(path: str | os.PathLike, default: float = 25.0) -> Any:
     """Average frame rate of the first video stream (`default` when the file does not say)."""
     av = _import_av()
     with av.open(str(path)) as container:
@@ -192,13 +204,13 @@ class VideoWriter:
     Frame sides are cut down to even numbers, which the 4:2:0 pixel format requires.
     """
 
-    def __init__(self, path: str | os.PathLike, rate=25) -> None:
+    def __init__(self, path: str | os.PathLike, rate: Any = 25) -> None:
         av = _import_av()
         self._av = av
         self.container = av.open(str(path), mode="w")
         self.codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         self.rate = rate
-        self.stream = None
+        self.stream: Any = None  # PyAV's video stream, added at the first frame
 
     def write(self, frame: Image.Image) -> None:
         width, height = frame.width // 2 * 2, frame.height // 2 * 2
@@ -218,8 +230,8 @@ class VideoWriter:
                 self.container.mux(packet)
         self.container.close()
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> VideoWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

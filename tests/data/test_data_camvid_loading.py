@@ -1,11 +1,13 @@
 """The real CamVid (skipped when absent): counts, label values, both pipelines; and
 reproducibility: seeds, epochs, and DataLoaders with 0 or 2 workers giving the same batches."""
 
+import itertools
+
 import numpy as np
 import torch
+from datahelpers import make_split_folders
 from torch.utils.data import DataLoader, Subset
 
-from datahelpers import make_split_folders
 from offseg.data import InfiniteSampler, build_dataset, read_label, worker_init_fn
 
 
@@ -84,14 +86,14 @@ def _batches(dataset, workers, sampler=None, count=4):
         worker_init_fn=worker_init_fn if workers else None,
     )
     out = []
-    for batch, _ in zip(loader, range(count)):
+    for batch in itertools.islice(loader, count):
         out.append((batch["image"], batch["label"], list(batch["image_path"])))
     return out
 
 
 def _assert_same(a, b):
     assert len(a) == len(b)
-    for (ia, la, pa), (ib, lb, pb) in zip(a, b):
+    for (ia, la, pa), (ib, lb, pb) in zip(a, b, strict=True):
         assert pa == pb and torch.equal(ia, ib) and torch.equal(la, lb)
 
 

@@ -3,9 +3,9 @@ problem in one pass."""
 
 import numpy as np
 import pytest
+from datahelpers import make_ade20k, make_cityscapes, make_coco_stuff, make_split_folders, write_image, write_label
 from PIL import Image
 
-from datahelpers import make_ade20k, make_cityscapes, make_coco_stuff, make_split_folders, write_image, write_label
 from offseg.cli.main import main
 from offseg.data import DatasetError, build_dataset, check_dataset
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 from datahelpers import (
     ADE20K_SAMPLE,
     make_ade20k,
@@ -14,6 +13,7 @@ from datahelpers import (
     write_image,
     write_label,
 )
+
 from offseg.data import build_dataset, dataset_info, read_classes_file, write_classes_file
 
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from datahelpers import CITYSCAPES_SAMPLE, write_image, write_label
+
 from offseg.cli.main import main
 from offseg.data import CITYSCAPES_LABEL_IDS, DatasetError, build_dataset, read_label
 from offseg.data.prepare import (

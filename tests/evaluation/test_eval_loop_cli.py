@@ -11,13 +11,12 @@ import types
 import numpy as np
 import pytest
 import torch
+from evalhelpers import CAMVID_ROOT, ConvStandIn, camvid_skip_reason
 
 from offseg.cli.eval import resolve_test_mode
 from offseg.cli.main import main
 from offseg.evaluation import evaluate
 from offseg.inference import infer
-
-from evalhelpers import CAMVID_ROOT, ConvStandIn, camvid_skip_reason
 
 
 class OracleDataset:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from evalhelpers import CAMVID_ROOT, camvid_skip_reason
 from PIL import Image
 
 import offseg
 from offseg.cli.main import main
 from offseg.predict import collect_inputs, fit_scale
-
-from evalhelpers import CAMVID_ROOT, camvid_skip_reason
 
 CAMVID_IMAGE = CAMVID_ROOT / "val" / "images" / "0016E5_07959.jpg"
 needs_camvid_image = pytest.mark.skipif(not CAMVID_IMAGE.is_file(), reason=f"CamVid image not found at {CAMVID_IMAGE}")
@@ -27,7 +26,7 @@ def test_predict_accepts_array_pil_and_path(standin, tmp_path):
     Image.fromarray(array).save(path)
     by_array = offseg.predict(standin, array)
     assert by_array.shape == (40, 52) and by_array.dtype == np.int64
-    assert 0 <= by_array.min() and by_array.max() < standin.num_classes
+    assert by_array.min() >= 0 and by_array.max() < standin.num_classes
     np.testing.assert_array_equal(offseg.predict(standin, Image.fromarray(array)), by_array)
     np.testing.assert_array_equal(offseg.predict(standin, str(path)), by_array)
     # The label map is the argmax of whole inference on the padded, normalised image.

@@ -17,7 +17,7 @@ K = 7
 def loop_reference(pairs, num_classes, ignore):
     """Independent figures: one pass per class over the concatenated set, all in numpy."""
     pred = np.concatenate([p.reshape(-1) for p, _ in pairs])
-    label = np.concatenate([l.reshape(-1) for _, l in pairs])
+    label = np.concatenate([lab.reshape(-1) for _, lab in pairs])
     keep = label != ignore
     pred, label = pred[keep], label[keep]
     ious, accs, hits, labelled = [], [], 0, 0
@@ -63,7 +63,7 @@ def test_matches_per_class_loop(seed):
 def test_other_ignore_index_and_batched_update():
     pairs = random_pairs(5, ignore=11, num_classes=11)
     metric = SegMetric(11, ignore_index=11)
-    metric.update(np.stack([p for p, _ in pairs]), np.stack([l for _, l in pairs]))
+    metric.update(np.stack([p for p, _ in pairs]), np.stack([lab for _, lab in pairs]))
     want = loop_reference(pairs, 11, 11)
     np.testing.assert_allclose(metric.compute()["IoU"], want["IoU"], atol=1e-6)
     assert metric.compute()["num_images"] == len(pairs)
@@ -157,7 +157,6 @@ def _free_port() -> int:
 
 def _rank_main(rank, world, port, queue):
     import torch.distributed as dist
-
     from evalhelpers import ConvStandIn
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -170,7 +169,6 @@ def _rank_main(rank, world, port, queue):
 
 def test_distributed_shards_sum_to_the_whole_set():
     import torch.multiprocessing as mp
-
     from evalhelpers import ConvStandIn
 
     single = evaluate(ConvStandIn(), ToyDataset(), progress=False)

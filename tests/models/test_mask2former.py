@@ -72,7 +72,7 @@ def test_reduced_model_reproduces_official_outputs(offset_learning: bool) -> Non
             assert_close(memory, vec[f"intermediate.pixel_decoder.multi_scale_memorys.{i}"], bar, f"memory {i}")
         all_cls_scores, all_mask_preds = model.forward_logits(image)
     assert len(all_cls_scores) == len(all_mask_preds) == NUM_LAYERS_REDUCED + 1
-    for i, (cls_scores, mask_preds) in enumerate(zip(all_cls_scores, all_mask_preds)):
+    for i, (cls_scores, mask_preds) in enumerate(zip(all_cls_scores, all_mask_preds, strict=True)):
         assert_close(cls_scores, ref[f"output.all_cls_scores.{i}"], bar, f"all_cls_scores.{i}")
         assert_close(mask_preds, ref[f"output.all_mask_preds.{i}"], bar, f"all_mask_preds.{i}")
 

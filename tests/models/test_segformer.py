@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from modelhelpers import check_train_step
 
 import offseg
 from offseg.flops import count_parameters
-from modelhelpers import check_train_step
 from reference import TOLERANCE, assert_close, assert_manifest, load_vector
 
 SIZES = ("b0", "b1", "b2", "b3", "b4", "b5")

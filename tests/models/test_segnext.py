@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from modelhelpers import check_train_step
 
 import offseg
 from offseg.flops import count_parameters
 from offseg.models.backbones.mscan import MSCAN
 from offseg.models.heads.ham_head import NMF2D
-from modelhelpers import check_train_step
 from reference import TOLERANCE, assert_close, assert_manifest, load_vector
 
 SIZES = ("t", "s", "b", "l")

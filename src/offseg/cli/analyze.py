@@ -129,8 +129,9 @@ def _build_model(args: argparse.Namespace, num_classes: int | None):
         print(f"offseg analyze: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr)
     torch.manual_seed(args.seed)  # before building: a randomly initialised model is reproducible too
     model = create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
-    if hasattr(model.decode_head, "set_generator"):
-        model.decode_head.set_generator(args.seed)  # the same NMF bases for every image
+    set_generator = getattr(model.decode_head, "set_generator", None)
+    if set_generator is not None:
+        set_generator(args.seed)  # the same NMF bases for every image
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval()
 
@@ -174,7 +175,8 @@ def run_ideal_repr(args: argparse.Namespace) -> int:
         f"{min(analysis.feature_rank)}-{max(analysis.feature_rank)} (rcond {rcond:g})"
     )
     print(
-        f"mIoU at head resolution: recomputed argmax W* E^T {_pct(summary['ideal_mIoU'])}, model {_pct(summary['model_mIoU'])}"
+        f"mIoU at head resolution: recomputed argmax W* E^T {_pct(summary['ideal_mIoU'])}, model "
+        f"{_pct(summary['model_mIoU'])}"
     )
     aligned = analysis.aligned_repr is not None
     print(
@@ -231,7 +233,8 @@ def run_offsets(args: argparse.Namespace) -> int:
     for path, stem in files:
         image = np.asarray(load_image(path))
         if scale is not None:
-            image = resize_image(image, fit_size(*image.shape[:2], scale))
+            height, width = image.shape[:2]
+            image = resize_image(image, fit_size(height, width, scale))
         quantities = offset_quantities(model, image)
         target = out / stem.parent / f"{stem.name}_offsets.png"
         target.parent.mkdir(parents=True, exist_ok=True)

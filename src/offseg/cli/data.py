@@ -100,7 +100,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{info.name}: {info.num_classes} classes, ignore index {info.ignore_index}")
     if info.crop_size or info.scale:
         print(
-            f"train: crop {info.crop_size}, base scale (w, h) {info.scale}; test scale (w, h) {info.test_scale or 'unchanged'}"
+            f"train: crop {info.crop_size}, base scale (w, h) {info.scale}; test scale (w, h) "
+            f"{info.test_scale or 'unchanged'}"
         )
     labels = []
     if info.reduce_zero_label:
@@ -109,7 +110,8 @@ def run_info(args: argparse.Namespace) -> int:
         labels.append(f"{info.void_value} -> ignore")
     if labels:
         print("raw labels: " + "; ".join(labels))
-    for index, (name, colour) in enumerate(zip(info.class_names, info.palette.tolist())):
+    # a palette may hold more colours than there are classes; the extra ones are unused
+    for index, (name, colour) in enumerate(zip(info.class_names, info.palette.tolist(), strict=False)):
         print(f"{index:4d}  {name:<24s} #{colour[0]:02x}{colour[1]:02x}{colour[2]:02x}")
     return 0
 

@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         test_mode["mode"]
         if test_mode["mode"] == "whole"
         else (
-            f"slide crop {test_mode['crop_size'][0]}x{test_mode['crop_size'][1]} stride {test_mode['stride'][0]}x{test_mode['stride'][1]}"
+            f"slide crop {test_mode['crop_size'][0]}x{test_mode['crop_size'][1]} stride "
+            f"{test_mode['stride'][0]}x{test_mode['stride'][1]}"
         )
     )
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             "class_names": class_names,
             "per_class": [
                 {"class": name, "IoU": iou, "Acc": acc}
-                for name, iou, acc in zip(class_names, results["IoU"], results["Acc"])
+                for name, iou, acc in zip(class_names, results["IoU"], results["Acc"], strict=True)
             ],
         }
         out = Path(args.json)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export import export_onnx
     from ..factory import create_model
 
-    metadata = {}
+    metadata: dict[str, Any] = {}
     num_classes = args.num_classes
     info = None
     if args.checkpoint is not None:

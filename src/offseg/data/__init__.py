@@ -7,6 +7,8 @@ val = build_dataset("camvid", "data/camvid", "val", pipeline="test")
 
 from __future__ import annotations
 
+from typing import Any
+
 from .datasets import DatasetError, SegmentationDataset, build_dataset, read_image, read_label, scan_split
 from .labels import (
     CITYSCAPES_LABEL_IDS,
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # The tools import tqdm and multiprocessing; load them only when asked for.
     if name == "check_dataset":
         from .check import check_dataset

@@ -24,9 +24,10 @@ is what `InfiniteSampler` yields, so persistent workers see the right epoch too.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -316,6 +317,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if pipeline not in ("train", "test"):
             raise ValueError(f"pipeline must be 'train' or 'test', got {pipeline!r}")
         self.samples = [(Path(image), Path(label)) for image, label in pairs]
+        self.scan_problems: list[str] = []  # what the folder scan skipped (set by build_dataset)
         self.info = info
         self.name = info.name
         self.root = None if root is None else Path(root)
@@ -326,7 +328,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.ignore_index = IGNORE_INDEX
         self.reduce_zero_label = info.reduce_zero_label if reduce_zero_label is None else bool(reduce_zero_label)
         # void_value: raw value mapped to 255; "dataset" takes the dataset's own (CamVid: 11)
-        self.void_value = info.void_value if void_value == "dataset" else void_value
+        if isinstance(void_value, str) and void_value != "dataset":
+            raise ValueError(f"void_value must be an integer, None or 'dataset', got {void_value!r}")
+        self.void_value = info.void_value if isinstance(void_value, str) else void_value
         if self.num_classes > 255:
             raise ValueError(f"{self.num_classes} classes: at most 255 fit uint8 labels with 255 as ignore")
         self.lookup = label_lookup(self.num_classes, self.reduce_zero_label, self.void_value)

@@ -11,9 +11,9 @@ text blocks: class names separated by ", " and colours as RRGGBB hex words.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -266,7 +266,8 @@ def write_classes_file(
     lines = list(class_names)
     if palette is not None:
         colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-        lines = [f"{name} #{r:02x}{g:02x}{b:02x}" for name, (r, g, b) in zip(class_names, colours)]
+        # a palette may hold more colours than there are classes (as build_dataset accepts); extra ones are dropped
+        lines = [f"{name} #{r:02x}{g:02x}{b:02x}" for name, (r, g, b) in zip(class_names, colours, strict=False)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

@@ -49,7 +49,7 @@ class _Canvas:
     def smooth_noise(self, cells_y: int, cells_x: int) -> np.ndarray:
         """Noise in [0, 1] that varies over about `cells` blobs per side (bilinear upsampling)."""
         coarse = self.rng.random((cells_y, cells_x)).astype(np.float32)
-        return np.asarray(Image.fromarray(coarse).resize((self.width, self.height), Image.BILINEAR))
+        return np.asarray(Image.fromarray(coarse).resize((self.width, self.height), Image.Resampling.BILINEAR))
 
     def disc(self, cy: float, cx: float, radius: float) -> np.ndarray:
         return (self.ys - cy) ** 2 + (self.xs - cx) ** 2 <= radius**2

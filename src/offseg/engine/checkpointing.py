@@ -36,7 +36,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 def rng_states() -> dict[str, Any]:
     """Every RNG the training loop touches, as tensors and plain numbers."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if not isinstance(np_state, tuple):  # legacy=True gives the tuple form for the MT19937 generator
+        raise RuntimeError("numpy's global generator is not MT19937; its state cannot be saved")
     py_version, py_internal, py_gauss = random.getstate()
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -18,7 +18,8 @@ It is a pure function of the iteration, so resuming needs only the iteration num
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -138,7 +139,7 @@ class WarmupPolySchedule:
             group["lr"] = self.lr(group["initial_lr"], iteration)
 
     @classmethod
-    def from_recipe(cls, cfg: Mapping[str, Any], iters: int) -> "WarmupPolySchedule":
+    def from_recipe(cls, cfg: Mapping[str, Any], iters: int) -> WarmupPolySchedule:
         return cls(
             end=int(cfg.get("end", iters)),
             warmup_iters=int(cfg.get("warmup_iters", 1500)),

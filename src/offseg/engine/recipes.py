@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -115,7 +116,7 @@ def load_recipe(
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, dict):
         raise ValueError(f"{path}: a recipe must be a mapping of sections")
     per_model = raw.pop("models", {}) or {}
     recipe = deep_merge(DEFAULTS, raw)

@@ -27,7 +27,7 @@ What the model methods return (inputs are normalised images with sides multiple 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ from .backbones.swin import SWIN_T, SwinTransformer
 from .heads.mask2former_head import Mask2FormerHead, semantic_scores
 from .losses.mask2former_loss import Mask2FormerLoss
 from .registry import register_variant
-from .segmentor import Segmentor
+from .segmentor import SegmentorBase
 
 # The reduced configuration of the reference vectors (mask2former_swin_reduced*): same structure,
 # smaller widths and depths.
@@ -54,14 +54,14 @@ MASK2FORMER_REDUCED = dict(
 Mask2FormerOutputs = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
-class Mask2FormerSegmentor(Segmentor):
+class Mask2FormerSegmentor(SegmentorBase):
     """Swin backbone + Mask2Former head; see the module docstring for what each method returns."""
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, size_divisor: int = 32, name: str = "") -> None:
         super().__init__(backbone, decode_head, size_divisor, name)
         # The criterion holds no parameters and only a non-persistent buffer (the class weights),
         # so the state dict keeps exactly the official keys; as a submodule it follows `.to()`.
-        self.criterion = Mask2FormerLoss(decode_head.num_classes)
+        self.criterion = Mask2FormerLoss(self.num_classes)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Training loss: the sum of the Mask2Former loss terms over all decoder predictions,

@@ -10,15 +10,24 @@ Variants of each size (X = t, b, l):
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from .backbones.efficientformer_v2 import EfficientFormerV2
 from .heads.offseg_head import OffSegHead
 from .registry import register_variant
 from .segmentor import Segmentor
 
-OFFSEG_SIZES = {
-    "t": dict(arch="s1", in_channels=(32, 48, 120, 224), new_channels=(32, 32, 64, 128)),
-    "b": dict(arch="s2", in_channels=(32, 64, 144, 288), new_channels=(32, 64, 128, 256)),
-    "l": dict(arch="l", in_channels=(40, 80, 192, 384), new_channels=(32, 64, 128, 256)),
+
+class OffSegSize(TypedDict):
+    arch: str  # EfficientFormerV2 architecture
+    in_channels: tuple[int, ...]  # backbone output channels, fine to coarse
+    new_channels: tuple[int, ...]  # the head's per-level channels
+
+
+OFFSEG_SIZES: dict[str, OffSegSize] = {
+    "t": OffSegSize(arch="s1", in_channels=(32, 48, 120, 224), new_channels=(32, 32, 64, 128)),
+    "b": OffSegSize(arch="s2", in_channels=(32, 64, 144, 288), new_channels=(32, 64, 128, 256)),
+    "l": OffSegSize(arch="l", in_channels=(40, 80, 192, 384), new_channels=(32, 64, 128, 256)),
 }
 OFFSEG_VARIANTS = {"": "offset", "-pixel": "pixel", "-co": "offset-class", "-fo": "offset-feature"}
 

@@ -8,16 +8,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Segmentor(nn.Module):
-    """`model(x)` gives logits at the input resolution (bilinear resize of the head output);
-    `model.decode_head(model.backbone(x))` gives the raw head output.
+def num_classes_of(model: nn.Module) -> int:
+    """`model.num_classes`, checked to be an int (nn.Module types its attributes as Tensor | Module)."""
+    num_classes = getattr(model, "num_classes", None)
+    if not isinstance(num_classes, int):
+        raise TypeError(f"{type(model).__name__}: has no integer `num_classes`")
+    return num_classes
 
-    Inputs are normalised images (B, 3, H, W) with H and W multiples of `size_divisor`; padding
-    to such a size belongs to the inference layer (`offseg.inference`).
-    """
+
+class SegmentorBase(nn.Module):
+    """What every segmentation model shares: `backbone`, `decode_head` (which names its
+    `num_classes`), `size_divisor`, `name` and the input check. `Segmentor` adds the logits of
+    per-pixel heads; `Mask2FormerSegmentor` the (class, mask) outputs of a query head."""
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, size_divisor: int = 32, name: str = "") -> None:
         super().__init__()
+        num_classes_of(decode_head)  # checked here, read by the property
         self.backbone = backbone
         self.decode_head = decode_head
         self.size_divisor = size_divisor
@@ -25,7 +31,7 @@ class Segmentor(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.decode_head.num_classes
+        return num_classes_of(self.decode_head)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -39,6 +45,15 @@ class Segmentor(nn.Module):
                 f"{self.name or 'model'}: input height and width must be multiples of {d}, got {h}x{w}; "
                 f"pad the image (offseg.inference pads and crops back for you)"
             )
+
+
+class Segmentor(SegmentorBase):
+    """`model(x)` gives logits at the input resolution (bilinear resize of the head output);
+    `model.decode_head(model.backbone(x))` gives the raw head output.
+
+    Inputs are normalised images (B, 3, H, W) with H and W multiples of `size_divisor`; padding
+    to such a size belongs to the inference layer (`offseg.inference`).
+    """
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Raw decode-head output (1/4 or 1/8 resolution, depending on the head)."""

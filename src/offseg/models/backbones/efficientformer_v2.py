@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -173,8 +174,7 @@ def batch_norm_gelu(norm: nn.Module, act: nn.Module, x: torch.Tensor, conv: nn.C
     [-> zero-padded Conv2d] while gradients are recorded, the memory-saving fused form
     (`_BatchNormGELUConv`; the running statistics are updated as nn.BatchNorm2d does)."""
     fusable = (
-        type(norm) is nn.BatchNorm2d
-        and type(act) is nn.GELU
+        type(act) is nn.GELU
         and act.approximate == "none"
         and (
             conv is None
@@ -183,7 +183,7 @@ def batch_norm_gelu(norm: nn.Module, act: nn.Module, x: torch.Tensor, conv: nn.C
         and torch.is_grad_enabled()
         and x.requires_grad
     )
-    if not fusable:
+    if type(norm) is not nn.BatchNorm2d or not fusable:
         out = act(norm(x))
         return out if conv is None else conv(out)
     norm._check_input_dim(x)
@@ -223,9 +223,9 @@ def mix_heads(mix: nn.Conv2d, maps: torch.Tensor) -> torch.Tensor:
     """The talking-head 1x1 conv `mix` over the head axis of (B, heads, Nq, Nk) maps, computed as
     one batched matrix product: the same function as `mix(maps)`, but a 1x1 conv over 8 channels
     is an order of magnitude slower on CPU (forward and backward)."""
-    if maps.device.type == "meta":
+    if maps.device.type == "meta" or mix.bias is None:
         # Shape-only tracing (offseg.flops counts FLOPs on the meta device): the module call, so
-        # that the count is that of the official 1x1 conv.
+        # that the count is that of the official 1x1 conv. (The talking heads always have a bias.)
         return mix(maps)
     b, heads, nq, nk = maps.shape
     weight = mix.weight.view(heads, heads).expand(b, heads, heads)
@@ -235,6 +235,8 @@ def mix_heads(mix: nn.Conv2d, maps: torch.Tensor) -> torch.Tensor:
 
 class AttentionBias(nn.Module):
     """Shared machinery of the two attentions: the relative-position bias tables."""
+
+    attention_bias_idxs_seg: torch.Tensor  # buffer, registered in _init_biases
 
     def _init_biases(self, num_heads: int, query_side: int, key_side: int, legacy_shape: tuple[int, int]) -> None:
         idxs = relative_offset_index(query_side, key_side)
@@ -271,6 +273,8 @@ class Attention4D(AttentionBias):
         self.scale = key_dim**-0.5
         self.d = attn_ratio * key_dim
         self.dh = self.d * num_heads
+        self.stride_conv: nn.Sequential | None
+        self.upsample: nn.Upsample | None
         if stride is not None:
             resolution = math.ceil(resolution / stride)
             self.stride_conv = conv_bn(dim, dim, 3, stride, groups=dim)
@@ -403,7 +407,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
         for fc in (self.fc1, self.fc2):
             nn.init.trunc_normal_(fc.weight, std=0.02)
-            nn.init.zeros_(fc.bias)
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
         self.mid = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.mid_norm = nn.BatchNorm2d(hidden)
         self.norm1 = nn.BatchNorm2d(hidden)
@@ -510,9 +515,9 @@ class EfficientFormerV2(nn.Module):
         )
         total = sum(depths)
         network: list[nn.Module] = []
-        for i, (dim, depth) in enumerate(zip(widths, depths)):
+        for i, (dim, depth) in enumerate(zip(widths, depths, strict=True)):
             stage_res = math.ceil(resolution / 2 ** (i + 2))
-            blocks = []
+            blocks: list[nn.Module] = []
             for j in range(depth):
                 dpr = drop_path_rate * (j + sum(depths[:i])) / (total - 1)
                 ratio = cfg["mlp_ratios"][i][j]
@@ -526,7 +531,7 @@ class EfficientFormerV2(nn.Module):
                 network.append(AttnDownsample(dim, nxt, stage_res) if i >= 2 else ConvDownsample(dim, nxt))
         self.network = nn.ModuleList(network)
 
-    def train(self, mode: bool = True) -> "EfficientFormerV2":
+    def train(self, mode: bool = True) -> EfficientFormerV2:
         super().train(mode)
         if mode and self.freeze_bn:
             for m in self.modules():
@@ -536,7 +541,7 @@ class EfficientFormerV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         embed = self.patch_embed  # conv, BN, GELU, conv, BN, GELU
-        x = batch_norm_gelu(embed[1], embed[2], embed[0](x), embed[3])
+        x = batch_norm_gelu(embed[1], embed[2], embed[0](x), cast(nn.Conv2d, embed[3]))
         x = batch_norm_gelu(embed[4], embed[5], x)
         outs = []
         for idx, block in enumerate(self.network):

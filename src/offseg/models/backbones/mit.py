@@ -16,7 +16,8 @@ stage i is `layers.i` = [patch embedding, blocks, norm] (keys `layers.i.0.*`, `l
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -150,7 +151,7 @@ class MiTStage(nn.ModuleList):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patch_embed, blocks, norm = self
         x, hw = patch_embed(x)
-        for block in blocks:
+        for block in cast(nn.ModuleList, blocks):
             x = block(x, hw)
         return tokens_to_map(norm(x), hw)
 

@@ -23,7 +23,7 @@ behaviour). Unlike EfficientFormerV2, MSCAN never freezes its BatchNorms while t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -183,7 +183,7 @@ class MSCAN(nn.Module):
         block_drop_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
 
         first_block = 0
-        for i, (width, depth) in enumerate(zip(embed_dims, depths)):
+        for i, (width, depth) in enumerate(zip(embed_dims, depths, strict=True)):
             embed = StemConv(in_channels, width) if i == 0 else DownsampleEmbed(embed_dims[i - 1], width)
             blocks = nn.ModuleList(
                 MSCABlock(width, mlp_ratios[i], drop_rate, block_drop_rates[first_block + j]) for j in range(depth)

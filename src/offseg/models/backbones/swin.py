@@ -16,7 +16,8 @@ Behaviour that matters for equivalence with the official code:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 import torch.nn as nn
@@ -25,8 +26,15 @@ import torch.nn.functional as F
 from ..layers.drop_path import DropPath
 from ..layers.weight_init import init_backbone_
 
+
 # Swin-T, as in the Mask2Former Swin-T configs.
-SWIN_T = dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+class SwinConfig(TypedDict):
+    embed_dims: int
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+
+
+SWIN_T = SwinConfig(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 
 
 def relative_position_index(window_size: int) -> torch.Tensor:
@@ -40,6 +48,8 @@ def relative_position_index(window_size: int) -> torch.Tensor:
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows of w x w tokens, with a learned relative-position
     bias per head."""
+
+    relative_position_index: torch.Tensor  # buffer, registered in __init__
 
     def __init__(
         self,

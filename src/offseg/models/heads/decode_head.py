@@ -18,7 +18,8 @@ class DecodeHead(nn.Module):
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
         nn.init.normal_(self.conv_seg.weight, std=0.01)
-        nn.init.zeros_(self.conv_seg.bias)
+        if self.conv_seg.bias is not None:
+            nn.init.zeros_(self.conv_seg.bias)
 
     def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
         """Per-pixel classification: dropout, then the 1x1 classifier."""

@@ -31,7 +31,7 @@ official code run under that seed.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -63,6 +63,8 @@ class NMF2D(nn.Module):
     ReLU output). The official module has a softmax temperature whose config value (100) it
     overrides with 1; there is none here.
     """
+
+    export_bases: torch.Tensor  # buffer, present only while offseg.export fixes the bases
 
     def __init__(self, rank: int = 16, spatial_groups: int = 1, train_steps: int = 6, eval_steps: int = 7) -> None:
         super().__init__()
@@ -138,7 +140,8 @@ class NMF2D(nn.Module):
             bases = self.random_bases(b, dim, x.device, x.dtype)
         elif tuple(bases.shape) != (b * self.spatial_groups, dim, self.rank):
             raise ValueError(
-                f"NMF2D: initial bases must have shape {(b * self.spatial_groups, dim, self.rank)}, got {tuple(bases.shape)}"
+                f"NMF2D: initial bases must have shape {(b * self.spatial_groups, dim, self.rank)}, got "
+                f"{tuple(bases.shape)}"
             )
 
         coef = F.softmax(torch.bmm(x.transpose(1, 2), bases), dim=-1)
@@ -217,7 +220,7 @@ class LightHamHead(DecodeHead):
         if max(self.in_index) >= len(inputs):
             raise ValueError(f"{name}: uses feature maps {self.in_index} but got only {len(inputs)}")
         selected = [inputs[i] for i in self.in_index]
-        for i, x, c in zip(self.in_index, selected, self.in_channels):
+        for i, x, c in zip(self.in_index, selected, self.in_channels, strict=True):
             if x.ndim != 4 or x.shape[1] != c:
                 raise ValueError(f"{name}: feature map {i} should be (B, {c}, H, W), got {tuple(x.shape)}")
         return selected

@@ -23,7 +23,7 @@ prediction's einsum. So all 10 predictions, and hence all attention masks, see O
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -58,6 +58,11 @@ def sine_positional_encoding(
     pos_x = encode(x)[None, :, :].expand(h, w, num_feats)
     pos = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)
     return pos.unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def _conv2d_layers(*modules: nn.Module) -> list[nn.Conv2d]:
+    """The Conv2d layers inside `modules`, in order."""
+    return [m for module in modules for m in module.modules() if isinstance(m, nn.Conv2d)]
 
 
 class ConvGN(nn.Module):
@@ -195,10 +200,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def reset_parameters(self) -> None:
         """MMDetection's init: Xavier-uniform input convs, Caffe2-Xavier FPN convs and mask_feature,
         N(0, 1) level encodings, Xavier-normal encoder matrices, then the deformable-attention init."""
-        for conv in self.input_convs:
-            nn.init.xavier_uniform_(conv.conv.weight)
-            nn.init.zeros_(conv.conv.bias)
-        for conv in [c.conv for c in self.lateral_convs] + [c.conv for c in self.output_convs] + [self.mask_feature]:
+        for conv in _conv2d_layers(self.input_convs):
+            nn.init.xavier_uniform_(conv.weight)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        for conv in _conv2d_layers(self.lateral_convs, self.output_convs, self.mask_feature):
             nn.init.kaiming_uniform_(conv.weight, a=1)  # Caffe2's "XavierFill"
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
@@ -206,8 +212,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for p in self.encoder.parameters():
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
-        for layer in self.encoder.layers:
-            layer.self_attn.reset_parameters()
+        for module in self.encoder.modules():
+            if isinstance(module, MultiScaleDeformableAttention):  # each encoder layer's self_attn
+                module.reset_parameters()
 
     def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         batch = feats[0].shape[0]
@@ -229,7 +236,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         memory = memory.transpose(1, 2)
         outs = [
             level.reshape(batch, -1, h, w)
-            for level, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=-1), shapes)
+            for level, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=-1), shapes, strict=True)
         ]
         for step, i in enumerate(range(self.num_inputs - self.num_encoder_levels - 1, -1, -1)):
             lateral = self.lateral_convs[step](feats[i])

@@ -5,7 +5,7 @@ classifier). Logits come out at 1/4 of the input resolution.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,7 @@ class OffSegHead(DecodeHead):
         self.classifier = classifier
         self.pre = nn.ModuleList(
             ConvModule(c_in, c_new, 1, norm="GN", norm_groups=norm_groups)
-            for c_in, c_new in zip(in_channels, new_channels)
+            for c_in, c_new in zip(in_channels, new_channels, strict=True)
         )
         self.freqfusions = nn.ModuleList()
         coarse_first = list(new_channels)[::-1]
@@ -63,9 +63,9 @@ class OffSegHead(DecodeHead):
 
     def fuse(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The fused 1/4-resolution feature that feeds the classifier (B, channels, H/4, W/4)."""
-        feats = [pre(x) for pre, x in zip(self.pre, inputs)][::-1]
+        feats = [pre(x) for pre, x in zip(self.pre, inputs, strict=True)][::-1]
         fused = feats[0]
-        for hr_feat, freqfusion in zip(feats[1:], self.freqfusions):
+        for hr_feat, freqfusion in zip(feats[1:], self.freqfusions, strict=True):
             _, hr_feat, fused = freqfusion(hr_feat, fused)
             fused = interleave_groups(hr_feat, fused)
         return self.align(fused)

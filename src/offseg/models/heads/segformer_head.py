@@ -12,7 +12,7 @@ unused, as in the official head (they are in its checkpoints and parameter count
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -43,12 +43,12 @@ class SegformerHead(DecodeHead):
         """The fused feature at the finest level's resolution (B, channels, H/4, W/4)."""
         if len(inputs) != len(self.convs):
             raise ValueError(f"{type(self).__name__}: expected {len(self.convs)} feature maps, got {len(inputs)}")
-        for i, (x, c) in enumerate(zip(inputs, self.in_channels)):
+        for i, (x, c) in enumerate(zip(inputs, self.in_channels, strict=True)):
             if x.ndim != 4 or x.shape[1] != c:
                 raise ValueError(f"{type(self).__name__}: input {i} should be (B, {c}, H, W), got {tuple(x.shape)}")
         size = inputs[0].shape[-2:]
         projected = []
-        for conv, x in zip(self.convs, inputs):
+        for conv, x in zip(self.convs, inputs, strict=True):
             x = conv(x)
             if x.shape[-2:] != size:  # resizing to the same size is the identity
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)

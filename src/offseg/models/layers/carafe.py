@@ -147,7 +147,7 @@ class _Carafe(torch.autograd.Function):
             for j in range(k):
                 tap = i * k + j
                 mask = _mask_tap(masks, tap, g, k * k, h, s, w)
-                if need_features:
+                if grad_padded is not None:
                     # d out / d feature = the mask; each feature feeds the s*s sub-pixels of its
                     # cell. Accumulated sub-pixel by sub-pixel: a multiply-add per element, where
                     # a product-then-reduce over the strided sub-pixel axes is ~10x slower.
@@ -155,15 +155,15 @@ class _Carafe(torch.autograd.Function):
                     for a in range(s):
                         for b in range(s):
                             target.addcmul_(grad[:, :, a, :, b], mask[:, :, a, :, b])
-                if need_masks and s == 1:
+                if grad_masks is not None and products is not None:  # needs masks' gradient, s == 1
                     # d out / d mask = the shifted feature, summed over the group's channels.
                     shifted = padded[:, i : i + h, j : j + w].unsqueeze(2).unsqueeze(4)
                     torch.mul(grad, shifted, out=products)
                     torch.sum(products, dim=-1, out=_mask_tap(grad_masks, tap, g, k * k, h, s, w).squeeze(-1))
-        if need_masks and s > 1:
+        if grad_masks is not None and s > 1:
             _mask_grad_by_rows(grad, padded, grad_masks, k)
         grad_features = None
-        if need_features:
+        if grad_padded is not None:
             grad_features = grad_padded[:, r : r + h, r : r + w].reshape(n, h, w, g * cg).permute(0, 3, 1, 2)
         return grad_features, grad_masks, None, None, None, None
 
@@ -221,12 +221,15 @@ def _carafe_for_export(features: torch.Tensor, masks: torch.Tensor, k: int, g: i
     r, taps, cg = (k - 1) // 2, k * k, c // g
     padded = F.pad(features, (r, r, r, r)).permute(0, 2, 3, 1).reshape(n, h + 2 * r, w + 2 * r, g, cg)
     if s == 1:
-        out = None
-        for i in range(k):
-            for j in range(k):
-                mask = masks.view(n, g, taps, h, w)[:, :, i * k + j].permute(0, 2, 3, 1).unsqueeze(-1)
-                term = padded[:, i : i + h, j : j + w] * mask
-                out = term if out is None else out + term
+
+        def tap_term(tap: int) -> torch.Tensor:
+            i, j = divmod(tap, k)
+            mask = masks.view(n, g, taps, h, w)[:, :, tap].permute(0, 2, 3, 1).unsqueeze(-1)
+            return padded[:, i : i + h, j : j + w] * mask
+
+        out = tap_term(0)
+        for tap in range(1, taps):
+            out = out + tap_term(tap)
         return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
     neighbourhoods = torch.stack([padded[:, i : i + h, j : j + w] for i in range(k) for j in range(k)], dim=4)
     weights = masks.view(n, g, taps, h, s, w, s).permute(0, 3, 5, 1, 4, 6, 2).reshape(n, h, w, g, s * s, taps)

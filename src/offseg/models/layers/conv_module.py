@@ -54,7 +54,7 @@ class ConvModule(nn.Module):
         )
         self.norm_name = _NORM_NAMES[norm] if norm is not None else None
         if norm is not None:
-            self.add_module(self.norm_name, build_norm(norm, out_channels, norm_groups))
+            self.add_module(_NORM_NAMES[norm], build_norm(norm, out_channels, norm_groups))
         act_module = build_act(act)
         if act_module is not None:
             self.activate = act_module

@@ -125,10 +125,12 @@ class LocalSimGuidedSampler(nn.Module):
         self.register_buffer("init_pos", grid.reshape(2, 1, 4).repeat(1, groups, 1).reshape(1, -1, 1, 1))
         for conv in (self.offset, self.hr_offset):
             nn.init.normal_(conv.weight, std=0.001)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
         for conv in (self.direct_scale, self.hr_direct_scale):
             nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def forward(self, hr_x: torch.Tensor, lr_x: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         hr_x = self.norm_hr(hr_x)
@@ -170,6 +172,9 @@ class FreqFusion(nn.Module):
     high-pass-boosted high-resolution feature and the upsampled, resampled low-resolution feature.
     """
 
+    hamming_lowpass: torch.Tensor  # buffers, registered in __init__
+    hamming_highpass: torch.Tensor
+
     def __init__(
         self,
         hr_channels: int,
@@ -194,10 +199,12 @@ class FreqFusion(nn.Module):
         self.content_encoder2 = nn.Conv2d(compressed_channels, highpass_kernel**2, encoder_kernel, padding=pad)
         for conv in (self.hr_channel_compressor, self.lr_channel_compressor):
             nn.init.xavier_uniform_(conv.weight)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
         for conv in (self.content_encoder, self.content_encoder2):
             nn.init.normal_(conv.weight, std=0.001)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def forward(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         kl, kh = self.lowpass_kernel, self.highpass_kernel

@@ -16,7 +16,7 @@ mmcv's MultiScaleDeformableAttention, so official checkpoints load unchanged.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -40,17 +40,17 @@ def multi_scale_deformable_attention(
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
     grids = 2.0 * sampling_locations - 1.0  # grid_sample wants [-1, 1]
-    sampled = []
+    sampled_levels = []
     for level, (h, w) in enumerate(spatial_shapes):
         # (B, HW, heads, d) -> (B * heads, d, H, W): one "image" per (batch, head)
         level_value = per_level[level].flatten(2).transpose(1, 2).reshape(batch * num_heads, head_dims, h, w)
         # (B, Q, heads, points, 2) -> (B * heads, Q, points, 2)
         level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(
+        sampled_levels.append(
             F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         )
     # (B * heads, d, Q, levels * points) weighted by (B * heads, 1, Q, levels * points)
-    sampled = torch.stack(sampled, dim=-2).flatten(-2)
+    sampled = torch.stack(sampled_levels, dim=-2).flatten(-2)
     weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)
     out = (sampled * weights).sum(-1).view(batch, num_heads * head_dims, num_queries)
     return out.transpose(1, 2).contiguous()

@@ -26,7 +26,7 @@ the training loss is the sum of its values.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -210,6 +210,8 @@ def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
 class Mask2FormerLoss(nn.Module):
     """Class, mask (BCE) and dice losses on every decoder prediction, with Hungarian matching."""
 
+    ce_class_weights: torch.Tensor  # buffer, registered in __init__
+
     def __init__(
         self,
         num_classes: int,
@@ -312,7 +314,7 @@ class Mask2FormerLoss(nn.Module):
         targets = self.targets(labels)
         losses: dict[str, torch.Tensor] = {}
         last = len(all_cls_scores) - 1
-        for i, (cls_scores, mask_preds) in enumerate(zip(all_cls_scores, all_mask_preds)):
+        for i, (cls_scores, mask_preds) in enumerate(zip(all_cls_scores, all_mask_preds, strict=True)):
             prefix = "" if i == last else f"d{i}."
             loss_cls, loss_mask, loss_dice = self.layer_loss(cls_scores, mask_preds, targets, generator)
             losses[f"{prefix}loss_cls"] = loss_cls
