@@ -8,7 +8,7 @@ size) after a bilinear resize with align_corners=False; the prediction is their 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -73,14 +73,17 @@ def whole_inference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits[..., :h, :w]
 
 
-def _head_logits(model: nn.Module):
+def _head_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """`model.forward_logits` when `model(x)` is exactly "head logits resized bilinearly to the
     input size" (a Segmentor, or its `optimize_for_inference` copy), else None."""
     from .models.segmentor import Segmentor
     from .optimize import InferenceModel
 
-    inner = model.model if isinstance(model, InferenceModel) else model
-    if isinstance(inner, Segmentor) and type(inner).forward is Segmentor.forward:
+    if isinstance(model, InferenceModel):
+        inner = model.model
+        if isinstance(inner, Segmentor) and type(inner).forward is Segmentor.forward:
+            return model.forward_logits
+    elif isinstance(model, Segmentor) and type(model).forward is Segmentor.forward:
         return model.forward_logits
     return None
 

@@ -205,7 +205,8 @@ class _ConvAct(nn.Module):
         super().__init__()
         self.conv = conv
         self.act = act
-        self.attr, self.algorithm = ("gelu", "none") if isinstance(act, nn.GELU) else ("relu", None)
+        self.attr = "gelu" if isinstance(act, nn.GELU) else "relu"
+        self.algorithm: str | None = "none" if isinstance(act, nn.GELU) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         global _FUSION_WORKS
@@ -240,12 +241,18 @@ def _fusable(conv: nn.Module, act: nn.Module) -> bool:
 class _FastConvModule(ConvModule):
     """ConvModule whose norm was folded away: conv + activation in one call."""
 
+    conv_act: _ConvAct
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_act(x)
 
 
 class _FusedConvMlp(nn.Module):
     """MSCAN's ConvMlp (eval): fc1, then the depthwise conv + GELU in one call, then fc2."""
+
+    fc1: nn.Conv2d
+    dwconv_act: _ConvAct
+    fc2: nn.Conv2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dwconv_act(self.fc1(x)))
@@ -264,7 +271,7 @@ def _fuse_conv_activations(model: nn.Module) -> int:
                 while j < len(module) - 1 and isinstance(module[j], nn.Identity):
                     j += 1
                 if _fusable(module[i], module[j]):
-                    module[i] = _ConvAct(module[i], module[j])
+                    module[i] = _ConvAct(cast(nn.Conv2d, module[i]), module[j])
                     module[j] = nn.Identity()
                     fused += 1
         elif type(module) is ConvModule and hasattr(module, "activate"):
@@ -284,7 +291,7 @@ def _fuse_conv_activations(model: nn.Module) -> int:
         for module in list(model.modules()):
             if type(module) is mscan.ConvMlp and _fusable(module.dwconv, module.act):
                 module.dwconv_act = _ConvAct(module.dwconv, module.act)
-                module.__class__ = _FusedConvMlp
+                cast(nn.Module, module).__class__ = _FusedConvMlp
                 fused += 1
     except ImportError:  # pragma: no cover - optional model family
         pass
@@ -305,6 +312,9 @@ class _FastMlp(effv2.Mlp):
 
 class _FusedMlp(_FastMlp):
     """_FastMlp with fc1 + GELU and the depthwise conv + GELU each one oneDNN call."""
+
+    fc1_act: _ConvAct
+    mid_act: _ConvAct
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.mid_act(self.fc1_act(x)))
@@ -495,7 +505,7 @@ class _FastGNConvModule(ConvModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
-        norm = self.gn
+        norm = cast(nn.GroupNorm, self.gn)
         if _layout(x) is torch.channels_last:
             n, c, h, w = x.shape
             g = norm.num_groups
@@ -635,7 +645,7 @@ class InferenceModel(nn.Module):
             out = _large_empty((*logits.shape[:2], *x.shape[-2:]), logits)
             if out is None:
                 return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            return torch._C._nn.upsample_bilinear2d(logits, list(x.shape[-2:]), False, None, None, out=out)
+            return torch.ops.aten.upsample_bilinear2d.out(logits, list(x.shape[-2:]), False, None, None, out=out)
 
 
 # Outputs at least this large are allocated in transparent huge pages (below).

@@ -14,7 +14,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, cast
 
@@ -125,11 +125,12 @@ class SegmentationLoss(nn.Module):
         model_loss = getattr(self.model, "loss", None)
         if model_loss is not None:
             return model_loss(images, labels)
-        if self.tiled and _returns_resized_head_logits(self.model):
+        head_logits = _head_logits(self.model) if self.tiled else None
+        if head_logits is not None:
             from ..models.losses.resized_cross_entropy import resized_cross_entropy
 
             return resized_cross_entropy(
-                self.model.forward_logits(images),
+                head_logits(images),
                 labels,
                 resize_to=(int(images.shape[-2]), int(images.shape[-1])),
                 ignore_index=self.ignore_index,
@@ -146,11 +147,14 @@ class SegmentationLoss(nn.Module):
         return loss.mean()
 
 
-def _returns_resized_head_logits(model: nn.Module) -> bool:
-    """True when `model(x)` is exactly its head's logits resized bilinearly to the input."""
+def _head_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`model.forward_logits` when `model(x)` is exactly its head's logits resized bilinearly to
+    the input (so the loss can take the resize on itself), else None."""
     from ..models.segmentor import Segmentor
 
-    return isinstance(model, Segmentor) and type(model).forward is Segmentor.forward
+    if isinstance(model, Segmentor) and type(model).forward is Segmentor.forward:
+        return model.forward_logits
+    return None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

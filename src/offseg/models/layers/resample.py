@@ -92,10 +92,9 @@ class AxisResample:
     def apply_columns_last(self, x: torch.Tensor) -> torch.Tensor:
         """The map along axis 2 of x (B, rows, columns, C), C innermost: each tap gathers whole
         C-vectors, the fast direction when C (classes) is the axis reduced next."""
-        out = None
-        for t in range(self.index.shape[1]):
-            term = x.index_select(2, self.index[:, t]) * self.weight[:, t].view(-1, 1)
-            out = term if out is None else out.add_(term)
+        out = x.index_select(2, self.index[:, 0]) * self.weight[:, 0].view(-1, 1)
+        for t in range(1, self.index.shape[1]):
+            out.add_(x.index_select(2, self.index[:, t]) * self.weight[:, t].view(-1, 1))
         return out
 
     def apply_columns_last_transposed(self, grad: torch.Tensor) -> torch.Tensor:
@@ -119,7 +118,7 @@ class AxisResample:
         weight = self.weight[start:stop].tolist()
         # The output keeps x's memory layout (x may be a transposed view).
         shape = (x.shape[0], x.shape[1], stop - start, x.shape[3])
-        order = sorted(range(4), key=lambda d: -x.stride(d))
+        order = sorted(range(4), key=lambda d: -x.stride()[d])
         out = x.new_empty([shape[d] for d in order]).permute(*[order.index(d) for d in range(4)])
         for r, (taps, weights) in enumerate(zip(index, weight, strict=True)):
             if len(taps) == 1:
@@ -138,7 +137,7 @@ class AxisResample:
         index = (self.index[start:stop] - first).tolist()
         weight = self.weight[start:stop].tolist()
         shape = (grad.shape[0], grad.shape[1], size, grad.shape[3])
-        order = sorted(range(4), key=lambda d: -grad.stride(d))  # keep grad's memory layout
+        order = sorted(range(4), key=lambda d: -grad.stride()[d])  # keep grad's memory layout
         out = grad.new_zeros([shape[d] for d in order]).permute(*[order.index(d) for d in range(4)])
         for r, (taps, weights) in enumerate(zip(index, weight, strict=True)):
             for tap, w in zip(taps, weights, strict=True):
