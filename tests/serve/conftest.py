@@ -1,0 +1,55 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from servehelpers import CAMVID_ROOT, train_briefly  # noqa: E402
+
+pytest.importorskip("starlette", reason="offseg serve needs the serve extra: pip install 'offseg[serve]'")
+pytest.importorskip("uvicorn", reason="offseg serve needs the serve extra: pip install 'offseg[serve]'")
+pytest.importorskip("httpx", reason="the service tests use httpx as their HTTP client")
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory) -> Path:
+    return train_briefly(tmp_path_factory.mktemp("serve") / "offseg-t-scenes")
+
+
+@pytest.fixture(scope="session")
+def trained_model(serve_checkpoint):
+    import offseg
+
+    return offseg.create_model("offseg-t", checkpoint=serve_checkpoint).eval()
+
+
+@pytest.fixture(scope="session")
+def served(serve_checkpoint):
+    from offseg.serve import load_served_model
+
+    return load_served_model("offseg-t", checkpoint=serve_checkpoint)
+
+
+@pytest.fixture
+def camvid() -> Path:
+    if not (CAMVID_ROOT / "test" / "images").is_dir():
+        pytest.skip(f"real CamVid not available at {CAMVID_ROOT}")
+    return CAMVID_ROOT
+
+
+# The limits of the shared test server: CamVid's 480x360 pictures (172 800 pixels, under 100 kB)
+# pass, the bad-input tests go over them.
+MAX_BODY_BYTES = 1_000_000
+MAX_PIXELS = 200_000
+
+
+@pytest.fixture(scope="session")
+def server_url(served) -> str:
+    from servehelpers import running_server
+
+    from offseg.serve import ServeSettings, create_app
+
+    settings = ServeSettings(max_batch=8, queue=64, max_body_bytes=MAX_BODY_BYTES, max_pixels=MAX_PIXELS)
+    with running_server(create_app(served, settings)) as url:
+        yield url
