@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servehelpers import CAMVID_ROOT, train_briefly  # noqa: E402
+from servehelpers import CAMVID_ROOT, MAX_BODY_BYTES, MAX_PIXELS, train_briefly  # noqa: E402
 
 pytest.importorskip("starlette", reason="offseg serve needs the serve extra: pip install 'offseg[serve]'")
 pytest.importorskip("uvicorn", reason="offseg serve needs the serve extra: pip install 'offseg[serve]'")
@@ -36,12 +36,6 @@ def camvid() -> Path:
     if not (CAMVID_ROOT / "test" / "images").is_dir():
         pytest.skip(f"real CamVid not available at {CAMVID_ROOT}")
     return CAMVID_ROOT
-
-
-# The limits of the shared test server: CamVid's 480x360 pictures (172 800 pixels, under 100 kB)
-# pass, the bad-input tests go over them.
-MAX_BODY_BYTES = 1_000_000
-MAX_PIXELS = 200_000
 
 
 @pytest.fixture(scope="session")

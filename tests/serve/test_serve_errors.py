@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 import torch.nn as nn
 from PIL import Image
-from servehelpers import running_server
-
-from conftest import MAX_BODY_BYTES, MAX_PIXELS
+from servehelpers import MAX_BODY_BYTES, MAX_PIXELS, running_server
 
 
 def _png_header(width: int, height: int) -> bytes:
