@@ -274,7 +274,9 @@ def main() -> int:
     if args.pretrain_only:
         todo = []
     jobs = max(1, args.jobs if args.pretrain_only else min(args.jobs, len(todo) or 1))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # the cores this process may use (taskset / cgroups), not all of the machine's
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // jobs)
     # Arm A needs no pretraining: with two jobs, one trains arm-A runs while the other pretrains.
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         pending = {}
