@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .data.sampling import worker_init_fn
 from .inference import DEFAULT_TTA_SCALES, infer, model_device
 
 __all__ = ["SegMetric", "evaluate", "format_table", "summary_line"]
@@ -227,6 +228,7 @@ def evaluate(
         batch_size=None,  # items keep their own sizes; no collation
         shuffle=False,
         num_workers=num_workers,
+        worker_init_fn=worker_init_fn if num_workers else None,
     )
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training

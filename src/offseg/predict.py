@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,12 +29,14 @@ __all__ = [
     "load_image",
     "predict",
     "preprocess",
+    "shard_inputs",
     "VideoWriter",
     "is_video",
     "video_frame_rate",
 ]
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+T = TypeVar("T")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
@@ -146,6 +148,15 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
     return found
+
+
+def shard_inputs(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """This process's share of `items` under torchrun: every `world_size`-th one from `rank`.
+    The shares of ranks 0..world_size-1 partition the list (each item in exactly one), and the
+    files of a folder, listed in sorted order, alternate between processes, which balances sizes."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    return list(items[rank::world_size])
 
 
 def is_video(path: Path) -> bool:

@@ -7,22 +7,27 @@ uses other names, loads what fits and reports what was loaded, what stays at its
 
 Release formats per backbone class:
 - EfficientFormerV2: the snap-research release, {'model': {'patch_embed.*', 'network.*', 'norm.*',
-  'head.*', 'dist_head.*'}}. Names already match; the 224-pixel `attention_biases` tables land in
-  the unused legacy buffers and the `attention_biases_seg` tables start at zero, as in the
-  official fine-tuning. The classifier (norm, head, dist_head) is reported unused.
-- MixVisionTransformer (MiT-B0..B5), three namings (see `convert_mit`):
+  'head.*', 'dist_head.*'}}, where names already match, and timm's (`stem.conv1.conv`,
+  `stages.N.blocks.M.mlp.fc1.conv`, `token_mixer.q.bn`, `ls1.gamma`, ...; see
+  `convert_efficientformer_v2`). In both, the 224-pixel `attention_biases` tables land in the unused
+  legacy buffers and the `attention_biases_seg` tables start at zero, as in the official
+  fine-tuning. The classifier (norm, head, dist_head / head_dist) is reported unused.
+- MixVisionTransformer (MiT-B0..B5), four namings (see `convert_mit`):
   the SegFormer release (NVlabs: `patch_embed1.proj`, `block1.0.attn.q` / `attn.kv`, `norm1`, `head`),
-  MMSegmentation's converted files (our names already), and Hugging Face `transformers`
+  MMSegmentation's converted files (our names already), Hugging Face `transformers` 4.x
   (`segformer.encoder.patch_embeddings.0.proj`, `block.0.0.attention.self.query` / `key` / `value`,
-  `layer_norm.0`, `classifier`).
+  `layer_norm.0`, `classifier`) and transformers 5 (`segformer.stages.0.patch_embeddings.proj`,
+  `stages.0.blocks.0.layernorm_before`, `attention.q_proj` / `k_proj` / `v_proj` / `o_proj`,
+  `attention.sequence_reduction.*`, `mlp.fc1`, `stages.0.layer_norm`).
 - MSCAN (SegNeXt): the SegNeXt release (Visual-Attention-Network) names the depthwise conv of the
   MLP `mlp.dwconv.dwconv`, MMSegmentation `mlp.dwconv`; everything else already matches. Its
   classifier (`head.*`) is reported unused.
 - SwinTransformer: the Microsoft release ({'model': {'patch_embed.proj', 'layers.*', 'norm.*',
-  'head.*'}}, see `convert_swin`) and MMSegmentation's converted files (our names already). The
-  release's patch-merging weights are re-ordered to our `nn.Unfold` layout; its classifier head and
-  its attention-mask buffers are dropped, its final `norm` is reported unused, and the per-stage output
-  norms `norm0`..`norm3` are new.
+  'head.*'}}, see `convert_swin`), timm's (timm >= 0.9: the same names, but each patch merging
+  belongs to the stage after it, `layers.N.downsample`, and the head is `head.fc`) and
+  MMSegmentation's converted files (our names already). The patch-merging weights are re-ordered to
+  our `nn.Unfold` layout; the classifier head and the attention-mask buffers are dropped, the final
+  `norm` is reported unused, and the per-stage output norms `norm0`..`norm3` are new.
 """
 
 from __future__ import annotations
@@ -83,20 +88,46 @@ _MIT_HUGGINGFACE_RULES = [  # transformers' Segformer encoder, stages numbered f
     (r"block\.(\d+)\.(\d+)\.mlp\.dense2\.(.+)", "layers.{0}.1.{1}.ffn.layers.4.{2}"),
     (r"layer_norm\.(\d+)\.(.+)", "layers.{0}.2.{1}"),
 ]
+_MIT_TRANSFORMERS5_RULES = [  # transformers >= 5 (its SegformerModel rename table), stages from 0
+    (r"stages\.(\d+)\.patch_embeddings\.proj\.(.+)", "layers.{0}.0.projection.{1}"),
+    (r"stages\.(\d+)\.patch_embeddings\.layer_norm\.(.+)", "layers.{0}.0.norm.{1}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.layernorm_before\.(.+)", "layers.{0}.1.{1}.norm1.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.layernorm_after\.(.+)", "layers.{0}.1.{1}.norm2.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.attention\.o_proj\.(.+)", "layers.{0}.1.{1}.attn.attn.out_proj.{2}"),
+    (
+        r"stages\.(\d+)\.blocks\.(\d+)\.attention\.sequence_reduction\.sequence_reduction\.(.+)",
+        "layers.{0}.1.{1}.attn.sr.{2}",
+    ),
+    (
+        r"stages\.(\d+)\.blocks\.(\d+)\.attention\.sequence_reduction\.layer_norm\.(.+)",
+        "layers.{0}.1.{1}.attn.norm.{2}",
+    ),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.(.+)", "layers.{0}.1.{1}.ffn.layers.0.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.dwconv\.dwconv\.(.+)", "layers.{0}.1.{1}.ffn.layers.1.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.(.+)", "layers.{0}.1.{1}.ffn.layers.4.{2}"),
+    (r"stages\.(\d+)\.layer_norm\.(.+)", "layers.{0}.2.{1}"),
+]
 # The attention input projections, concatenated in this order into in_proj_{weight,bias}.
 _MIT_SEGFORMER_QKV = (r"block(\d+)\.(\d+)\.attn\.(q|kv)\.(weight|bias)", ("q", "kv"))
 _MIT_HUGGINGFACE_QKV = (
     r"block\.(\d+)\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)",
     ("query", "key", "value"),
 )
+_MIT_TRANSFORMERS5_QKV = (
+    r"stages\.(\d+)\.blocks\.(\d+)\.attention\.(q_proj|k_proj|v_proj)\.(weight|bias)",
+    ("q_proj", "k_proj", "v_proj"),
+)
 
 
 def mit_release_format(state: Mapping[str, torch.Tensor]) -> str:
-    """'segformer' (NVlabs release), 'huggingface' (transformers) or 'mmseg' (our names)."""
+    """'segformer' (NVlabs release), 'huggingface' (transformers 4.x), 'transformers5' or 'mmseg'
+    (our names)."""
     if any(re.match(r"(patch_embed|block)\d+\.", k) for k in state):
         return "segformer"
     if any(k.startswith(("segformer.encoder.", "encoder.patch_embeddings.", "patch_embeddings.")) for k in state):
         return "huggingface"
+    if any(re.match(r"(segformer\.)?stages\.\d+\.patch_embeddings\.", k) for k in state):
+        return "transformers5"
     return "mmseg"
 
 
@@ -139,10 +170,13 @@ def _rename_mit(state: Mapping[str, torch.Tensor], rules, qkv, stage_base: int) 
 
 @register_key_converter("MixVisionTransformer")
 def convert_mit(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MiT weights in any of the three namings -> our (MMSegmentation) names."""
+    """MiT weights in any of the four namings -> our (MMSegmentation) names."""
     fmt = mit_release_format(state)
     if fmt == "segformer":
         return _rename_mit(state, _MIT_SEGFORMER_RULES, _MIT_SEGFORMER_QKV, stage_base=1)
+    if fmt == "transformers5":
+        encoder = {k.removeprefix("segformer."): v for k, v in state.items()}
+        return _rename_mit(encoder, _MIT_TRANSFORMERS5_RULES, _MIT_TRANSFORMERS5_QKV, stage_base=0)
     if fmt == "huggingface":
         encoder = {}
         for key, value in state.items():
@@ -153,6 +187,82 @@ def convert_mit(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             encoder[key] = value
         return _rename_mit(encoder, _MIT_HUGGINGFACE_RULES, _MIT_HUGGINGFACE_QKV, stage_base=0)
     return dict(state)
+
+
+# --- EfficientFormerV2 ----------------------------------------------------------------------------
+# Our names (the official ones) against timm's `efficientformerv2_*` (timm's ConvNorm is a module
+# with `conv` and `bn`, ours a Sequential of the two; its LayerScale2d holds a (C,) `gamma`):
+#   patch_embed.0 / .1, patch_embed.3 / .4       stem.conv1.conv / .bn, stem.conv2.conv / .bn
+#   network.{2i}.j.*                             stages.i.blocks.j.*
+#   network.{2i-1}.proj / .norm                  stages.i.downsample.conv.conv / .bn      (i = 1, 2)
+#   network.{2i-1}.conv / .bn, .attn.*           stages.i.downsample.conv.*, .attn.*      (i = 3)
+#   mlp.fc1 / norm1, mid / mid_norm, fc2 / norm2 mlp.fc1.conv / .bn, mid.conv / .bn, fc2.conv / .bn
+#   layer_scale_1 / layer_scale_2 (C, 1, 1)      ls1.gamma / ls2.gamma (C,)
+#   attention {q, k, v, v_local, stride_conv}.0 / .1            {q, k, v, v_local, stride_conv}.conv / .bn
+#   attention proj.1 / proj.2 (after a GELU)                    proj.conv / proj.bn
+#   downsampling attention q.local.0, q.proj.0 / .1             q.local, q.proj.conv / .bn
+#   attention_biases (the legacy 224-pixel table)               attention_biases
+#   -                                                           norm, head, head_dist (unused)
+
+_EFFICIENTFORMER_V2_TIMM_RULES = [
+    (r"stem\.conv1\.conv\.(.+)", "patch_embed.0.{0}"),
+    (r"stem\.conv1\.bn\.(.+)", "patch_embed.1.{0}"),
+    (r"stem\.conv2\.conv\.(.+)", "patch_embed.3.{0}"),
+    (r"stem\.conv2\.bn\.(.+)", "patch_embed.4.{0}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.ls([12])\.gamma", "network.{b}.{1}.layer_scale_{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.(fc1|fc2|mid)\.conv\.(.+)", "network.{b}.{1}.mlp.{2}.{3}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.bn\.(.+)", "network.{b}.{1}.mlp.norm1.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.mid\.bn\.(.+)", "network.{b}.{1}.mlp.mid_norm.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.bn\.(.+)", "network.{b}.{1}.mlp.norm2.{2}"),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.token_mixer\.(.+)", "network.{b}.{1}.token_mixer.{2}"),
+    (r"stages\.(\d+)\.downsample\.attn\.(.+)", "network.{d}.attn.{1}"),
+    (r"stages\.(\d+)\.downsample\.conv\.conv\.(.+)", "network.{d}.{c}.{1}"),
+    (r"stages\.(\d+)\.downsample\.conv\.bn\.(.+)", "network.{d}.{n}.{1}"),
+]
+# Inside an attention (after the rules above): timm's ConvNorm parts -> Sequential indices.
+_EFFICIENTFORMER_V2_TIMM_ATTENTION = [
+    (r"(.+\.(?:token_mixer|attn))\.(q|k|v|v_local|stride_conv|q\.proj)\.conv\.(.+)", "{0}.{1}.0.{2}"),
+    (r"(.+\.(?:token_mixer|attn))\.(q|k|v|v_local|stride_conv|q\.proj)\.bn\.(.+)", "{0}.{1}.1.{2}"),
+    (r"(.+\.(?:token_mixer|attn))\.proj\.conv\.(.+)", "{0}.proj.1.{1}"),
+    (r"(.+\.(?:token_mixer|attn))\.proj\.bn\.(.+)", "{0}.proj.2.{1}"),
+    (r"(.+\.attn)\.q\.local\.(.+)", "{0}.q.local.0.{1}"),
+]
+
+
+def efficientformer_v2_release_format(state: Mapping[str, torch.Tensor]) -> str:
+    """'timm' (timm's efficientformerv2_*) or 'official' (snap-research release, our names)."""
+    if any(k.startswith(("stem.conv1.", "stages.")) for k in state):
+        return "timm"
+    return "official"
+
+
+@register_key_converter("EfficientFormerV2")
+def convert_efficientformer_v2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """EfficientFormerV2 weights in timm's names -> ours; the official release passes unchanged."""
+    if efficientformer_v2_release_format(state) != "timm":
+        return dict(state)
+    attention_downsample = {int(m.group(1)) for k in state if (m := re.match(r"stages\.(\d+)\.downsample\.attn\.", k))}
+
+    def stage(groups) -> int:
+        return int(groups[0]) if groups and groups[0].isdigit() else -1  # -1: a stem rule, unused
+
+    extra = {
+        "b": lambda g: 2 * stage(g),  # stage i's blocks
+        "d": lambda g: 2 * stage(g) - 1,  # the downsampling into stage i
+        "c": lambda g: "conv" if stage(g) in attention_downsample else "proj",
+        "n": lambda g: "bn" if stage(g) in attention_downsample else "norm",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new_key = _renamed(key, _EFFICIENTFORMER_V2_TIMM_RULES, **extra)
+        if new_key is None:
+            out[key] = value  # classifier (norm, head, head_dist): reported unused
+            continue
+        new_key = _renamed(new_key, _EFFICIENTFORMER_V2_TIMM_ATTENTION) or new_key
+        if re.search(r"\.layer_scale_[12]$", new_key) and value.ndim == 1:
+            value = value.reshape(-1, 1, 1)
+        out[new_key] = value
+    return out
 
 
 # --- MSCAN --------------------------------------------------------------------------------------
@@ -189,10 +299,15 @@ _SWIN_MICROSOFT_DROPPED = r"head\..*|.*\.attn_mask"
 
 
 def swin_release_format(state: Mapping[str, torch.Tensor]) -> str:
-    """'microsoft' (the microsoft/Swin-Transformer release) or 'mmseg' (our names)."""
+    """'microsoft' (the microsoft/Swin-Transformer release, and timm before 0.9), 'timm' (timm >= 0.9)
+    or 'mmseg' (our names)."""
     if any(k.startswith("stages.") for k in state):
         return "mmseg"
     if any(k.startswith("layers.") or ".attn.qkv." in k for k in state):
+        merges = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.downsample\.", k))}
+        # timm >= 0.9 puts each patch merging at the start of the next stage: none in layers.0
+        if "head.fc.weight" in state or (merges and 0 not in merges):
+            return "timm"
         return "microsoft"
     return "mmseg"
 
@@ -222,11 +337,24 @@ def _rename_swin_microsoft(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def _swin_timm_to_microsoft(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # timm >= 0.9: `layers.N.downsample` merges the output of stage N - 1, and the head is
+    # `head.fc`; the 2x2 concatenation order inside the merging is the Microsoft one.
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", key)
+        out[re.sub(r"^head\.fc\.", "head.", key)] = value
+    return out
+
+
 @register_key_converter("SwinTransformer")
 def convert_swin(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Swin weights from the Microsoft release -> our (MMSegmentation) names; files already in
-    MMSegmentation's names pass unchanged."""
-    if swin_release_format(state) == "microsoft":
+    """Swin weights from the Microsoft release or timm -> our (MMSegmentation) names; files
+    already in MMSegmentation's names pass unchanged."""
+    fmt = swin_release_format(state)
+    if fmt == "timm":
+        return _rename_swin_microsoft(_swin_timm_to_microsoft(state))
+    if fmt == "microsoft":
         return _rename_swin_microsoft(state)
     return dict(state)
 

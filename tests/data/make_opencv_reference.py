@@ -1,7 +1,7 @@
 """Regenerate `opencv_reference.npz`, the OpenCV outputs the data tests compare against.
 
-Needs numpy and opencv-python-headless 4.x (x86, AVX2), which the project itself does not
-depend on: run it in a scratch environment,
+The pipeline calls OpenCV itself; the file pins what OpenCV 4.10 (x86, AVX2) computed, so that
+whichever OpenCV version is installed is checked against it. It was made in a scratch environment,
 
     python -m venv /tmp/cv && /tmp/cv/bin/pip install numpy "opencv-python-headless==4.10.0.84"
     /tmp/cv/bin/python tests/data/make_opencv_reference.py

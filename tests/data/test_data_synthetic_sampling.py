@@ -84,3 +84,17 @@ def test_infinite_sampler_ranks_split_the_stream():
     rank1 = take(iter(InfiniteSampler(7, seed=1, rank=1, world_size=2)), 6)
     assert rank0 == common[0::2] and rank1 == common[1::2]
     assert take(iter(InfiniteSampler(7, seed=1, rank=1, world_size=2, start=2)), 3) == common[5:11:2]
+
+
+def test_worker_init_fn_puts_opencv_on_one_thread():
+    # A DataLoader worker must not take the training step's cores: one OpenCV thread each.
+    import cv2
+
+    from offseg.data import worker_init_fn
+
+    before = cv2.getNumThreads()
+    try:
+        worker_init_fn(0)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)

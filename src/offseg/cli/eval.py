@@ -121,9 +121,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    if (
-        not args.exact and onnx_model is None
-    ):  # --- fast path (offseg.optimize); same logits within float32 rounding ---
+    # --- fast path (offseg.optimize); same logits within float32 rounding ---
+    if not args.exact and onnx_model is None:
         from ..optimize import optimize_for_inference
 
         model = optimize_for_inference(model.eval())

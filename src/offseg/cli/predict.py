@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Segment images, folders (searched recursively) or video files. For an image NAME it "
         "writes NAME.png (palette PNG whose pixel values are the class indices) and NAME_overlay.png. For a "
         "video it writes NAME_overlay.mp4, or with --video-frames a folder NAME/ of per-frame label and "
-        "overlay PNGs. Unreadable files are reported and skipped.",
+        "overlay PNGs. Unreadable files are reported and skipped. Under torchrun the inputs are split "
+        "across the processes by rank (every WORLD_SIZE-th file each; one GPU per process on CUDA).",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or video file")
     p.add_argument("--model", help="model name (see `offseg.list_models()`); required unless --onnx is given")
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.nn as nn
     from tqdm import tqdm
 
+    from ..engine.distributed import all_reduce_sum, cleanup, init_distributed
     from ..factory import create_model
     from ..models.segmentor import num_classes_of
     from ..predict import (
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         label_image,
         load_image,
         predict,
+        shard_inputs,
         video_frame_rate,
     )
     from ..visualize import overlay
@@ -109,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
     onnx_model = load_onnx_model(args, "predict") if args.onnx else None
     if args.model is None:
         raise ValueError("give --model (or --onnx)")
+    # Under torchrun each process takes its share of the files and writes their outputs itself.
+    dist_info = init_distributed(args.device)
+    files = shard_inputs(files, dist_info.rank, dist_info.world_size)
     test_mode = _test_mode(args)
     if onnx_model is not None and args.mode is None and not args.crop and not args.palette:
         test_mode = dict(onnx_model.test_mode)  # the sidecar's
@@ -121,18 +127,17 @@ def run(args: argparse.Namespace) -> int:
     if onnx_model is not None:
         model = onnx_model
     else:
-        if args.checkpoint is None:
+        if args.checkpoint is None and dist_info.is_main:
             print(
                 f"offseg predict: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr
             )
         model = create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
     scale = choose_test_scale(model, args.scale, "predict")
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = dist_info.device if dist_info.enabled else torch.device(args.device or dist_info.device.type)
     model.to(device).eval()
-    if (
-        not args.exact and onnx_model is None
-    ):  # --- fast path (offseg.optimize); same logits within float32 rounding ---
+    # --- fast path (offseg.optimize); same logits within float32 rounding ---
+    if not args.exact and onnx_model is None:
         from ..optimize import optimize_for_inference
 
         model = optimize_for_inference(model.eval())
@@ -150,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         overlay(image, label, palette, alpha=args.alpha).save(overlay_path)
 
     written = failed = 0
-    bar = tqdm(files, desc="predict", unit="file", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    quiet = args.no_progress or not dist_info.is_main
+    bar = tqdm(files, desc="predict", unit="file", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     for source, stem in bar:
         target = out_root / stem
         try:
@@ -161,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                     desc=source.name,
                     unit="frame",
                     leave=False,
-                    disable=args.no_progress,
+                    disable=quiet,
                     file=sys.stderr,
                     dynamic_ncols=True,
                 ) as frames:
@@ -189,5 +195,12 @@ def run(args: argparse.Namespace) -> int:
             if not reason.startswith(str(source)):
                 reason = f"{source}: {reason}"
             tqdm.write(f"offseg predict: skipped {reason}", file=sys.stderr)
-    print(f"{written} file(s) written to {out_root}, {failed} skipped")
+    if dist_info.enabled:
+        print(
+            f"offseg predict: rank {dist_info.rank}/{dist_info.world_size}: {written} file(s) written, {failed} skipped"
+        )
+        written, failed = (int(n) for n in all_reduce_sum(torch.tensor([written, failed])))
+        cleanup()
+    if dist_info.is_main:
+        print(f"{written} file(s) written to {out_root}, {failed} skipped")
     return 0 if failed == 0 else 1

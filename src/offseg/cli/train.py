@@ -35,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe field, e.g. optimizer.lr=1e-4"
     )
+    p.add_argument(
+        "--log",
+        choices=["jsonl", "tensorboard"],
+        default="jsonl",
+        help="jsonl: WORK_DIR/log.jsonl only (always written); tensorboard: also TensorBoard event files in "
+        "WORK_DIR/tensorboard (pip install 'offseg[tensorboard]')",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
@@ -76,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         pretrained_backbone=args.pretrained_backbone,
         device=args.device,
         progress=not args.no_progress,
+        log_to=("jsonl", args.log),
     )["val"]
     if results:
         print(f"final val: mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  aAcc {results['aAcc']:.2f}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sized
 
+import cv2
 import numpy as np
 import torch
 
@@ -58,12 +59,15 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed Python's and numpy's global generators in a DataLoader worker from torch's
-    per-worker seed (base seed + worker id).
+    """Set up a DataLoader worker: OpenCV on one thread, and Python's and numpy's global
+    generators seeded from torch's per-worker seed (base seed + worker id).
 
-    The datasets here do not use global random state, so this only matters for extra
-    transforms that do; without it every worker would copy the parent's numpy state.
+    One OpenCV thread per worker (torch already runs one there) keeps the pipeline off the cores
+    of the training step: parallelism comes from the number of workers. The datasets here do not
+    use global random state, so the seeding only matters for extra transforms that do; without
+    it every worker would copy the parent's numpy state.
     """
+    cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

@@ -6,14 +6,16 @@ horizontal flip -> photometric distortion -> normalise -> pad to the crop size (
 255 for the label). Testing: keep-ratio resize of the image only.
 
 Images stay uint8 (H, W, 3) RGB until normalisation, as in MMSegmentation, so the rounding and
-clipping of each step match. Every random choice is drawn from a ``numpy.random.Generator`` the
-caller passes in, which makes a sample's augmentation a pure function of that generator's seed.
+clipping of each step match; resizing and the HSV conversions are OpenCV's own, as there. Every
+random choice is drawn from a ``numpy.random.Generator`` the caller passes in, which makes a
+sample's augmentation a pure function of that generator's seed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -72,144 +74,52 @@ def fit_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
-_COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE: 11 fractional bits for the weights
-
-
-def _linear_taps(src: int, dst: int, clamp_edges: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and fixed-point weights of OpenCV's bilinear resize along one axis.
-
-    Half-pixel centres; the position is computed in float32 as OpenCV does. Along x OpenCV
-    zeroes the fraction outside the image, along y it only clamps the row indices.
-    """
-    scale = 1.0 / (dst / src)
-    pos = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
-    first = np.floor(pos).astype(np.int64)
-    frac = (pos - first).astype(np.float32)
-    if clamp_edges:
-        outside = (first < 0) | (first >= src - 1)
-        frac[outside] = 0
-        first = np.clip(first, 0, src - 1)
-    weight0 = np.rint((np.float32(1.0) - frac) * np.float32(_COEF_SCALE)).astype(np.int32)
-    weight1 = np.rint(frac * np.float32(_COEF_SCALE)).astype(np.int32)
-    return np.clip(first, 0, src - 1), np.clip(first + 1, 0, src - 1), weight0, weight1
-
-
-def resize_image(
-    image: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int] | None = None
-) -> np.ndarray:
-    """Bilinear resize of uint8 (H, W, C) to `size` = (H, W), bit-exact with OpenCV 4.x's
-    ``cv2.resize(..., INTER_LINEAR)`` that MMSegmentation uses.
-
-    Integer arithmetic as OpenCV's vector path: a horizontal pass with 11-bit weights, then a
-    vertical pass on the results shifted right by 4, multiplied by 11-bit weights keeping the
-    high 16 bits, and a rounding shift by 2. Being integer, it is also independent of threads.
-    `window` = (top, left, height, width) computes only that part of the resized image (the
-    same pixels as resizing fully and cropping, for a fraction of the work).
-    """
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of uint8 (H, W, C) to `size` = (H, W): ``cv2.resize(..., INTER_LINEAR)``,
+    as MMSegmentation. OpenCV's 8-bit bilinear is fixed-point, so the result does not depend on
+    its thread count."""
     height, width = int(size[0]), int(size[1])
-    top, left, out_h, out_w = window if window is not None else (0, 0, height, width)
     if image.shape[:2] == (height, width):
-        return image[top : top + out_h, left : left + out_w]
-    col0, col1, wx0, wx1 = (t[left : left + out_w] for t in _linear_taps(image.shape[1], width, clamp_edges=True))
-    row0, row1, wy0, wy1 = (t[top : top + out_h] for t in _linear_taps(image.shape[0], height, clamp_edges=False))
-    rows = np.unique(np.concatenate([row0, row1]))
-    source = image
-    if len(rows) < image.shape[0]:  # only the rows the vertical pass reads
-        source = image[rows]
-        renumber = np.zeros(image.shape[0], dtype=np.int64)
-        renumber[rows] = np.arange(len(rows))
-        row0, row1 = renumber[row0], renumber[row1]
-    extra = (None,) * (image.ndim - 2)
-    horizontal = np.multiply(source[:, col0], wx0[(None, slice(None)) + extra], dtype=np.int32)
-    horizontal += np.multiply(source[:, col1], wx1[(None, slice(None)) + extra], dtype=np.int32)
-    horizontal >>= 4
-    upper = horizontal[row0]
-    upper *= wy0[(slice(None), None) + extra]
-    upper >>= 16
-    lower = horizontal[row1]
-    lower *= wy1[(slice(None), None) + extra]
-    lower >>= 16
-    upper += lower
-    upper += 2
-    upper >>= 2
-    return np.clip(upper, 0, 255).astype(np.uint8)
-
-
-def _nearest_indices(src: int, dst: int) -> np.ndarray:
-    # OpenCV INTER_NEAREST: source index floor(dst_index * src / dst), no half-pixel shift.
-    step = 1.0 / (dst / src)
-    return np.minimum(np.floor(np.arange(dst) * step).astype(np.int64), src - 1)
+        return image
+    return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map (H, W) to `size` = (H, W), as OpenCV's."""
+    """Nearest-neighbour resize of a label map (H, W) to `size` = (H, W): ``cv2.INTER_NEAREST``
+    (source index floor(i * src / dst), no half-pixel shift)."""
     if label.shape[:2] == tuple(size):
         return label
-    rows = _nearest_indices(label.shape[0], size[0])
-    cols = _nearest_indices(label.shape[1], size[1])
-    return label[rows[:, None], cols[None, :]]
+    return cv2.resize(np.ascontiguousarray(label), (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
 
 
 # --- photometric distortion ------------------------------------------------------------------
-# OpenCV's 8-bit HSV (H in [0, 180), S and V in [0, 255]) reproduced in numpy, because the
-# distortion rounds through that representation and the exact values depend on it.
-_HSV_SHIFT = 12
-with np.errstate(divide="ignore"):
-    _SAT_DIV = np.rint(np.where(np.arange(256) > 0, (255 << _HSV_SHIFT) / np.arange(256), 0)).astype(np.int32)
-    _HUE_DIV = np.rint(np.where(np.arange(256) > 0, (180 << _HSV_SHIFT) / (6.0 * np.arange(256)), 0)).astype(np.int32)
+# OpenCV's 8-bit HSV (H in [0, 180), S and V in [0, 255]): the distortion rounds through that
+# representation, so the exact values depend on it.
 
 
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB (H, W, 3) -> uint8 HSV with H in [0, 180), exactly as ``cv2.COLOR_RGB2HSV``
-    (OpenCV's fixed-point tables with 12 fractional bits)."""
-    rgb = image.astype(np.int32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    value = np.maximum(np.maximum(r, g), b)
-    diff = value - np.minimum(np.minimum(r, g), b)
-    half = 1 << (_HSV_SHIFT - 1)
-    saturation = (diff * _SAT_DIV[value] + half) >> _HSV_SHIFT
-    # Hue numerator: which channel is the maximum decides the sector (red wins ties, then green).
-    numerator = np.where(value == r, g - b, np.where(value == g, b - r + 2 * diff, r - g + 4 * diff))
-    hue = (numerator * _HUE_DIV[diff] + half) >> _HSV_SHIFT
-    hue[hue < 0] += 180
-    out = np.empty(image.shape, dtype=np.uint8)
-    out[..., 0], out[..., 1], out[..., 2] = hue, saturation, value
-    return out
-
-
-# For each hue sector 0..5 and each output channel R, G, B: which of (v, p, q, t) it takes.
-_SECTOR_TABLE = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], dtype=np.uint8)
+    """uint8 RGB (H, W, 3) -> uint8 HSV with H in [0, 180): ``cv2.COLOR_RGB2HSV``."""
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV)
 
 
 def hsv_to_rgb(image: np.ndarray) -> np.ndarray:
-    """uint8 HSV (H in [0, 180)) -> uint8 RGB, as ``cv2.COLOR_HSV2RGB`` in OpenCV 4.x on x86.
-
-    OpenCV's vector path (which converts all but a few trailing pixels of each row) works in
-    float32, computes ``1 - s*h`` with a fused multiply-add and truncates the result; both are
-    reproduced here (the fused step as one float64 product rounded once to float32).
-    """
-    hsv = image.astype(np.float32)
-    hue = hsv[..., 0] * np.float32(6.0 / 180.0)
-    sat = hsv[..., 1] * np.float32(1.0 / 255.0)
-    val = hsv[..., 2] * np.float32(1.0 / 255.0)
-    sector = np.floor(hue)
-    frac = hue - sector
-    sector = sector.astype(np.uint8) % 6
-    sat64 = sat.astype(np.float64)
-    falling = (1.0 - sat64 * frac).astype(np.float32)
-    rising = (1.0 - sat64 * (np.float32(1.0) - frac)).astype(np.float32)
-    choices = (val, val * (np.float32(1.0) - sat), val * falling, val * rising)
-    out = np.empty(image.shape, dtype=np.uint8)
-    for channel in range(3):
-        picked = np.choose(_SECTOR_TABLE[:, channel][sector], choices) * np.float32(255.0)
-        out[..., channel] = np.clip(picked, 0, 255)  # float -> uint8 truncates, like OpenCV's v_trunc
-    return out
+    """uint8 HSV (H in [0, 180)) -> uint8 RGB: ``cv2.COLOR_HSV2RGB``."""
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_HSV2RGB)
 
 
-def _scale_and_shift(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-    # float32, clip to [0, 255], then truncate to uint8 (MMSegmentation's `convert`).
-    out = values.astype(np.float32) * np.float32(alpha) + np.float32(beta)
-    return np.clip(out, 0, 255).astype(np.uint8)
+_LEVELS = np.arange(256, dtype=np.float32)
+_IDENTITY = np.arange(256, dtype=np.uint8)
+
+
+def _scale_and_shift_table(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    # MMSegmentation's `convert`: float32 x * alpha + beta, clipped to [0, 255], truncated to
+    # uint8. The result depends only on the uint8 input value, so it is computed once per value
+    # and applied with cv2.LUT (the same numbers, without the float image).
+    return np.clip(_LEVELS * np.float32(alpha) + np.float32(beta), 0, 255).astype(np.uint8)
+
+
+def _apply_per_channel(image: np.ndarray, tables: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    return cv2.LUT(np.ascontiguousarray(image), np.stack(tables, axis=-1).reshape(256, 1, 3))
 
 
 def adjust_colours(
@@ -226,20 +136,19 @@ def adjust_colours(
     hue adds to H modulo 180. Each step clips to [0, 255] and truncates to uint8 (as
     MMSegmentation), and saturation and hue each round-trip through 8-bit HSV separately.
     """
+    image = np.ascontiguousarray(image)
     if brightness is not None:
-        image = _scale_and_shift(image, beta=brightness)
+        image = cv2.LUT(image, _scale_and_shift_table(beta=brightness))
     if contrast_first and contrast is not None:
-        image = _scale_and_shift(image, alpha=contrast)
+        image = cv2.LUT(image, _scale_and_shift_table(alpha=contrast))
     if saturation is not None:
-        hsv = rgb_to_hsv(image)
-        hsv[..., 1] = _scale_and_shift(hsv[..., 1], alpha=saturation)
+        hsv = _apply_per_channel(rgb_to_hsv(image), (_IDENTITY, _scale_and_shift_table(alpha=saturation), _IDENTITY))
         image = hsv_to_rgb(hsv)
     if hue is not None:
-        hsv = rgb_to_hsv(image)
-        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + hue) % 180
-        image = hsv_to_rgb(hsv)
+        shifted = ((_IDENTITY.astype(np.int64) + hue) % 180).astype(np.uint8)
+        image = hsv_to_rgb(_apply_per_channel(rgb_to_hsv(image), (shifted, _IDENTITY, _IDENTITY)))
     if not contrast_first and contrast is not None:
-        image = _scale_and_shift(image, alpha=contrast)
+        image = cv2.LUT(image, _scale_and_shift_table(alpha=contrast))
     return image
 
 
@@ -396,8 +305,11 @@ def pad_to(
 def _padded_tensors(
     image: np.ndarray, label: np.ndarray, size: tuple[int, int], ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # `pad_to` in numpy: normalise straight into a zero canvas of the crop size.
+    # `pad_to` in numpy: normalise straight into a zero canvas of the crop size (no canvas when
+    # the crop already has that size, the usual case).
     height, width = label.shape
+    if (height, width) == tuple(size):
+        return torch.from_numpy(normalize_array(image)), torch.from_numpy(label.astype(np.int64))
     canvas = np.zeros((3, *size), dtype=np.float32)
     canvas[:, :height, :width] = normalize_array(image)
     label_canvas = np.full(size, ignore_index, dtype=np.int64)
@@ -454,9 +366,8 @@ class TrainPipeline:
             scale = self.scale or (image.shape[1], image.shape[0])
             size = random_resize_size(image.shape[0], image.shape[1], rng, scale, self.ratio_range)
         label = resize_label(label, size)
-        # The crop is chosen on the resized label; only that window of the image is resized.
         top, left, height, width = random_crop_window(label, rng, self.crop_size, self.cat_max_ratio, self.ignore_index)
-        image = resize_image(image, size, window=(top, left, height, width))
+        image = resize_image(image, size)[top : top + height, left : left + width]
         label = label[top : top + height, left : left + width]
         image, label = random_flip(image, label, rng, self.flip_prob)
         if self.photometric:

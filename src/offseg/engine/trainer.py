@@ -14,7 +14,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sized
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.sampling import worker_init_fn
 from .checkpointing import atomic_save, load_training_checkpoint, rng_states, set_rng_states
 from .distributed import barrier, cleanup, init_distributed
 from .optim import WarmupPolySchedule, build_optimizer
@@ -132,24 +133,36 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class JsonlLog:
-    """One JSON object per line, appended; TensorBoard too when it is installed."""
+    """One JSON object per line, appended: the run's log and its source of truth. With
+    `tensorboard`, the same figures also go to TensorBoard event files in ``tensorboard/`` beside
+    it (train/loss, train/lr, val/mIoU, val/mAcc, val/aAcc and val/IoU/<class>)."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(
+        self, path: Path, enabled: bool, tensorboard: bool = False, class_names: list[str] | None = None
+    ) -> None:
         self.path, self.enabled = path, enabled
-        self.tb = None
-        if enabled:
+        self.tensorboard = tensorboard and enabled
+        self.class_names = class_names
+        self.tb: Any = None  # a SummaryWriter once asked for
+
+    def _writer(self, purge_step: int | None = None):
+        if self.tensorboard and self.tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-            except Exception:  # tensorboard is optional
-                self.tb = None
+            except ImportError as err:
+                raise RuntimeError(
+                    "--log tensorboard needs the tensorboard package: pip install 'offseg[tensorboard]'"
+                ) from err
+            # purge_step: on resume, TensorBoard drops what the killed run logged after the checkpoint
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=purge_step)
+        return self.tb
 
     def resume_at(self, iteration: int) -> None:
         """Drop what was logged after the checkpoint being resumed (those iterations run again),
         so the log reads as one run with each iteration once; then note the resumption."""
         if not self.enabled:
             return
+        self._writer(purge_step=iteration + 1)
         if self.path.is_file():
             kept = [
                 line
@@ -166,10 +179,26 @@ class JsonlLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        tb = self._writer()
+        if tb is None or "iter" not in record or "event" in record:
+            return
+        step = int(record["iter"])
+        for key in ("loss", "lr"):
+            if key in record:
+                tb.add_scalar(f"train/{key}", record[key], step)
+        val = record.get("val") or {}
+        for key in ("mIoU", "mAcc", "aAcc"):
+            if key in val:
+                tb.add_scalar(f"val/{key}", val[key], step)
+        for index, iou in enumerate(val.get("IoU") or []):
+            name = self.class_names[index] if self.class_names and index < len(self.class_names) else str(index)
+            if iou is not None and math.isfinite(iou):  # NaN: the class is in neither labels nor predictions
+                tb.add_scalar(f"val/IoU/{name}", iou, step)
+        tb.flush()
+
+    def close(self) -> None:
         if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "iter":
-                    self.tb.add_scalar(key, value, record.get("iter", 0))
+            self.tb.close()
 
 
 def _build_data(recipe: Mapping[str, Any], split_key: str, pipeline: str):
@@ -191,8 +220,12 @@ def train(
     pretrained_backbone: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    log_to: Sequence[str] = ("jsonl",),
 ) -> dict[str, Any]:
     """Run (or resume) the recipe's training in `work_dir`.
+
+    `log_to`: "jsonl" (``log.jsonl``, always written) and optionally "tensorboard" (event files
+    in ``work_dir/tensorboard``; needs the tensorboard package).
 
     Returns {"model": the trained network (unwrapped), "val": the last validation results
     (empty without validation), "iteration": iterations done}.
@@ -274,13 +307,20 @@ def train(
         batch_size=batch,
         sampler=sampler,
         num_workers=workers,
+        worker_init_fn=worker_init_fn if workers else None,
         drop_last=False,
         pin_memory=dist_info.device.type == "cuda",
         persistent_workers=False,
     )
     batches = iter(loader)
 
-    log = JsonlLog(work_dir / "log.jsonl", dist_info.is_main)
+    class_names = getattr(train_set, "class_names", None)
+    log = JsonlLog(
+        work_dir / "log.jsonl",
+        dist_info.is_main,
+        tensorboard="tensorboard" in log_to,
+        class_names=list(class_names) if class_names is not None else None,
+    )
     if state is None:
         log.write(
             {
@@ -373,7 +413,10 @@ def train(
         if val_set is not None and val_interval and (done % int(val_interval) == 0 or done == iters):
             last_val = validate(model, val_set, recipe, progress=progress and dist_info.is_main)
             if dist_info.is_main:
-                log.write({"iter": done, "val": {k: last_val[k] for k in ("mIoU", "mAcc", "aAcc")}})
+                record = {k: last_val[k] for k in ("mIoU", "mAcc", "aAcc")}
+                # per class, null where undefined (the class in neither labels nor predictions)
+                record["IoU"] = [None if math.isnan(v) else v for v in last_val["IoU"]]
+                log.write({"iter": done, "val": record})
                 if bar is not None:
                     bar.write(
                         f"iter {done}: val mIoU {last_val['mIoU']:.2f}  mAcc {last_val['mAcc']:.2f}  aAcc "
@@ -387,6 +430,7 @@ def train(
             save(last_path, done)
     if bar is not None:
         bar.close()
+    log.close()
     barrier()
     cleanup()
     return {"model": model, "val": last_val, "iteration": iters}
