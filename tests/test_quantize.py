@@ -59,7 +59,7 @@ def test_quantize_writes_int8_model_and_sidecar(trained):
     assert config["input"]["size_policy"] == "fixed" and config["input"]["size"] == list(SIZE)
     assert config["test_mode"]["mode"] == "whole" and config["class_names"][0] == "sky"
     assert config["quantization"]["calibration_images"] == 3
-    assert config["quantization"]["preset"] == "all"
+    assert config["quantization"]["op_types_quantized"] == ["Conv", "MatMul", "Gemm"]
     import onnx
 
     ops = {node.op_type for node in onnx.load(str(trained["int8"])).graph.node}

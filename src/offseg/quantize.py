@@ -12,13 +12,13 @@ sensitive:
 
 - "compute": only the ops that carry the arithmetic (Conv, MatMul, Gemm) get int8 inputs;
   softmaxes, LayerNorm / GroupNorm (InstanceNormalization in the graph), GELU (Erf), GridSample,
-  resizes and element-wise ops stay float.
+  resizes and element-wise ops stay float. The default.
 - "compute-ol-float": as "compute", and the Offset Learning block (the nodes of modules named
   `offset_learning`: its attention matmuls over class and feature offsets) stays float as well.
 - "all": every op type ONNX Runtime can quantise: also softmaxes, LayerNorm / GroupNorm, Add,
   Mul, resizes, reshapes; in OffSeg-T only GELU (Erf), Clip and DepthToSpace keep float tensors.
-  The default: in the measurements it was the fastest (each float island between int8 ops costs
-  a dequantise / quantise pair) and no less accurate than the others.
+  The fastest (each float island between int8 ops costs a dequantise / quantise pair), but the
+  least robust: it agrees less with fp32, most on weakly trained models.
 
 docs/inference.md gives the accuracy and speed of each, measured by benchmarks/bench_int8.py.
 """
@@ -49,7 +49,7 @@ QUANT_PRESETS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
     "compute-ol-float": (("Conv", "MatMul", "Gemm"), ("/offset_learning/",)),
     "all": (None, ()),
 }
-DEFAULT_PRESET = "all"
+DEFAULT_PRESET = "compute"
 
 
 def calibration_images(
