@@ -100,7 +100,12 @@ def write_report(results_dir: Path, round1_dir: Path, planned: list, arms: dict,
             "thread(s). "
             f"Val mIoU over its 8 classes by iteration: {curve}.",
             "",
-            "Made by: " + "; ".join(f"`{c}`" for c in pretrain["commands"]),
+            "Made by: " + "; ".join(f"`{c.replace('-m offseg.cli.main', 'offseg')}`" for c in pretrain["commands"]),
+            "",
+            "Data pipeline: the pretraining ran with round 1's hand-written NumPy resize and colour conversion; "
+            "the fine-tunes run after the switch to OpenCV (issue #19), whose outputs equal the old ones except "
+            "for a rounding difference of at most one level in the hue/saturation step on some pixels "
+            "(docs/data.md).",
             "",
         ]
     else:

@@ -137,7 +137,7 @@ def pretrain(out: Path, threads: int) -> Path:
         raise RuntimeError(f"pretraining stopped at iteration {state['iteration']} of {PRETRAIN_ITERS}")
     backbone = {
         k[len("backbone.") :]: (v.half() if v.is_floating_point() else v).contiguous()
-        for k, v in state["state_dict"].items()
+        for k, v in state["model"].items()
         if k.startswith("backbone.")
     }
     kept = PRETRAINED_BACKBONE.parent

@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 
 import offseg
-from offseg.cli.bench import Result, Row, build_model, format_table, realistic_weights, relative_error
+from offseg.benchmark import Result, Row, build_model, example_inputs, format_table, realistic_weights, relative_error
 from offseg.models.backbones import efficientformer_v2 as effv2
 from offseg.models.layers import freqfusion
-from offseg.models.layers.carafe import carafe, carafe_reference
+from offseg.models.layers.carafe import carafe, carafe_reference, carafe_taps
 from offseg.optimize import fold_batch_norms, optimize_for_inference, reference_computation
 
 
@@ -42,6 +42,16 @@ def test_carafe_forward_backward_equal_reference(n, c, h, w, k, g, s):
         assert rel(a, b) < 1e-12
     with torch.no_grad():
         assert rel(carafe(feats, masks, k, g, s), carafe_reference(feats, masks, k, g, s)) < 1e-12
+
+
+def test_carafe_banding_is_bit_identical():
+    torch.manual_seed(0)
+    for k, s in ((5, 2), (3, 1)):
+        feats = torch.randn(2, 8, 7, 5)
+        masks = torch.randn(2, k * k, 7 * s, 5 * s).softmax(1)
+        whole = carafe_taps(feats, masks, k, 1, s)
+        assert torch.equal(carafe(feats, masks, k, 1, s, band_elements=1), whole)  # one row per band
+        assert torch.equal(carafe(feats, masks, k, 1, s, band_elements=3 * 8 * 5 * s * s), whole)  # ragged last band
 
 
 def test_carafe_mask_gradient_bands():
@@ -116,11 +126,11 @@ def test_fused_batch_norm_gelu_conv(training, conv_spec):
 # --------------------------------------------------------------------------------------------
 
 
-def _loss_and_grads(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _loss_and_grads(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, tiled: bool = True) -> torch.Tensor:
     from offseg.engine.trainer import SegmentationLoss
 
     torch.manual_seed(7)
-    loss = SegmentationLoss(model)(x, labels)
+    loss = SegmentationLoss(model, tiled=tiled)(x, labels)
     grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
     return torch.cat([loss.detach().reshape(1)] + [g.reshape(-1) for g in grads if g is not None])
 
@@ -132,9 +142,10 @@ def test_offseg_training_gradients_equal_reference(dtype):
     x = torch.randn(2, 3, 64, 64, generator=gen, dtype=dtype)
     labels = torch.randint(0, 7, (2, 64, 64), generator=gen)
     ref_model = copy.deepcopy(model)
-    with reference_computation():
-        ref = _loss_and_grads(ref_model, x, labels)
-    ours = _loss_and_grads(model, x, labels)
+    labels[:, :4, :9] = 255  # some ignored pixels
+    with reference_computation():  # and the cross-entropy on logits resized in one piece
+        ref = _loss_and_grads(ref_model, x, labels, tiled=False)
+    ours = _loss_and_grads(model, x, labels)  # the library's training path: the tiled loss
     assert rel(ours, ref) < (1e-10 if dtype == torch.float64 else 1e-5)
     # The same BatchNorm running statistics afterwards.
     for (name, a), b in zip(model.named_buffers(), ref_model.buffers(), strict=True):
@@ -150,7 +161,10 @@ def test_reference_computation_restores_the_default():
         effv2.batch_norm_gelu,
     )
     with reference_computation():
-        assert freqfusion.carafe is carafe_reference
+        # CARAFE stays the library's tap loop (the official op is a fused kernel, not an unfold).
+        assert freqfusion.carafe is carafe_taps
+        assert freqfusion.local_cosine_similarity is freqfusion.local_cosine_similarity_reference
+        assert effv2.batch_norm_gelu is effv2.batch_norm_gelu_reference
     assert (
         freqfusion.carafe,
         freqfusion.local_cosine_similarity,
@@ -164,11 +178,16 @@ def test_reference_computation_restores_the_default():
 # --------------------------------------------------------------------------------------------
 
 
+# Fast path against the eager model: max relative error (issue #17). SegNeXt's MSCAN amplifies round-off.
+FAST_PATH_BAR = {"segnext-t-ol": 5e-5}
+
+
 @pytest.mark.parametrize("name", ["offseg-t", "offseg-t-pixel", "offseg-t-co", "segformer-b0-ol", "segnext-t-ol"])
 def test_optimized_model_gives_the_same_logits(name):
     model = build_model(Row(name, num_classes=11)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = optimize_for_inference(model, size=(96, 128))
+    bar = FAST_PATH_BAR.get(name, 1e-5)
     for size in [(96, 128), (64, 64)]:  # the prepared size and another (caches filled on first use)
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
@@ -177,12 +196,41 @@ def test_optimized_model_gives_the_same_logits(name):
                 official = model(x)
         out = fast(x)
         assert out.shape == ref.shape
-        assert rel(out, ref) <= 1e-4 and rel(out, official) <= 1e-4
-        assert rel(fast.forward_logits(x), model.forward_logits(x).detach()) <= 1e-4
+        assert rel(out, ref) <= bar and rel(out, official) <= bar
+        assert rel(fast.forward_logits(x), model.forward_logits(x).detach()) <= bar
     # The training model is untouched and still trains.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
     assert not any(p.requires_grad for p in fast.parameters())
+
+
+@pytest.mark.slow  # about a minute: five models at 512x512, eager and fast
+@pytest.mark.parametrize("name", ["offseg-t", "offseg-b", "offseg-l", "segformer-b0-ol", "segnext-t-ol"])
+def test_fast_path_exact_at_512(name):
+    # The sizes, classes and weights of the benchmark (issue #17: 1e-5, SegNeXt 5e-5).
+    row = Row(name)
+    model = build_model(row).eval()
+    x, _ = example_inputs(row)
+    with torch.inference_mode():
+        ref = model(x)
+    assert rel(optimize_for_inference(model, row.size)(x), ref) <= FAST_PATH_BAR.get(name, 1e-5)
+
+
+def test_channels_last_group_norm_is_exact():
+    # PyTorch's channels-last GroupNorm loses digits when a group's mean dwarfs its spread.
+    from offseg.optimize import _CenteredGroupNorm
+
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 32)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 32, 24, 20) * 3 + 40
+    with torch.no_grad():
+        ref = norm.double()(x.double())
+        norm.float().__class__ = _CenteredGroupNorm
+        out = norm(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel(out.double(), ref) < 1e-6
 
 
 def test_optimized_offseg_is_rewritten_and_frozen():
@@ -228,10 +276,10 @@ def test_optimized_mask2former_runs():
 def test_bench_table_and_errors():
     rows = [
         Result(Row("offseg-t", "reference"), [10.0, 12.0, 11.0], 500.0),
-        Result(Row("offseg-t", "fast"), [4.0, 5.0, 6.0], 250.0, rel_error=1e-6),
+        Result(Row("offseg-t", "fast"), [4.0, 5.0, 6.0], 250.0, rel_error=1e-6, flop_limit_ms=2.0),
     ]
     table = format_table(rows)
-    assert "| offseg-t fast forward | 1 | 512x512 | 5 | 4-6 | 200.00 | 0.45 | 250 | 0.50 | 1.0e-06 |" in table
+    assert "| offseg-t fast forward | 1 | 512x512 | 5 | 4-6 | 200.00 | 0.45 | 2.5 | 250 | 0.50 | 1.0e-06 |" in table
     assert relative_error(torch.ones(3) * 2.0, torch.ones(3)) == 1.0
     assert relative_error(torch.ones(2), torch.ones(3)) == float("inf")
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 # Set before the submodule imports, which read it lazily (hub, export, cli).
 __version__ = "0.1.0"
 
+# Before anything imports torch: the `offseg` command's OpenMP setting (see offseg._openmp).
+from ._openmp import set_cli_defaults  # noqa: E402
+
+set_cli_defaults()
+
 from .checkpoint import load_checkpoint, read_state_dict  # noqa: E402
 from .factory import create_model  # noqa: E402
 from .hub import load_pretrained, save_pretrained  # noqa: E402

@@ -8,11 +8,13 @@ size) after a bilinear resize with align_corners=False; the prediction is their 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .models.layers.resample import AxisResample
 
 __all__ = [
     "DEFAULT_TTA_SCALES",
@@ -23,6 +25,7 @@ __all__ = [
     "slide_inference",
     "slide_windows",
     "whole_inference",
+    "whole_labels",
 ]
 
 # Scale ratios of the official test-time-augmentation pipelines.
@@ -68,6 +71,60 @@ def whole_inference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # Segmentor already returns input-size logits; a bare head output would be coarser.
     logits = _resize(logits, padded.shape[-2:])
     return logits[..., :h, :w]
+
+
+def _head_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`model.forward_logits` when `model(x)` is exactly "head logits resized bilinearly to the
+    input size" (a Segmentor, or its `optimize_for_inference` copy), else None."""
+    from .models.segmentor import Segmentor
+    from .optimize import InferenceModel
+
+    if isinstance(model, InferenceModel):
+        inner = model.model
+        if isinstance(inner, Segmentor) and type(inner).forward is Segmentor.forward:
+            return model.forward_logits
+    elif isinstance(model, Segmentor) and type(model).forward is Segmentor.forward:
+        return model.forward_logits
+    return None
+
+
+def whole_labels(
+    model: nn.Module, x: torch.Tensor, out_size: Sequence[int] | None = None, tile_rows: int = 32
+) -> torch.Tensor:
+    """Labels (B, H_out, W_out), int64: `infer(model, x, out_size=out_size).argmax(1)` without
+    ever holding the full-resolution (B, K, H_out, W_out) logits.
+
+    The head's low-resolution logits go through the same chain of linear maps as in
+    `whole_inference` + `infer` (bilinear resize to the padded input, crop, bilinear resize to
+    `out_size`), composed per axis into one banded resampling, applied a band of `tile_rows`
+    output rows at a time, followed by the argmax. The logits computed this way equal the
+    full-resolution ones up to float32 rounding (the sums run in another order), so labels can
+    differ only where the top two classes are within rounding of each other. Models whose
+    forward is not "head logits, resized" (Mask2Former) take the full-resolution route.
+    """
+    x = x.unsqueeze(0) if x.dim() == 3 else x
+    h, w = x.shape[-2:]
+    out_size = (h, w) if out_size is None else tuple(int(v) for v in out_size)
+    head = _head_logits(model)
+    if head is None:
+        return _resize(whole_inference(model, x), out_size).argmax(dim=1)
+    padded = pad_to_divisor(x, int(getattr(model, "size_divisor", 1) or 1))
+    low = head(padded)
+    if not isinstance(low, torch.Tensor) or low.dim() != 4:
+        return _resize(whole_inference(model, x), out_size).argmax(dim=1)
+    rows = AxisResample.chain(low.shape[2], padded.shape[2], h, out_size[0], low.dtype, low.device)
+    cols = AxisResample.chain(low.shape[3], padded.shape[3], w, out_size[1], low.dtype, low.device)
+    # Classes innermost (B, h, w, K): the resampling moves whole class vectors and the argmax
+    # reduces a contiguous axis.
+    low = low.permute(0, 2, 3, 1).contiguous()
+    labels = torch.empty(low.shape[0], *out_size, dtype=torch.long, device=low.device)
+    for top in range(0, out_size[0], tile_rows):
+        bottom = min(top + tile_rows, out_size[0])
+        first, last = rows.band(top, bottom)
+        # Columns first, on the few input rows this band reads; then rows.
+        band = cols.apply_columns_last(low[:, first : last + 1])
+        labels[:, top:bottom] = rows.apply_rows_last(band, top, bottom, first).argmax(dim=-1)
+    return labels
 
 
 def slide_windows(

@@ -25,17 +25,20 @@ BN -> GELU -> conv need no rewrite here: `offseg.models` computes them without u
 redundant passes in training and inference alike (exact reformulations of the official ops).
 
 `reference_computation()` is the opposite: a context manager under which the models compute as
-the official implementation does (CARAFE by unfold + nearest upsampling of the unfold, the
-similarity by a dilated unfold and F.cosine_similarity, the kernel normaliser with its permutes
-and copies, FreqFusion's two identity resizes, attention biases gathered and bicubically resized
-on every call, talking heads as 1x1 convs, BN -> GELU -> conv storing every intermediate). Same
-function; benchmarks and tests use it as the baseline.
+the official implementation does (the similarity by a dilated unfold and F.cosine_similarity, the
+kernel normaliser with its permutes and copies, FreqFusion's two identity resizes, attention
+biases gathered and bicubically resized on every call, talking heads as 1x1 convs, BN -> GELU ->
+conv storing every intermediate), with one exception: CARAFE, a fused compiled kernel in the
+official code, is the library's own tap loop (`offseg.models.layers.carafe.carafe_taps`), not
+an unfold at full resolution. Same function; the benchmarks' reference row and the tests use it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import mmap
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import TypeGuard, cast
@@ -47,7 +50,7 @@ import torch.nn.functional as F
 from .models.backbones import efficientformer_v2 as effv2
 from .models.heads.offseg_head import OffSegHead, interleave_groups
 from .models.layers import freqfusion as freqfusion_module
-from .models.layers.carafe import carafe_reference
+from .models.layers.carafe import carafe_taps
 from .models.layers.conv_module import ConvModule
 from .models.layers.offset_learning import OffsetLearning
 from .models.segmentor import num_classes_of
@@ -180,6 +183,122 @@ def fold_batch_norms(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Convolution + activation in one oneDNN call
+# --------------------------------------------------------------------------------------------
+
+
+_FUSION_WORKS = True
+
+
+def _fusion_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class _ConvAct(nn.Module):
+    """act(conv(x)) for act GELU (exact, erf) or ReLU, computed by oneDNN as one convolution with
+    the activation applied to its output while it is still in cache (PyTorch's own fused CPU op,
+    the one inductor emits): 1.5-2x faster than a convolution and a separate activation pass, the
+    same values to float32 rounding. Falls back to the two modules where the op does not apply
+    (other devices and dtypes, tracing and export)."""
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.act = act
+        self.attr = "gelu" if isinstance(act, nn.GELU) else "relu"
+        self.algorithm: str | None = "none" if isinstance(act, nn.GELU) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global _FUSION_WORKS
+        if (
+            _FUSION_WORKS
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.dim() == 4
+            and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export()
+            and not torch.compiler.is_compiling()
+        ):
+            c = self.conv
+            try:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, self.attr, [], self.algorithm
+                )
+            except RuntimeError:  # a PyTorch build whose op differs: the two modules from now on
+                _FUSION_WORKS = False
+        return self.act(self.conv(x))
+
+
+def _fusable(conv: nn.Module, act: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and ((type(act) is nn.GELU and act.approximate == "none") or type(act) is nn.ReLU)
+    )
+
+
+class _FastConvModule(ConvModule):
+    """ConvModule whose norm was folded away: conv + activation in one call."""
+
+    conv_act: _ConvAct
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_act(x)
+
+
+class _FusedConvMlp(nn.Module):
+    """MSCAN's ConvMlp (eval): fc1, then the depthwise conv + GELU in one call, then fc2."""
+
+    fc1: nn.Conv2d
+    dwconv_act: _ConvAct
+    fc2: nn.Conv2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dwconv_act(self.fc1(x)))
+
+
+def _fuse_conv_activations(model: nn.Module) -> int:
+    """Conv2d -> [Identity ...] -> GELU/ReLU in `nn.Sequential`s, BN-free ConvModules and the known
+    blocks, each replaced by a `_ConvAct` (the activation module by nn.Identity). Returns how many."""
+    if not _fusion_available():
+        return 0
+    fused = 0
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                j = i + 1
+                while j < len(module) - 1 and isinstance(module[j], nn.Identity):
+                    j += 1
+                if _fusable(module[i], module[j]):
+                    module[i] = _ConvAct(cast(nn.Conv2d, module[i]), module[j])
+                    module[j] = nn.Identity()
+                    fused += 1
+        elif type(module) is ConvModule and hasattr(module, "activate"):
+            norm = getattr(module, module.norm_name) if module.norm_name is not None else None
+            if (norm is None or isinstance(norm, nn.Identity)) and _fusable(module.conv, module.activate):
+                module.conv_act = _ConvAct(module.conv, module.activate)
+                module.__class__ = _FastConvModule
+                fused += 1
+        elif type(module) is _FastMlp:
+            module.fc1_act = _ConvAct(module.fc1, module.act)
+            module.mid_act = _ConvAct(module.mid, module.act)
+            module.__class__ = _FusedMlp
+            fused += 2
+    try:
+        from .models.backbones import mscan
+
+        for module in list(model.modules()):
+            if type(module) is mscan.ConvMlp and _fusable(module.dwconv, module.act):
+                module.dwconv_act = _ConvAct(module.dwconv, module.act)
+                cast(nn.Module, module).__class__ = _FusedConvMlp
+                fused += 1
+    except ImportError:  # pragma: no cover - optional model family
+        pass
+    return fused
+
+
+# --------------------------------------------------------------------------------------------
 # EfficientFormerV2 fast blocks (installed by swapping the class of a frozen copy's modules)
 # --------------------------------------------------------------------------------------------
 
@@ -189,6 +308,16 @@ class _FastMlp(effv2.Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.mid(self.act(self.fc1(x)))))
+
+
+class _FusedMlp(_FastMlp):
+    """_FastMlp with fc1 + GELU and the depthwise conv + GELU each one oneDNN call."""
+
+    fc1_act: _ConvAct
+    mid_act: _ConvAct
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.mid_act(self.fc1_act(x)))
 
 
 class _FastFFN(effv2.FFN):
@@ -346,6 +475,58 @@ def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# GroupNorm on channels-last maps
+# --------------------------------------------------------------------------------------------
+
+
+class _CenteredGroupNorm(nn.GroupNorm):
+    """GroupNorm that stays exact on channels-last input.
+
+    PyTorch's channels-last GroupNorm kernel takes the variance as E[x^2] - E[x]^2 in float32,
+    which loses digits when a group's mean is large against its spread (relative errors of 1e-5
+    to 1e-4 on the OffSeg head's projections, where the contiguous kernel gives 1e-7). GroupNorm
+    is unchanged by subtracting a constant from each group, so the group means are taken first
+    (a cheap column sum) and subtracted; the kernel then sees centred data.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _layout(x) is not torch.channels_last:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        g = self.num_groups
+        channel_means = x.permute(0, 2, 3, 1).reshape(n, h * w, c).mean(dim=1)
+        group_means = channel_means.view(n, g, c // g).mean(dim=2, keepdim=True).expand(n, g, c // g)
+        return F.group_norm(x - group_means.reshape(n, c, 1, 1), g, self.weight, self.bias, self.eps)
+
+
+class _FastGNConvModule(ConvModule):
+    """conv -> GroupNorm [-> ReLU] with the group means subtracted from the conv output in place
+    (it is a temporary): one map-sized tensor less at the head's widest layers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        norm = cast(nn.GroupNorm, self.gn)
+        if _layout(x) is torch.channels_last:
+            n, c, h, w = x.shape
+            g = norm.num_groups
+            channel_means = x.permute(0, 2, 3, 1).reshape(n, h * w, c).mean(dim=1)
+            group_means = channel_means.view(n, g, c // g).mean(dim=2, keepdim=True).expand(n, g, c // g)
+            x.sub_(group_means.reshape(n, c, 1, 1))
+        x = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        if hasattr(self, "activate"):
+            x = self.activate(x)
+        return x
+
+
+def _optimise_group_norms(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is ConvModule and module.norm_name == "gn" and type(module.gn) is nn.GroupNorm:
+            module.__class__ = _FastGNConvModule
+        elif type(module) is nn.GroupNorm:
+            module.__class__ = _CenteredGroupNorm
+
+
+# --------------------------------------------------------------------------------------------
 # Offset Learning, regrouped
 # --------------------------------------------------------------------------------------------
 
@@ -461,7 +642,38 @@ class InferenceModel(nn.Module):
             # Segmentor.forward, with NCHW logits before the (large) final resize: the bilinear
             # kernel is several times slower on channels-last input.
             logits = forward_logits(x).contiguous()
-            return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            out = _large_empty((*logits.shape[:2], *x.shape[-2:]), logits)
+            if out is None:
+                return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return torch.ops.aten.upsample_bilinear2d.out(logits, list(x.shape[-2:]), False, None, None, out=out)
+
+
+# Outputs at least this large are allocated in transparent huge pages (below).
+_HUGE_PAGE_MIN_BYTES = 16 << 20
+
+
+def _large_empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor | None:
+    """An uninitialised CPU float tensor backed by transparent huge pages (Linux), or None.
+
+    A fresh tensor of 150 x 512 x 512 logits (157 MB) costs some 40 000 page faults, each mapping
+    and zeroing a 4 KB page, on every call: about as long as the resize that fills it. Memory
+    advised for huge pages faults once per 2 MB. (Where THP is off or unavailable the advice is a
+    no-op, or this returns None and the caller allocates as usual.)
+    """
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    nbytes = numel * like.element_size()
+    if like.device.type != "cpu" or nbytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    try:
+        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer warns about non-writable buffers; this one is writable
+        return torch.frombuffer(buffer, dtype=like.dtype).view(*shape)
 
 
 def _segmentor_forward():
@@ -489,7 +701,9 @@ def optimize_for_inference(
             if isinstance(module, effv2.EfficientFormerV2):
                 _optimise_efficientformer_v2(module)
         _optimise_offset_learning(fast)
+        _fuse_conv_activations(fast)
     if channels_last:
+        _optimise_group_norms(fast)
         # torch's overloads of Module.to omit memory_format, which Module.to accepts and documents
         fast = fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     wrapped = InferenceModel(fast, channels_last).eval()
@@ -541,14 +755,19 @@ def _position_bias_reference(self: effv2.AttentionBias, num_queries: int, num_ke
 
 @contextlib.contextmanager
 def reference_computation() -> Iterator[None]:
-    """Within this block, models compute as the official implementation does: CARAFE by
-    unfold + nearest upsampling of the unfold + multiply + sum, the local cosine similarity by a
-    dilated unfold and F.cosine_similarity, FreqFusion's kernel normaliser with its permutes and
-    copies, and EfficientFormerV2 attention biases gathered and bicubically resized on every
-    call. Same function as the default computation; used
-    as the baseline of benchmarks and tests. Not thread-safe (it swaps module attributes)."""
+    """Within this block, models compute as the official implementation does: the local cosine
+    similarity by a dilated unfold and F.cosine_similarity, FreqFusion's kernel normaliser with
+    its permutes and copies and its two identity resizes, EfficientFormerV2 attention biases
+    gathered and bicubically resized on every call, talking heads as 1x1 convs, BN -> GELU -> conv
+    storing every intermediate for the backward.
+
+    CARAFE is the one exception: the official op is a fused compiled kernel (mmcv), so here it is
+    the library's plain tap loop (`carafe_taps`, no k*k unfold), not `carafe_reference`, whose full-resolution
+    unfold would make the baseline about twice as slow as the official code. Same function as the
+    default computation; the reference row of `offseg.benchmark` and the tests use it. Frozen: do
+    not change what it computes. Not thread-safe (it swaps module attributes)."""
     saved = [
-        (freqfusion_module, "carafe", carafe_reference),
+        (freqfusion_module, "carafe", carafe_taps),
         (freqfusion_module, "local_cosine_similarity", freqfusion_module.local_cosine_similarity_reference),
         (freqfusion_module, "normalize_kernels", freqfusion_module.normalize_kernels_reference),
         (freqfusion_module.FreqFusion, "forward", freqfusion_module.FreqFusion.forward_reference),

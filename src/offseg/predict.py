@@ -16,7 +16,7 @@ from PIL import Image
 
 from .data.transforms import TestPipeline
 from .data.transforms import fit_size as fit_scale  # (H, W) of a keep-ratio resize to fit (long, short)
-from .inference import DEFAULT_TTA_SCALES, infer, model_device
+from .inference import DEFAULT_TTA_SCALES, infer, model_device, whole_labels
 from .optimize import fast_model_for
 
 __all__ = [
@@ -102,7 +102,9 @@ def predict(
     tensor (3, H, W). It is prepared by `preprocess` (evaluation's test pipeline: resized to fit
     `scale` = (long, short) keeping its aspect ratio, normalised), padded to the model's size
     divisor and inferred (`mode` 'whole' or 'slide', optional multi-scale + flip `tta`); the
-    scores are resized back before the argmax.
+    scores are resized back before the argmax. Whole-image inference without TTA goes through
+    `offseg.inference.whole_labels`, which computes the same labels band by band without holding
+    the full-resolution logits of every class.
     With `tta` the scale ratios apply to the image's own size, so `scale` then only changes the
     source of the resized views (as in the official TTA pipeline, which ignores the test scale).
     `fast` (default) runs the inference-optimised copy of the model (`offseg.optimize_for_inference`,
@@ -116,12 +118,17 @@ def predict(
     try:
         # --- fast path (offseg.optimize) ---
         runner = fast_model_for(model) if fast else model
-        scores = infer(
-            runner, x, mode=mode, crop_size=crop_size, stride=stride, tta=tta, scales=scales, out_size=out_size
-        )
+        if mode == "whole" and not tta:
+            # Labels only: the full-resolution K-class logits are never materialised.
+            labels = whole_labels(runner, x, out_size=out_size)
+        else:
+            scores = infer(
+                runner, x, mode=mode, crop_size=crop_size, stride=stride, tta=tta, scales=scales, out_size=out_size
+            )
+            labels = scores.argmax(dim=1)
     finally:
         model.train(was_training)
-    return scores.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
+    return labels[0].cpu().numpy().astype(np.int64)
 
 
 def label_image(label: np.ndarray, palette: np.ndarray | Sequence[Sequence[int]]) -> Image.Image:

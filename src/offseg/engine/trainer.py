@@ -14,7 +14,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, cast
 
@@ -109,23 +109,52 @@ class SegmentationLoss(nn.Module):
     the others get MMSegmentation's cross-entropy: logits resized to the label, ignore 255,
     averaged over all pixels (ignored ones count as 0) unless `avg_non_ignore`."""
 
-    def __init__(self, model: nn.Module, ignore_index: int = 255, avg_non_ignore: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, ignore_index: int = 255, avg_non_ignore: bool = False, tiled: bool = True
+    ) -> None:
         super().__init__()
         self.model = model
         self.ignore_index = ignore_index
         self.avg_non_ignore = avg_non_ignore
+        # Tiled: the resize to the labels and the cross-entropy computed band by band from the
+        # head's logits (offseg.models.losses.resized_cross_entropy: same loss and gradients,
+        # without the full-resolution logits of every class and their gradient).
+        self.tiled = tiled
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         model_loss = getattr(self.model, "loss", None)
         if model_loss is not None:
             return model_loss(images, labels)
+        head_logits = _head_logits(self.model) if self.tiled else None
+        if head_logits is not None:
+            from ..models.losses.resized_cross_entropy import resized_cross_entropy
+
+            return resized_cross_entropy(
+                head_logits(images),
+                labels,
+                resize_to=(int(images.shape[-2]), int(images.shape[-1])),
+                ignore_index=self.ignore_index,
+                avg_non_ignore=self.avg_non_ignore,
+            )
         logits = self.model(images)
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction="none")
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # mixed precision: the loss in float32 (float64 stays float64)
+        loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="none")
         if self.avg_non_ignore:
             return loss.sum() / (labels != self.ignore_index).sum().clamp(min=1)
         return loss.mean()
+
+
+def _head_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`model.forward_logits` when `model(x)` is exactly its head's logits resized bilinearly to
+    the input (so the loss can take the resize on itself), else None."""
+    from ..models.segmentor import Segmentor
+
+    if isinstance(model, Segmentor) and type(model).forward is Segmentor.forward:
+        return model.forward_logits
+    return None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -16,9 +16,10 @@ per input position over bands of rows. Two other forms compute the same sum: an 
 meta device (so that `offseg.flops` reads k*k multiply-adds per output) and, while exporting to
 ONNX, operators that ONNX Runtime runs well.
 
-`carafe_reference` is the formulation of the reference implementation (unfold, nearest-upsample
-the unfold to the output size, multiply by the masks, sum over the taps). It is slow and
-memory-hungry by design and exists for benchmarks and tests only.
+`carafe_taps` is the same tap loop without banding: the CARAFE of the benchmarks' reference
+computation. `carafe_reference` is the textbook formulation (unfold, nearest-upsample the unfold
+to the output size, multiply by the masks, sum over the taps); slow and memory-hungry, it exists
+for the tests only.
 """
 
 from __future__ import annotations
@@ -53,19 +54,36 @@ def _mask_tap(masks: torch.Tensor, tap: int, g: int, taps: int, h: int, s: int, 
     return masks.view(n, g, taps, h, s, w, s)[:, :, tap].permute(0, 2, 3, 4, 5, 1).unsqueeze(-1)
 
 
-def _carafe_forward(padded: torch.Tensor, masks: torch.Tensor, k: int, s: int) -> torch.Tensor:
-    """The tap loop; returns the output as (N, h, s, w, s, G, C/G)."""
+# Output elements per band of rows in the tap loop: about 1 MB of float32, so that a band stays in
+# the core's cache through all k*k taps (about 2x faster than whole-map passes on large maps).
+BAND_ELEMENTS = 1 << 18
+
+
+def _carafe_forward(
+    padded: torch.Tensor, masks: torch.Tensor, k: int, s: int, band_elements: int | None = BAND_ELEMENTS
+) -> torch.Tensor:
+    """The tap loop; returns the output as (N, h, s, w, s, G, C/G).
+
+    The taps are accumulated a band of input rows at a time (`band_elements` output elements per
+    band; None: the whole map in one band). Every output element gets the same products added in
+    the same order either way, so the result does not depend on the banding, bit for bit.
+    """
     n, hp, wp, g, cg = padded.shape
     h, w = hp - (k - 1), wp - (k - 1)
     out = padded.new_empty(n, h, s, w, s, g, cg)
-    for i in range(k):
-        for j in range(k):
-            shifted = padded[:, i : i + h, j : j + w].unsqueeze(2).unsqueeze(4)  # N, h, 1, w, 1, G, C/G
-            mask = _mask_tap(masks, i * k + j, g, k * k, h, s, w)
-            if i == 0 and j == 0:
-                torch.mul(shifted, mask, out=out)  # the first tap initialises the sum
-            else:
-                out.addcmul_(shifted, mask)
+    row_elements = n * s * w * s * g * cg
+    rows = h if band_elements is None else max(1, min(h, band_elements // max(1, row_elements)))
+    for top in range(0, h, rows):
+        r = min(rows, h - top)
+        band = out[:, top : top + r]
+        for i in range(k):
+            for j in range(k):
+                shifted = padded[:, top + i : top + i + r, j : j + w].unsqueeze(2).unsqueeze(4)  # N, r, 1, w, 1, G, C/G
+                mask = _mask_tap(masks, i * k + j, g, k * k, h, s, w)[:, top : top + r]
+                if i == 0 and j == 0:
+                    torch.mul(shifted, mask, out=band)  # the first tap initialises the sum
+                else:
+                    band.addcmul_(shifted, mask)
     return out
 
 
@@ -103,12 +121,14 @@ def _mask_grad_by_rows(
 
 class _Carafe(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features: torch.Tensor, masks: torch.Tensor, k: int, g: int, s: int) -> torch.Tensor:
+    def forward(
+        ctx, features: torch.Tensor, masks: torch.Tensor, k: int, g: int, s: int, band_elements: int | None
+    ) -> torch.Tensor:
         padded = _padded_channels_last(features, k, g)
         masks = masks.contiguous()
         ctx.save_for_backward(padded, masks)
         ctx.params = (k, s)
-        return _as_nchw(_carafe_forward(padded, masks, k, s))
+        return _as_nchw(_carafe_forward(padded, masks, k, s, band_elements))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -145,15 +165,21 @@ class _Carafe(torch.autograd.Function):
         grad_features = None
         if grad_padded is not None:
             grad_features = grad_padded[:, r : r + h, r : r + w].reshape(n, h, w, g * cg).permute(0, 3, 1, 2)
-        return grad_features, grad_masks, None, None, None
+        return grad_features, grad_masks, None, None, None, None
 
 
 def carafe(
-    features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    kernel_size: int,
+    group_size: int = 1,
+    scale_factor: int = 1,
+    band_elements: int | None = BAND_ELEMENTS,
 ) -> torch.Tensor:
     """CARAFE of `features` (N, C, h, w) with `masks` (N, G*k*k, h*s, w*s) -> (N, C, h*s, w*s).
 
     The result is channels-last in memory (call `.contiguous()` if you need NCHW strides).
+    `band_elements` sets the banding of the tap loop (speed only; None: no banding).
     """
     k, g, s = kernel_size, group_size, scale_factor
     _check_shapes(features, masks, k, g, s)
@@ -162,9 +188,18 @@ def carafe(
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return _carafe_for_export(features, masks, k, g, s)
     if torch.is_grad_enabled() and (features.requires_grad or masks.requires_grad):
-        return _Carafe.apply(features, masks, k, g, s)
+        return _Carafe.apply(features, masks, k, g, s, band_elements)
     padded = _padded_channels_last(features, k, g)
-    return _as_nchw(_carafe_forward(padded, masks.contiguous(), k, s))
+    return _as_nchw(_carafe_forward(padded, masks.contiguous(), k, s, band_elements))
+
+
+def carafe_taps(
+    features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1
+) -> torch.Tensor:
+    """`carafe` with the tap loop over the whole map (no banding): the CARAFE of the benchmarks'
+    reference computation (`offseg.optimize.reference_computation`), frozen there as it was
+    defined. Same values as `carafe`, bit for bit."""
+    return carafe(features, masks, kernel_size, group_size, scale_factor, band_elements=None)
 
 
 def _carafe_as_einsum(features: torch.Tensor, masks: torch.Tensor, k: int, g: int, s: int) -> torch.Tensor:

@@ -237,7 +237,7 @@ class FreqFusion(nn.Module):
         """`forward` as the reference implementation runs it: the same steps plus its two
         nearest-neighbour resizes of the CARAFE-upsampled kernel maps to the size they already
         have. Call it under `offseg.optimize.reference_computation()` to also get the reference
-        CARAFE, similarity and normaliser. For benchmarks and tests."""
+        similarity and normaliser. For benchmarks and tests."""
         kl, kh = self.lowpass_kernel, self.highpass_kernel
         lowpass_window, highpass_window = self.hamming_lowpass, self.hamming_highpass
         hr_c = self.hr_channel_compressor(hr_feat)
