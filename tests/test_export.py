@@ -104,6 +104,15 @@ def test_cli_export_with_own_format_checkpoint(tmp_path, capsys):
     assert "max relative error vs PyTorch" in printed.out and "opset 17" in printed.out
     assert "warning" not in printed.err
     assert json.loads(_metadata(out)["class_names"]) == ["a", "b", "c"]
+    # the sidecar: what `offseg eval / predict --onnx` read; the file then runs like the model
+    from offseg.onnx_model import OnnxSegmentor
+
+    onnx_model = OnnxSegmentor(out)
+    assert onnx_model.config["precision"] == "fp32" and onnx_model.class_names == ["a", "b", "c"]
+    assert onnx_model.name == "segformer-b0-ol" and onnx_model.fixed_size == (64, 96)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(onnx_model(x), model.eval()(x), rtol=1e-3, atol=1e-3)
 
 
 def test_cli_export_without_checkpoint_warns_and_bad_sizes_are_refused(tmp_path, capsys):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from ..onnx_model import OnnxSegmentor
 
 
 def add_scale_argument(p: argparse.ArgumentParser, otherwise: str) -> None:
@@ -37,3 +41,27 @@ def choose_test_scale(model: nn.Module, requested: Sequence[int] | None, command
         file=sys.stderr,
     )
     return int(recorded[0]), int(recorded[1])
+
+
+def add_onnx_argument(p: argparse.ArgumentParser) -> None:
+    """`--onnx FILE`: run an exported (fp32) or quantised (int8) ONNX file with its sidecar instead of PyTorch."""
+    p.add_argument(
+        "--onnx",
+        metavar="FILE.onnx",
+        help="run this ONNX file (from `offseg export` or `offseg quantize`, with its FILE.json sidecar) in ONNX "
+        "Runtime instead of a PyTorch model; the model name, classes and test scale / mode come from the sidecar",
+    )
+
+
+def load_onnx_model(args: argparse.Namespace, command: str) -> OnnxSegmentor:
+    """The `--onnx` file as an `OnnxSegmentor`; `args.model` becomes the sidecar's model name."""
+    from ..onnx_model import OnnxSegmentor
+
+    if getattr(args, "checkpoint", None):
+        raise ValueError("give either --onnx or --checkpoint: the ONNX file holds the weights")
+    model = OnnxSegmentor(args.onnx)
+    if args.model and args.model != model.name:
+        raise ValueError(f"{args.onnx}: holds model {model.name}, not --model {args.model}")
+    args.model = model.name
+    print(f"offseg {command}: running {model!r} in ONNX Runtime", file=sys.stderr)
+    return model

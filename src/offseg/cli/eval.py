@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from ._options import add_scale_argument, choose_test_scale
+from ._options import add_onnx_argument, add_scale_argument, choose_test_scale, load_onnx_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,8 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(MMSegmentation IoUMetric semantics). The test mode defaults to the official config of the "
         "model x dataset.",
     )
-    p.add_argument("--model", required=True, help="model name (see `offseg.list_models()`)")
+    p.add_argument("--model", help="model name (see `offseg.list_models()`); required unless --onnx is given")
     p.add_argument("--checkpoint", help="weights to evaluate; without it the model is randomly initialised")
+    add_onnx_argument(p)
     p.add_argument(
         "--data",
         required=True,
@@ -83,6 +84,7 @@ def _json_safe(value):
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    import torch.nn as nn
 
     from ..evaluation import evaluate, format_table
     from ..factory import create_model
@@ -95,21 +97,32 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
-    test_mode = resolve_test_mode(args)
+    onnx_model = load_onnx_model(args, "eval") if args.onnx else None
+    if args.model is None:
+        raise ValueError("give --model (or --onnx)")
+    if onnx_model is not None and args.mode is None and not args.crop:
+        test_mode = dict(onnx_model.test_mode)  # the sidecar's
+    else:
+        test_mode = resolve_test_mode(args)
     dataset = build_dataset(args.data, args.data_root, args.split, pipeline="test")
     if len(dataset) == 0:
         raise ValueError(f"{args.data_root}: no {args.split} images found for dataset {args.data}")
     num_classes = args.num_classes or dataset.num_classes
-    if args.checkpoint is None:
-        print(f"offseg eval: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr)
-    model = create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
+    model: nn.Module
+    if onnx_model is not None:
+        model = onnx_model
+    else:
+        if args.checkpoint is None:
+            print(f"offseg eval: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr)
+        model = create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
     scale = choose_test_scale(model, args.scale, "eval")
     if scale is not None:
         dataset.set_test_scale(scale)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    if not args.exact:  # --- fast path (offseg.optimize); same logits within float32 rounding ---
+    # --- fast path (offseg.optimize); same logits within float32 rounding ---
+    if not args.exact and onnx_model is None:
         from ..optimize import optimize_for_inference
 
         model = optimize_for_inference(model.eval())
@@ -149,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "model": args.model,
             "checkpoint": args.checkpoint,
+            **({"onnx": args.onnx, "precision": onnx_model.precision} if onnx_model is not None else {}),
             "data": args.data,
             "data_root": str(args.data_root),
             "split": args.split,

@@ -67,6 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch exporter: auto = torchscript for a fixed size, dynamo for --dynamic (default)",
     )
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
+    p.add_argument(
+        "--no-sidecar",
+        action="store_true",
+        help="do not write OUT.json, the sidecar (model, classes, palette, test scale and mode, input size, the "
+        "file's sha256) that `offseg eval --onnx` and `offseg predict --onnx` read",
+    )
     p.add_argument("--verbose", action="store_true", help="show the exporter's own progress messages")
     p.set_defaults(run=run)
 
@@ -77,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..factory import create_model
 
     metadata: dict[str, Any] = {}
+    test_scale = None
     num_classes = args.num_classes
     info = None
     if args.checkpoint is not None:
@@ -91,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             )
         num_classes = num_classes or found
         metadata = {k: info.metadata[k] for k in ("class_names", "palette", "dataset") if k in info.metadata}
+        test_scale = info.metadata.get("test_scale")
     else:
         print(f"offseg export: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr)
     model = create_model(args.model, num_classes=num_classes)
@@ -115,6 +123,27 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise ValueError(str(err)) from None
     print(result.describe())
+    if not args.no_sidecar:
+        from ..inference import default_test_mode
+        from ..onnx_model import write_sidecar
+
+        dataset = metadata.get("dataset")
+        sidecar = write_sidecar(
+            result.path,
+            model_name=args.model,
+            num_classes=result.num_classes,
+            precision="fp32",
+            size=None if args.dynamic else result.size,
+            size_divisor=int(getattr(model, "size_divisor", 32)),
+            dataset=dataset,
+            class_names=metadata.get("class_names"),
+            palette=metadata.get("palette"),
+            test_scale=test_scale,
+            test_mode=default_test_mode(args.model, dataset or "folder"),
+            raw_input=args.raw_input,
+            labels=args.labels,
+        )
+        print(f"wrote {sidecar} (sidecar)")
     for note in result.notes:
         print(f"  note: {note}")
     for check in result.checks:

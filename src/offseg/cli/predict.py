@@ -7,7 +7,7 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-from ._options import add_scale_argument, choose_test_scale
+from ._options import add_onnx_argument, add_scale_argument, choose_test_scale, load_onnx_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,8 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "across the processes by rank (every WORLD_SIZE-th file each; one GPU per process on CUDA).",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or video file")
-    p.add_argument("--model", required=True, help="model name (see `offseg.list_models()`)")
+    p.add_argument("--model", help="model name (see `offseg.list_models()`); required unless --onnx is given")
     p.add_argument("--checkpoint", help="weights; without it the model is randomly initialised")
+    add_onnx_argument(p)
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--palette", metavar="DATASET", help="colours (and default class count / test mode) of this dataset")
     p.add_argument(
@@ -86,6 +87,7 @@ def _test_mode(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    import torch.nn as nn
     from tqdm import tqdm
 
     from ..engine.distributed import all_reduce_sum, cleanup, init_distributed
@@ -107,29 +109,43 @@ def run(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)  # missing inputs fail here, before the model is built
     if not files:
         raise ValueError("no image or video files found in " + ", ".join(args.inputs))
+    onnx_model = load_onnx_model(args, "predict") if args.onnx else None
+    if args.model is None:
+        raise ValueError("give --model (or --onnx)")
     # Under torchrun each process takes its share of the files and writes their outputs itself.
     dist_info = init_distributed(args.device)
     files = shard_inputs(files, dist_info.rank, dist_info.world_size)
     test_mode = _test_mode(args)
+    if onnx_model is not None and args.mode is None and not args.crop and not args.palette:
+        test_mode = dict(onnx_model.test_mode)  # the sidecar's
     num_classes = args.num_classes
     if num_classes is None and args.checkpoint is None and args.palette:
         from ..data import dataset_info
 
         num_classes = len(dataset_info(args.palette).class_names)
-    if args.checkpoint is None and dist_info.is_main:
-        print(f"offseg predict: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr)
-    model = create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
+    model: nn.Module
+    if onnx_model is not None:
+        model = onnx_model
+    else:
+        if args.checkpoint is None and dist_info.is_main:
+            print(
+                f"offseg predict: warning: no --checkpoint given, {args.model} is randomly initialised", file=sys.stderr
+            )
+        model = create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
     scale = choose_test_scale(model, args.scale, "predict")
     torch.manual_seed(args.seed)
     device = dist_info.device if dist_info.enabled else torch.device(args.device or dist_info.device.type)
     model.to(device).eval()
-    if not args.exact:  # --- fast path (offseg.optimize); same logits within float32 rounding ---
+    # --- fast path (offseg.optimize); same logits within float32 rounding ---
+    if not args.exact and onnx_model is None:
         from ..optimize import optimize_for_inference
 
         model = optimize_for_inference(model.eval())
     palette = _palette(args, num_classes_of(model))
+    if onnx_model is not None and onnx_model.palette and not args.palette:
+        palette[: len(onnx_model.palette)] = onnx_model.palette[: len(palette)]  # the sidecar's colours
     out_root = Path(args.out)
-    options = dict(**test_mode, tta=args.tta, scale=scale)
+    options = dict(**test_mode, tta=args.tta, scale=scale, fast=onnx_model is None)
 
     def segment(image, label_path: Path | None, overlay_path: Path):
         label = predict(model, image, **options)

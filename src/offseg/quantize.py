@@ -1,0 +1,241 @@
+"""int8 models for the CPU: ONNX Runtime static quantisation of the exported ONNX graph.
+
+`quantize_model` exports the model to ONNX (`offseg.export.export_onnx`), runs ONNX Runtime's
+pre-processing (shape inference, graph optimisation) and `quantize_static` with QDQ nodes:
+int8 weights per output channel (symmetric), uint8 activations with ranges calibrated (min / max)
+on a few images that went through the dataset's test pipeline, exactly as evaluation prepares
+them. The result is an ONNX file plus its sidecar (`offseg.onnx_model`), which `offseg eval`,
+`offseg predict` and `OnnxSegmentor` run.
+
+What is quantised is a preset (`QUANT_PRESETS`), because parts of the network are numerically
+sensitive:
+
+- "compute": only the ops that carry the arithmetic (Conv, MatMul, Gemm) get int8 inputs;
+  softmaxes, LayerNorm / GroupNorm (InstanceNormalization in the graph), GELU (Erf), GridSample,
+  resizes and element-wise ops stay float. The default.
+- "compute-ol-float": as "compute", and the Offset Learning block (the nodes of modules named
+  `offset_learning`: its attention matmuls over class and feature offsets) stays float as well.
+- "all": every op type ONNX Runtime can quantise: also softmaxes, LayerNorm / GroupNorm, Add,
+  Mul, resizes, reshapes; in OffSeg-T only GELU (Erf), Clip and DepthToSpace keep float tensors.
+  The fastest (each float island between int8 ops costs a dequantise / quantise pair), but the
+  least robust: it agrees less with fp32, most on weakly trained models.
+
+docs/inference.md gives the accuracy and speed of each, measured by benchmarks/bench_int8.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .export import _import, export_onnx
+from .onnx_model import write_sidecar
+
+__all__ = ["QUANT_PRESETS", "DEFAULT_PRESET", "calibration_images", "quantize_model", "quantize_onnx"]
+
+# preset -> (op types to quantise or None for all ORT supports, node-name fragments kept in float)
+QUANT_PRESETS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
+    "compute": (("Conv", "MatMul", "Gemm"), ()),
+    "compute-ol-float": (("Conv", "MatMul", "Gemm"), ("/offset_learning/",)),
+    "all": (None, ()),
+}
+DEFAULT_PRESET = "compute"
+
+
+def calibration_images(
+    data: str,
+    root: str | os.PathLike,
+    count: int,
+    scale: Sequence[int] | None = None,
+    split: str = "train",
+) -> list[torch.Tensor]:
+    """`count` images of the split (evenly spread over it), through the dataset's test pipeline
+    (keep-ratio resize to `scale` = (w, h) when given, normalisation): (3, h, w) float tensors."""
+    from .data import build_dataset
+
+    if count < 1:
+        raise ValueError(f"--images must be at least 1, got {count}")
+    dataset = build_dataset(data, Path(root), split, pipeline="test")
+    if len(dataset) == 0:
+        raise ValueError(f"{root}: no {split} images found for dataset {data} (calibration needs at least one)")
+    if scale is not None:
+        dataset.set_test_scale((int(scale[0]), int(scale[1])))
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(dataset) - 1, min(count, len(dataset)))})
+    return [torch.as_tensor(dataset[i]["image"]) for i in picks]
+
+
+def _padded_size(image: torch.Tensor, divisor: int) -> tuple[int, int]:
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    return h + -h % divisor, w + -w % divisor
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader protocol over prepared images, each padded (bottom,
+    right, zeros) to the graph's input size as whole inference pads them."""
+
+    def __init__(self, images: Sequence[torch.Tensor], size: tuple[int, int] | None, divisor: int) -> None:
+        self.images = list(images)
+        self.size = size
+        self.divisor = divisor
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.images):
+            return None
+        image = self.images[self.position]
+        self.position += 1
+        h, w = image.shape[-2:]
+        target_h, target_w = self.size if self.size is not None else _padded_size(image, self.divisor)
+        padded = torch.nn.functional.pad(image.float(), (0, target_w - w, 0, target_h - h))
+        return {"image": np.ascontiguousarray(padded[None].numpy())}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def _float_nodes(model_path: Path, fragments: Sequence[str]) -> list[str]:
+    onnx = _import("onnx", "int8 quantisation")
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [node.name for node in graph.node if any(fragment in node.name for fragment in fragments)]
+
+
+def quantize_onnx(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calibration: Sequence[torch.Tensor],
+    size: tuple[int, int] | None,
+    divisor: int = 32,
+    preset: str = DEFAULT_PRESET,
+) -> dict[str, Any]:
+    """Static QDQ int8 quantisation of an fp32 ONNX file (logits output, float input 'image').
+
+    calibration: prepared images (3, h, w); each is padded to `size` (fixed-size graph) or to the
+    size divisor (dynamic graph). Returns what was done, for the sidecar.
+    """
+    if preset not in QUANT_PRESETS:
+        raise ValueError(f"unknown quantisation preset {preset!r}: choose from {', '.join(QUANT_PRESETS)}")
+    if not calibration:
+        raise ValueError("int8 calibration needs at least one image")
+    ort = _import("onnxruntime", "int8 quantisation")
+    from onnxruntime import quantization as ortq
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    for image in calibration:
+        padded = _padded_size(image, divisor)
+        if size is not None and (padded[0] > size[0] or padded[1] > size[1]):
+            raise ValueError(
+                f"a calibration image is {image.shape[-2]}x{image.shape[-1]} after the test resize, larger than the "
+                f"export size {size[0]}x{size[1]}: give a larger --size, a smaller --scale, or --dynamic"
+            )
+    op_types, float_fragments = QUANT_PRESETS[preset]
+    out_path = Path(out_path)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="offseg-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # symbolic shape inference + ORT's graph optimisations (constant folding, fusions), as ORT
+        # recommends before quantising
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_ort_logs():
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+        float_nodes = _float_nodes(prepared, float_fragments) if float_fragments else []
+        with _quiet_ort_logs():
+            ortq.quantize_static(
+                str(prepared),
+                str(out_path),
+                _Calibration(calibration, size, divisor),
+                quant_format=ortq.QuantFormat.QDQ,
+                op_types_to_quantize=list(op_types) if op_types is not None else None,
+                per_channel=True,
+                activation_type=ortq.QuantType.QUInt8,
+                weight_type=ortq.QuantType.QInt8,
+                nodes_to_exclude=float_nodes,
+                # MinMax keeps only each tensor's min and max per image (the augmented graph reduces
+                # them), so memory does not grow with the activations
+                calibrate_method=ortq.CalibrationMethod.MinMax,
+            )
+    return {
+        "method": "onnxruntime quantize_static, QDQ, MinMax calibration",
+        "onnxruntime_version": ort.__version__,
+        "preset": preset,
+        "weights": "int8, symmetric, per output channel",
+        "activations": "uint8, asymmetric, per tensor",
+        "op_types_quantized": list(op_types) if op_types is not None else "all supported by onnxruntime",
+        "float_node_patterns": list(float_fragments),
+        "float_nodes": len(float_nodes),
+        "calibration_images": len(calibration),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+@contextlib.contextmanager
+def _quiet_ort_logs() -> Iterator[None]:
+    """ONNX Runtime's quantisation tools log every skipped tensor at warning level."""
+    import logging
+
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def quantize_model(
+    model: nn.Module,
+    out_path: str | os.PathLike,
+    calibration: Sequence[torch.Tensor],
+    *,
+    size: Sequence[int] | None = None,
+    dynamic: bool = False,
+    preset: str = DEFAULT_PRESET,
+    dataset: str | None = None,
+    test_scale: Sequence[int] | None = None,
+    test_mode: dict[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
+    keep_fp32: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Export `model` to ONNX, quantise it to int8 with `calibration` images, write OUT.onnx + OUT.json.
+
+    size: (H, W) of a fixed-size graph, multiples of the size divisor (default: the padded size of
+    the first calibration image); `dynamic=True` makes batch, height and width free (slow export).
+    keep_fp32: also keep the fp32 export there (with its own sidecar).
+    Returns the sidecar's quantisation record plus `fp32_check` (the export's own ONNX Runtime check).
+    """
+    if not calibration:
+        raise ValueError("int8 calibration needs at least one image")
+    divisor = int(getattr(model, "size_divisor", 32))
+    export_size = (int(size[0]), int(size[1])) if size is not None else _padded_size(calibration[0], divisor)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="offseg-quant-") as tmp:
+        fp32_path = Path(keep_fp32) if keep_fp32 is not None else Path(tmp) / "fp32.onnx"
+        # a trained model on random check inputs departs by float32 round-off above 1e-4 (2.5e-4 seen)
+        result = export_onnx(model.eval(), fp32_path, export_size, dynamic=dynamic, tolerance=1e-3)
+        sidecar_fields: dict[str, Any] = dict(
+            model_name=getattr(model, "name", ""),
+            num_classes=int(getattr(model, "num_classes", 0)),
+            size=None if dynamic else export_size,
+            size_divisor=divisor,
+            dataset=dataset,
+            class_names=class_names,
+            palette=palette,
+            test_scale=test_scale,
+            test_mode=test_mode,
+        )
+        if keep_fp32 is not None:
+            write_sidecar(fp32_path, precision="fp32", **sidecar_fields)
+        record = quantize_onnx(fp32_path, out_path, calibration, None if dynamic else export_size, divisor, preset)
+    write_sidecar(out_path, precision="int8", quantization=record, **sidecar_fields)
+    record["fp32_check"] = str(result.checks[0]) if result.checks else None
+    return record

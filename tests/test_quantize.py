@@ -1,0 +1,139 @@
+"""int8 quantisation (`offseg quantize`) and ONNX models in eval / predict (`--onnx`, the sidecar).
+
+One small OffSeg-T, trained for a few steps on generated street scenes, is quantised with a few
+calibration images; the int8 file then runs through `offseg eval` and `offseg predict` and agrees
+with the float model on generated validation images.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import offseg  # noqa: E402
+from offseg.cli.main import main  # noqa: E402
+from offseg.data import build_dataset, generate_synthetic_dataset  # noqa: E402
+from offseg.onnx_model import OnnxSegmentor, SidecarError, read_sidecar  # noqa: E402
+
+SIZE = (64, 96)  # generated scenes (H, W), multiples of 32: the graph's fixed size
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A generated dataset and an OffSeg-T trained on it for a few steps, saved as safetensors."""
+    root = tmp_path_factory.mktemp("quant")
+    scenes = generate_synthetic_dataset(root / "scenes", num_train=8, num_val=4, size=SIZE)
+    torch.manual_seed(0)
+    model = offseg.create_model("offseg-t", num_classes=8)
+    data = build_dataset("folder", scenes, "train", pipeline="test")
+    images = torch.stack([torch.as_tensor(data[i]["image"]) for i in range(len(data))])
+    labels = torch.stack([torch.as_tensor(data[i]["label"]).long().reshape(SIZE) for i in range(len(data))])
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for step in range(20):
+        batch = torch.arange(4) + 4 * (step % 2)
+        loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch], ignore_index=255)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    checkpoint = offseg.save_pretrained(model, root / "offseg-t-scenes", class_names=data.class_names)
+    int8 = root / "int8.onnx"
+    fp32 = root / "fp32.onnx"
+    args = ["quantize", "--model", "offseg-t", "--checkpoint", str(checkpoint), "--data", "folder"]
+    args += ["--data-root", str(scenes), "--images", "3", str(int8), "--keep-fp32", str(fp32)]
+    assert main(args) == 0
+    return {"root": root, "scenes": scenes, "model": model, "checkpoint": checkpoint, "int8": int8, "fp32": fp32}
+
+
+def test_quantize_writes_int8_model_and_sidecar(trained):
+    config = read_sidecar(trained["int8"])
+    assert config["precision"] == "int8" and config["model_name"] == "offseg-t" and config["num_classes"] == 8
+    assert config["input"]["size_policy"] == "fixed" and config["input"]["size"] == list(SIZE)
+    assert config["test_mode"]["mode"] == "whole" and config["class_names"][0] == "sky"
+    assert config["quantization"]["calibration_images"] == 3
+    assert config["quantization"]["op_types_quantized"] == ["Conv", "MatMul", "Gemm"]
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(trained["int8"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert trained["int8"].stat().st_size < 0.5 * trained["fp32"].stat().st_size  # int8 weights
+    assert read_sidecar(trained["fp32"])["precision"] == "fp32"
+
+
+def test_int8_agrees_with_float_model(trained):
+    model = trained["model"]
+    int8 = OnnxSegmentor(trained["int8"])
+    fp32 = OnnxSegmentor(trained["fp32"])
+    val = build_dataset("folder", trained["scenes"], "val", pipeline="test")
+    agree = []
+    with torch.no_grad():
+        for i in range(len(val)):
+            x = torch.as_tensor(val[i]["image"])[None]
+            want = model(x)
+            torch.testing.assert_close(fp32(x), want, rtol=1e-3, atol=1e-3)  # the fp32 export is the model
+            agree.append((int8(x).argmax(1) == want.argmax(1)).float().mean().item())
+            # smaller inputs are padded to the fixed size and cropped back, as whole inference pads
+            assert int8(x[..., :32, :64]).shape == (1, 8, 32, 64)
+    assert np.mean(agree) >= 0.95, f"int8 agrees with float on {100 * np.mean(agree):.1f}% of pixels"
+    # offseg.predict takes the ONNX model like a PyTorch one (fast=True included)
+    assert offseg.predict(int8, trained["scenes"] / "val" / "images" / "000000.png").shape == SIZE
+    with pytest.raises(ValueError, match="larger than the file's fixed size"):
+        int8(torch.zeros(1, 3, 96, 96))
+
+
+def test_eval_and_predict_run_onnx_models(trained, tmp_path, capsys):
+    scenes = trained["scenes"]
+    out = tmp_path / "eval.json"
+    args = ["eval", "--onnx", str(trained["int8"]), "--data", "folder", "--data-root", str(scenes)]
+    assert main([*args, "--no-progress", "--json", str(out)]) == 0
+    int8_report = json.loads(out.read_text())
+    assert int8_report["precision"] == "int8" and int8_report["model"] == "offseg-t"
+    args = ["eval", "--model", "offseg-t", "--checkpoint", str(trained["checkpoint"]), "--data", "folder"]
+    assert main([*args, "--data-root", str(scenes), "--no-progress", "--json", str(out)]) == 0
+    float_report = json.loads(out.read_text())
+    assert abs(int8_report["mIoU"] - float_report["mIoU"]) < 5
+    # predict: label PNGs and overlays, colours from the sidecar
+    predictions = tmp_path / "pred"
+    args = ["predict", str(scenes / "val" / "images"), "--onnx", str(trained["int8"]), "--out", str(predictions)]
+    assert main([*args, "--no-progress"]) == 0
+    assert len(list(predictions.glob("*_overlay.png"))) == 4 and len(list(predictions.glob("??????.png"))) == 4
+    # --onnx and --checkpoint together, or a model name the file does not hold: clear errors
+    bad = ["predict", str(scenes / "val" / "images"), "--onnx", str(trained["int8"]), "--model", "offseg-b"]
+    assert main(bad) == 1
+    assert "holds model offseg-t, not --model offseg-b" in capsys.readouterr().err
+
+
+def test_sidecar_of_another_file_is_refused(trained, tmp_path, capsys):
+    onnx_file = tmp_path / "model.onnx"
+    shutil.copy(trained["int8"], onnx_file)
+    shutil.copy(trained["fp32"].with_suffix(".json"), onnx_file.with_suffix(".json"))  # the fp32 file's sidecar
+    with pytest.raises(SidecarError, match="does not belong to"):
+        OnnxSegmentor(onnx_file)
+    args = ["eval", "--onnx", str(onnx_file), "--data", "folder", "--data-root", str(trained["scenes"])]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "model.json does not belong to" in err and "model.onnx" in err
+    onnx_file.with_suffix(".json").unlink()
+    with pytest.raises(SidecarError, match="no sidecar"):
+        OnnxSegmentor(onnx_file)
+
+
+def test_calibration_folder_without_images_is_refused(trained, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    for split in ("train", "val"):
+        (empty / split / "images").mkdir(parents=True)
+        (empty / split / "labels").mkdir(parents=True)
+    shutil.copy(trained["scenes"] / "classes.txt", empty / "classes.txt")
+    args = ["quantize", "--model", "offseg-t", "--checkpoint", str(trained["checkpoint"]), "--data", "folder"]
+    assert main([*args, "--data-root", str(empty), str(tmp_path / "q.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert str(empty) in err and "image" in err
+    assert not (tmp_path / "q.onnx").exists()
