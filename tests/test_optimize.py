@@ -216,6 +216,38 @@ def test_fast_path_exact_at_512(name):
     assert rel(optimize_for_inference(model, row.size)(x), ref) <= FAST_PATH_BAR.get(name, 1e-5)
 
 
+@pytest.mark.slow  # needs a trained checkpoint, which no test can make in seconds
+def test_fast_path_exact_on_a_trained_offseg_t():
+    # Issue #17: the 1e-5 bar also on trained weights (they hold subnormals in FreqFusion's sampler,
+    # and weight statistics random weights lack). OFFSEG_TRAINED_OFFSEG_T: an `offseg-t` checkpoint
+    # trained with the `camvid` recipe; CamVid pictures as inputs, at 512x512 as the benchmark.
+    import os
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    checkpoint = os.environ.get("OFFSEG_TRAINED_OFFSEG_T")
+    if not checkpoint or not Path(checkpoint).is_file():
+        pytest.skip("set OFFSEG_TRAINED_OFFSEG_T to an offseg-t checkpoint trained with the camvid recipe")
+    images = sorted(
+        (Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid" / "test" / "images").glob("*.jpg")
+    )
+    if not images:
+        pytest.skip("CamVid test images not found beside the repository (../shared/data/camvid)")
+    model = offseg.create_model("offseg-t", checkpoint=checkpoint).eval()
+    mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+    pictures = [
+        np.asarray(Image.open(p).convert("RGB").resize((512, 512), Image.Resampling.BILINEAR)) for p in images[:2]
+    ]
+    x = ((torch.from_numpy(np.stack(pictures)).float() - mean) / std).permute(0, 3, 1, 2).contiguous()
+    fast = optimize_for_inference(model, (512, 512))
+    for image in x.split(1):
+        with torch.inference_mode():
+            ref = model(image)
+        assert rel(fast(image), ref) <= 1e-5
+
+
 def test_channels_last_group_norm_is_exact():
     # PyTorch's channels-last GroupNorm loses digits when a group's mean dwarfs its spread.
     from offseg.optimize import _CenteredGroupNorm
