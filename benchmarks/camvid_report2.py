@@ -284,7 +284,8 @@ def _plot(cells: dict, settings: dict, variants: list, path: Path) -> None:
         ax.set_title(f"{arm}: head {lr}, {start}", fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     axes[0].set_ylabel("val mIoU (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
