@@ -1,4 +1,4 @@
-"""What several commands share: the test-resize option and its default from the checkpoint."""
+"""What several commands share: the test-mode and test-resize options, and the resize's default from the checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +11,15 @@ import torch.nn as nn
 
 if TYPE_CHECKING:
     from ..onnx_model import OnnxSegmentor
+
+
+def add_test_mode_arguments(p: argparse.ArgumentParser, mode_default: str) -> None:
+    """`--mode whole|slide`, `--crop H W`, `--stride H W`; `mode_default` says what applies without --mode."""
+    p.add_argument("--mode", choices=("whole", "slide"), help=f"test mode (default: {mode_default})")
+    p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="sliding-window size")
+    p.add_argument(
+        "--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)"
+    )
 
 
 def add_scale_argument(p: argparse.ArgumentParser, otherwise: str) -> None:

@@ -8,7 +8,13 @@ import math
 import sys
 from pathlib import Path
 
-from ._options import add_onnx_argument, add_scale_argument, choose_test_scale, load_onnx_model
+from ._options import (
+    add_onnx_argument,
+    add_scale_argument,
+    add_test_mode_arguments,
+    choose_test_scale,
+    load_onnx_model,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,13 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data-root", required=True, help="dataset root folder")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
-    p.add_argument(
-        "--mode", choices=("whole", "slide"), help="test mode (default: the official one for this model and dataset)"
-    )
-    p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="sliding-window size")
-    p.add_argument(
-        "--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)"
-    )
+    add_test_mode_arguments(p, "the official one for this model and dataset")
     add_scale_argument(p, "the dataset's official test scale")
     p.add_argument("--tta", action="store_true", help="multi-scale + horizontal-flip test-time augmentation")
     p.add_argument(

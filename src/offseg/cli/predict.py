@@ -7,7 +7,13 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-from ._options import add_onnx_argument, add_scale_argument, choose_test_scale, load_onnx_model
+from ._options import (
+    add_onnx_argument,
+    add_scale_argument,
+    add_test_mode_arguments,
+    choose_test_scale,
+    load_onnx_model,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,15 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="number of classes (default: checkpoint's, else the --palette dataset's, else 150)",
     )
-    p.add_argument(
-        "--mode",
-        choices=("whole", "slide"),
-        help="test mode (default: the official one for the --palette dataset, else whole)",
-    )
-    p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="sliding-window size")
-    p.add_argument(
-        "--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)"
-    )
+    add_test_mode_arguments(p, "the official one for the --palette dataset, else whole")
     p.add_argument("--tta", action="store_true", help="multi-scale + horizontal-flip test-time augmentation")
     add_scale_argument(p, "none")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours (default: 0.5)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._options import add_scale_argument
+from ._options import add_scale_argument, add_test_mode_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,15 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default: 20)")
     p.add_argument("--max-pixels", type=float, default=16e6, help="largest image, width x height (default: 16e6)")
     p.add_argument("--threads", type=int, help="torch threads of the inference worker (default: torch's)")
-    p.add_argument(
-        "--mode",
-        choices=("whole", "slide"),
-        help="test mode (default: the official one for the checkpoint's dataset, else whole)",
-    )
-    p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="sliding-window size")
-    p.add_argument(
-        "--stride", nargs=2, type=int, metavar=("H", "W"), help="sliding-window stride (default: the crop size)"
-    )
+    add_test_mode_arguments(p, "the official one for the checkpoint's dataset, else whole")
     add_scale_argument(p, "none (each picture at its own size)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     p.set_defaults(run=run)
