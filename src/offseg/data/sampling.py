@@ -62,8 +62,9 @@ def worker_init_fn(worker_id: int) -> None:
     """Set up a DataLoader worker: OpenCV on one thread, and Python's and numpy's global
     generators seeded from torch's per-worker seed (base seed + worker id).
 
-    One OpenCV thread per worker (torch already runs one there) keeps the pipeline off the cores
-    of the training step: parallelism comes from the number of workers. The datasets here do not
+    One OpenCV thread per worker (torch already runs one there; offseg.data.transforms also turns
+    OpenCV's pool off at import, so no worker is forked from a parent holding one) keeps the
+    pipeline off the cores of the training step: parallelism comes from the number of workers. The datasets here do not
     use global random state, so the seeding only matters for extra transforms that do; without
     it every worker would copy the parent's numpy state.
     """

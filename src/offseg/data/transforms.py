@@ -23,6 +23,11 @@ from PIL import Image
 
 from .labels import IGNORE_INDEX
 
+# OpenCV runs on the calling thread only, in every process: a thread pool started in the parent
+# (on a machine with more than one core) deadlocks DataLoader workers forked after it, and the
+# pipeline should not take cores from the training step anyway (MMEngine sets the same).
+cv2.setNumThreads(0)
+
 #: Per-channel normalisation of RGB images in [0, 255] (ImageNet statistics).
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
