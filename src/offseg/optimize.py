@@ -375,10 +375,20 @@ class _FastAttention4D(effv2.Attention4D):
         del self.q, self.k, self.v
         self.mix1_weight, self.mix1_bias = _head_mix(self.talking_head1)
         self.mix2_weight, self.mix2_bias = _head_mix(self.talking_head2)
+        # The mix commutes with the gather of the bias from its table: W1 T[:, idx] + b1 = (W1 T + b1)[:, idx].
+        self.mixed_table = torch.addmm(self.mix1_bias, self.mix1_weight, self.attention_biases_seg.detach())
         self.bias_cache: dict[int, torch.Tensor] = {}
 
     def mixed_bias(self, n: int) -> torch.Tensor:
-        """talking_head1 applied to the position bias: W1 B + b1, (heads, n*n)."""
+        """talking_head1 applied to the position bias: W1 B + b1, (heads, n*n).
+
+        At the grid size of the table, gathered from the mixed table on every call rather than
+        cached: a cache stays resident through the whole forward (2 MB per layer at 512x512
+        input; with the downsampling attention's 8 MB, 16 MB for OffSeg-T) and the gather costs
+        about what reading the cache does. Other sizes need the bicubic resize: cached."""
+        idxs = self.attention_bias_idxs_seg
+        if idxs.shape == (n, n):
+            return torch.index_select(self.mixed_table, 1, idxs.view(-1))
         cached = self.bias_cache.get(n)
         if cached is None:
             bias = self.position_bias(n, n)[0].reshape(self.num_heads, n * n)
@@ -427,6 +437,11 @@ class _FastAttention4DDownsample(effv2.Attention4DDownsample):
         self.bias_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def cached_bias(self, nq: int, nk: int) -> torch.Tensor:
+        if self.attention_bias_idxs_seg.shape == (nq, nk):
+            # A gather on every call, not cached (see _FastAttention4D.mixed_bias).
+            return torch.index_select(self.attention_biases_seg, 1, self.attention_bias_idxs_seg.view(-1)).view(
+                -1, nq, nk
+            )
         cached = self.bias_cache.get((nq, nk))
         if cached is None:
             cached = self.position_bias(nq, nk)[0].contiguous()
