@@ -638,19 +638,19 @@ class InferenceModel(nn.Module):
             raise RuntimeError("an inference-optimised model cannot be trained; train the original model")
         return super().train(False)
 
-    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+    # The input is used as it comes: the first convolution's channels-last weights make its output
+    # channels-last (oneDNN reorders the input inside the call), and a channels-last copy of the
+    # input made here would stay alive through the whole forward.
 
     def forward_logits(self, x: torch.Tensor):
         forward_logits = getattr(self.model, "forward_logits", None)
         if forward_logits is None:
             raise AttributeError(f"{type(self.model).__name__} has no forward_logits")
         with torch.inference_mode():
-            return forward_logits(self._prepare_input(x))
+            return forward_logits(x)
 
     def forward(self, x: torch.Tensor):
         with torch.inference_mode():
-            x = self._prepare_input(x)
             forward_logits = getattr(self.model, "forward_logits", None)
             if type(self.model).forward is not _segmentor_forward() or forward_logits is None:
                 return self.model(x)
