@@ -133,14 +133,18 @@ class LocalSimGuidedSampler(nn.Module):
                 nn.init.zeros_(conv.bias)
 
     def forward(self, hr_x: torch.Tensor, lr_x: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        return self.sample(feat, self.offsets(hr_x, lr_x))
+
+    def offsets(self, hr_x: torch.Tensor, lr_x: torch.Tensor) -> torch.Tensor:
+        """The resampling offsets (B, 2*G*4, H, W) from the guidance features: they do not depend on
+        the feature being resampled, so `FreqFusion.forward` computes them before that exists."""
         hr_x = self.norm_hr(hr_x)
         lr_x = self.norm_lr(lr_x)
         hr_sim = local_cosine_similarity(hr_x)
         lr_sim = local_cosine_similarity(lr_x)
-        offset = (self.offset(lr_sim) + F.pixel_unshuffle(self.hr_offset(hr_sim), self.scale)) * (
+        return (self.offset(lr_sim) + F.pixel_unshuffle(self.hr_offset(hr_sim), self.scale)) * (
             self.direct_scale(lr_x) + F.pixel_unshuffle(self.hr_direct_scale(hr_x), self.scale)
         ).sigmoid() + self.init_pos
-        return self.sample(feat, offset)
 
     def sample(self, feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Bilinear samples of `feat` (B, C, 2H, 2W) at the low-resolution pixel centres plus
@@ -223,12 +227,18 @@ class FreqFusion(nn.Module):
         mask_lr = mask_lr_hr + carafe(self.content_encoder(lr_c), init_kernels, kl, 1, 2)
         init_kernels = normalize_kernels(mask_lr, kl, lowpass_window)
         mask_hr = mask_hr_hr + carafe(self.content_encoder2(lr_c), init_kernels, kl, 1, 2)
+        del mask_lr_hr, init_kernels, mask_hr_hr
 
-        mask_lr = normalize_kernels(mask_lr, kl, lowpass_window)
-        lr_up = carafe(lr_feat, mask_lr, kl, 1, 2)
+        # The same steps as the reference order, rearranged for memory: each map is dropped once
+        # used, and the resampling offsets come before the upsampled low-resolution feature, the
+        # widest map here (at 1/4 resolution in OffSeg), so that the two never coexist.
+        offset = self.dysampler.offsets(hr_c, lr_c)
+        del hr_c, lr_c
         mask_hr = normalize_kernels(mask_hr, kh, highpass_window)
         hr_out = (hr_feat - carafe(hr_feat, mask_hr, kh, 1, 1)) + hr_feat
-        lr_up = self.dysampler(hr_c, lr_c, lr_up)
+        del mask_hr
+        mask_lr = normalize_kernels(mask_lr, kl, lowpass_window)
+        lr_up = self.dysampler.sample(carafe(lr_feat, mask_lr, kl, 1, 2), offset)
         return mask_lr, hr_out, lr_up
 
     def forward_reference(
