@@ -519,7 +519,10 @@ class _FastGNConvModule(ConvModule):
     (it is a temporary): one map-sized tensor less at the head's widest layers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+        return self.norm_act(self.conv(x))
+
+    def norm_act(self, x: torch.Tensor) -> torch.Tensor:
+        """The GroupNorm and activation of the conv output `x` (overwritten)."""
         norm = cast(nn.GroupNorm, self.gn)
         if _layout(x) is torch.channels_last:
             n, c, h, w = x.shape
@@ -546,6 +549,10 @@ def _optimise_group_norms(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+# Pixels per step of the class-probability term of _FastOffsetLearning (150 classes: 1.2 MB).
+_PIXEL_BAND = 2048
+
+
 class _FastOffsetLearning(OffsetLearning):
     """Offset Learning (both branches) with the feature-offset projection on the class side.
 
@@ -569,11 +576,13 @@ class _FastOffsetLearning(OffsetLearning):
         aligned_repr = cls_repr + self.cls_offset_proj(pooled)
         class_mix = torch.matmul(self.projected_cls_repr, aligned_repr.transpose(1, 2))  # (B, K, K)
         # (HW, K) orientation, so that the LayerNorm runs over the contiguous last axis.
-        masks = torch.baddbmm(
-            torch.matmul(feats.transpose(1, 2), aligned_repr.transpose(1, 2)),
-            coupled_attn.softmax(dim=1).transpose(1, 2),
-            class_mix,
-        )  # (B, HW, K)
+        masks = torch.matmul(feats.transpose(1, 2), aligned_repr.transpose(1, 2))  # (B, HW, K)
+        # + softmax_K(A)^T class_mix, a band of pixels at a time: the class probabilities of all
+        # pixels at once would be one more (K, HW) map beside the masks, A and the features.
+        for start in range(0, h * w, _PIXEL_BAND):
+            band = slice(start, start + _PIXEL_BAND)
+            masks[:, band].baddbmm_(coupled_attn[:, :, band].softmax(dim=1).transpose(1, 2), class_mix)
+        del coupled_attn
         masks = self.mask_norm(masks)
         return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
 
@@ -588,18 +597,26 @@ def _interleave_channels_last(a: torch.Tensor, b: torch.Tensor, groups: int = 4)
 
 
 class _FastOffSegHead(OffSegHead):
-    """OffSegHead whose interleaved concatenations stay channels-last when the model is."""
+    """OffSegHead whose interleaved concatenations stay channels-last when the model is, and that
+    drops each map once it is used: the last ones are the widest maps of the network (16 MB each
+    at 512x512 input), and the peak memory of a forward is reached here."""
 
     def fuse(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        feats = [pre(x) for pre, x in zip(self.pre, inputs, strict=True)][::-1]
-        fused = feats[0]
-        for hr_feat, freqfusion in zip(feats[1:], self.freqfusions, strict=True):
-            _, hr_feat, fused = freqfusion(hr_feat, fused)
+        feats = [pre(x) for pre, x in zip(self.pre, inputs, strict=True)]  # popped finest last
+        fused = feats.pop()
+        for freqfusion in self.freqfusions:
+            hr_feat, fused = freqfusion(feats.pop(), fused)[1:]
             if _layout(hr_feat) is torch.channels_last:
                 fused = _interleave_channels_last(hr_feat, fused)
             else:
                 fused = interleave_groups(hr_feat, fused)
-        return self.align(fused)
+            del hr_feat
+        align = self.align
+        if not isinstance(align, _FastGNConvModule):
+            return align(fused)
+        x = align.conv(fused)
+        del fused  # before the GroupNorm allocates its output
+        return align.norm_act(x)
 
 
 def _optimise_offset_learning(model: nn.Module) -> None:
