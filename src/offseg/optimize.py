@@ -480,6 +480,9 @@ def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
             scale_conv_outputs(cast(nn.Conv2d, module.token_mixer.proj[1]), module.layer_scale_1)
             scale_conv_outputs(module.mlp.fc2, module.layer_scale_2)
             module.__class__ = _FastAttnFFN
+        elif isinstance(module, effv2.AttentionBias):
+            # The position-bias index tables in int32: half of 4 MB for OffSeg-T, resident.
+            module.attention_bias_idxs_seg = module.attention_bias_idxs_seg.int()
     for module in list(backbone.modules()):
         fast = swaps.get(type(module))
         if fast is not None:
