@@ -149,8 +149,15 @@ class LocalSimGuidedSampler(nn.Module):
     def sample(self, feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Bilinear samples of `feat` (B, C, 2H, 2W) at the low-resolution pixel centres plus
         `offset` (B, 2*G*4, H, W, in low-resolution pixels), one offset field per channel group."""
+        b, _, hs, ws = feat.shape
+        coords = self.coordinates(offset, feat).flatten(0, 1)  # B*G, 2H, 2W, (x, y)
+        return self.resample(feat.reshape(b * self.groups, -1, hs, ws), coords).view(b, -1, hs, ws)
+
+    def coordinates(self, offset: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        """The sampling grid of each channel group, (B, G, 2H, 2W, (x, y)) in grid_sample's [-1, 1]
+        convention, for `offset` (B, 2*G*4, H, W) and a feature of `feat`'s dtype and device."""
         b, _, h, w = offset.shape
-        s, g = self.scale, self.groups
+        s = self.scale
         offset = offset.view(b, 2, -1, h, w)
         ys = torch.arange(h, dtype=feat.dtype, device=feat.device) + 0.5
         xs = torch.arange(w, dtype=feat.dtype, device=feat.device) + 0.5
@@ -158,15 +165,12 @@ class LocalSimGuidedSampler(nn.Module):
         normalizer = torch.tensor([w, h], dtype=feat.dtype, device=feat.device).view(1, 2, 1, 1, 1)
         coords = 2 * (centres + offset) / normalizer - 1
         coords = F.pixel_shuffle(coords.reshape(b, -1, h, w), s).view(b, 2, -1, s * h, s * w)
-        coords = coords.permute(0, 2, 3, 4, 1).flatten(0, 1)  # B*G, 2H, 2W, (x, y)
-        sampled = F.grid_sample(
-            feat.reshape(b * g, -1, feat.shape[-2], feat.shape[-1]),
-            coords,
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
-        return sampled.view(b, -1, s * h, s * w)
+        return coords.permute(0, 2, 3, 4, 1)
+
+    @staticmethod
+    def resample(feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """`feat` (N, C, H', W') sampled bilinearly at `coords` (N, H'', W'', 2), border-clamped."""
+        return F.grid_sample(feat, coords, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class FreqFusion(nn.Module):
@@ -238,8 +242,23 @@ class FreqFusion(nn.Module):
         hr_out = (hr_feat - carafe(hr_feat, mask_hr, kh, 1, 1)) + hr_feat
         del mask_hr
         mask_lr = normalize_kernels(mask_lr, kl, lowpass_window)
-        lr_up = self.dysampler.sample(carafe(lr_feat, mask_lr, kl, 1, 2), offset)
-        return mask_lr, hr_out, lr_up
+        return mask_lr, hr_out, self.upsample_lr(lr_feat, mask_lr, offset)
+
+    def upsample_lr(self, lr_feat: torch.Tensor, mask_lr: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """CARAFE-upsampled `lr_feat` resampled at `offset`, one channel group of the sampler at a
+        time into the output: CARAFE's output and the sampler's for all channels at once would be
+        two maps of the widest size here. Both treat channels independently: the same values.
+        While autograd records, all channels at once: the graph keeps CARAFE's output for the
+        sampler's backward anyway, and four smaller backward passes cost time."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (lr_feat, mask_lr, offset)):
+            return self.dysampler.sample(carafe(lr_feat, mask_lr, self.lowpass_kernel, 1, 2), offset)
+        b, c, h, w = lr_feat.shape
+        coords = self.dysampler.coordinates(offset, lr_feat)  # B, G, 2H, 2W, (x, y)
+        out = lr_feat.new_empty(b, c, 2 * h, 2 * w)
+        for g, chunk in enumerate(lr_feat.chunk(self.dysampler.groups, dim=1)):
+            upsampled = carafe(chunk, mask_lr, self.lowpass_kernel, 1, 2)
+            out[:, g * chunk.shape[1] : (g + 1) * chunk.shape[1]] = self.dysampler.resample(upsampled, coords[:, g])
+        return out
 
     def forward_reference(
         self, hr_feat: torch.Tensor, lr_feat: torch.Tensor
