@@ -552,8 +552,10 @@ def _optimise_group_norms(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-# Pixels per step of the class-probability term of _FastOffsetLearning (150 classes: 1.2 MB).
-_PIXEL_BAND = 2048
+# Pixels per step of _FastOffsetLearning's masks (150 classes: 0.6 MB per temporary), and classes
+# per step of its pooling (128x128 maps: 2 MB).
+_PIXEL_BAND = 1024
+_CLASS_BAND = 32
 
 
 class _FastOffsetLearning(OffsetLearning):
@@ -580,20 +582,24 @@ class _FastOffsetLearning(OffsetLearning):
         # softmax_HW(A) E with the softmax's division applied to the (K, C) product: PyTorch's
         # softmax over a non-contiguous axis sums 16k terms one by one (1e-5 relative error in
         # the logits); the cascade sum of torch.sum does not lose those digits.
-        weights = (coupled_attn - coupled_attn.amax(dim=1, keepdim=True)).exp_()
-        pooled = torch.matmul(weights.transpose(1, 2), feats.transpose(1, 2)).div_(weights.sum(dim=1).unsqueeze(2))
-        del weights
+        # A band of classes at a time: the weights of all classes would be one more (HW, K) map.
+        pooled = cls_repr.new_empty(b, self.num_classes, c)
+        for start in range(0, self.num_classes, _CLASS_BAND):
+            band = slice(start, start + _CLASS_BAND)
+            weights = (coupled_attn[:, :, band] - coupled_attn[:, :, band].amax(dim=1, keepdim=True)).exp_()
+            torch.matmul(weights.transpose(1, 2), feats.transpose(1, 2), out=pooled[:, band])
+            pooled[:, band] /= weights.sum(dim=1).unsqueeze(2)
         aligned_repr = cls_repr + self.cls_offset_proj(pooled)
         class_mix = torch.matmul(self.projected_cls_repr, aligned_repr.transpose(1, 2))  # (B, K, K)
-        # (HW, K) orientation, so that the LayerNorm runs over the contiguous last axis.
-        masks = torch.matmul(feats.transpose(1, 2), aligned_repr.transpose(1, 2))  # (B, HW, K)
-        # + softmax_K(A)^T class_mix, a band of pixels at a time: the class probabilities of all
-        # pixels at once would be one more (HW, K) map beside the masks, A and the features.
+        # The masks, (B, HW, K) like A^T (the LayerNorm runs over the contiguous last axis), a band
+        # of pixels at a time, each band written over the band of A^T it was computed from: the
+        # class probabilities and the masks of all pixels at once would be two more (HW, K) maps.
+        masks = coupled_attn
         for start in range(0, h * w, _PIXEL_BAND):
             band = slice(start, start + _PIXEL_BAND)
-            masks[:, band].baddbmm_(coupled_attn[:, band].softmax(dim=2), class_mix)
-        del coupled_attn
-        masks = self.mask_norm(masks)
+            scores = torch.matmul(feats[:, :, band].transpose(1, 2), aligned_repr.transpose(1, 2))
+            scores.baddbmm_(masks[:, band].softmax(dim=2), class_mix)
+            masks[:, band] = self.mask_norm(scores)
         return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
 
 
@@ -609,10 +615,13 @@ def _interleave_channels_last(a: torch.Tensor, b: torch.Tensor, groups: int = 4)
 class _FastOffSegHead(OffSegHead):
     """OffSegHead whose interleaved concatenations stay channels-last when the model is, and that
     drops each map once it is used: the last ones are the widest maps of the network (16 MB each
-    at 512x512 input), and the peak memory of a forward is reached here."""
+    at 512x512 input), and the peak memory of a forward is reached here. A list of backbone
+    features (what `Segmentor.forward_logits` hands over) is emptied as they are projected."""
 
     def fuse(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        feats = [pre(x) for pre, x in zip(self.pre, inputs, strict=True)]  # popped finest last
+        backbone_feats = inputs if isinstance(inputs, list) else list(inputs)
+        backbone_feats.reverse()
+        feats = [pre(backbone_feats.pop()) for pre in self.pre]  # popped finest last
         fused = feats.pop()
         for freqfusion in self.freqfusions:
             hr_feat, fused = freqfusion(feats.pop(), fused)[1:]
