@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         "- **Memory** (`peak MB above torch`): each row again in a child process of its own that runs only that "
         "row: its peak RSS minus its RSS right after `import torch` (model, buffers, the computation). glibc "
         "runs with a fixed mmap threshold in these children, so freed tensors leave the process "
-        "(`offseg bench --malloc default` for glibc's adaptive default, which retains more).",
+        "(`offseg bench --malloc default` for glibc's adaptive default, which retains more). "
+        "`--memory-only` measures only these rows of OffSeg-T (minutes, and insensitive to machine load).",
         "- **FLOP limit** (`x FLOP limit`): the row's multiply-adds (the `full` convention of `offseg.flops`; "
         f"OffSeg-T at {size[0]}x{size[1]}: {offseg_t_macs / 1e9:.2f} G) divided by this machine's "
         f"`torch.mm` 2048x2048 float32 rate measured in this run: **{rate / 1e9:.1f} G multiply-adds/s**. "
@@ -267,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         "the official reference vectors (`tests/test_benchmark.py`). This row is frozen.",
         "- **eager** = the library's default modules (exact reformulations, used for training too).",
         "- **fast** = `offseg.optimize_for_inference(model, size)`: BatchNorm and layer scales folded, merged "
-        "projections, cached attention biases, Offset Learning regrouped, channels-last throughout, CARAFE in "
-        "cache-sized bands, the output in transparent huge pages.",
+        "projections, attention biases mixed once, Offset Learning regrouped, channels-last throughout, CARAFE in "
+        "cache-sized bands, the head's maps dropped as soon as used, the output in transparent huge pages.",
         "- **labels** = the labels-only prediction path of `offseg.predict` (`offseg.inference.whole_labels` on "
         "the fast model): the resize and the argmax band by band, never the full-resolution logits of all "
         "classes.",

@@ -8,13 +8,16 @@ is left untouched. What it does, where it applies:
   `nn.Sequential`, in `ConvModule`, and in the known backbone blocks; BN -> 1x1 conv where the BN
   output feeds only that conv), parameters frozen, forward under `torch.inference_mode`;
 - EfficientFormerV2 (OffSeg): layer scales folded into the last conv of their branch; the q/k/v
-  1x1 convs merged into one, the attention scale folded into q; the relative-position biases
-  gathered, resized and pushed through the first talking-head mix once per token-grid size
-  (cached); the talking-head 1x1 convs over 8 heads run as one small matrix product each;
+  1x1 convs merged into one, the attention scale folded into q; the relative-position bias
+  table pushed through the first talking-head mix once, the bias gathered from it on every call
+  at the table's grid size (resized and cached per size at other sizes); the talking-head 1x1
+  convs over 8 heads run as one small matrix product each;
 - Offset Learning (OffSeg, SegFormer-OL, SegNeXt-OL): the feature-offset projection moved onto
   the (K x C) class side, where it is weights-only, and the offset-aligned score product
   regrouped: E'(W')^T = E(W + dW)^T + softmax_K(A)^T [(W P_f^T)(W + dW)^T], about 40% fewer
-  multiply-adds, same function;
+  multiply-adds, same function; computed in bands of pixels and classes, in the memory of A;
+- memory: the OffSeg head lets go of each map once used (its 1/4-resolution maps are the widest
+  of the network, where a labels-only prediction peaks), no copy of the input is made;
 - the whole network runs channels-last (depthwise and 1x1 convs, CARAFE and the similarity maps
   are faster that way on CPU), the OffSeg head's interleaved concatenations included; the logits
   are made NCHW-contiguous before the final resize (PyTorch's bilinear kernel is several times

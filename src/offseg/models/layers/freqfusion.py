@@ -258,6 +258,7 @@ class FreqFusion(nn.Module):
         for g, chunk in enumerate(lr_feat.chunk(self.dysampler.groups, dim=1)):
             upsampled = carafe(chunk, mask_lr, self.lowpass_kernel, 1, 2)
             out[:, g * chunk.shape[1] : (g + 1) * chunk.shape[1]] = self.dysampler.resample(upsampled, coords[:, g])
+            del upsampled  # before the next group's
         return out
 
     def forward_reference(
