@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from .models.backbones import efficientformer_v2 as effv2
 from .models.heads.offseg_head import OffSegHead, interleave_groups
 from .models.layers import freqfusion as freqfusion_module
-from .models.layers.carafe import carafe_taps
+from .models.layers.carafe import carafe, carafe_taps
 from .models.layers.conv_module import ConvModule
 from .models.layers.offset_learning import OffsetLearning
 from .models.segmentor import num_classes_of
@@ -556,9 +556,9 @@ def _optimise_group_norms(model: nn.Module) -> None:
 
 
 # Pixels per step of _FastOffsetLearning's masks (150 classes: 0.6 MB per temporary), and classes
-# per step of its pooling (128x128 maps: 2 MB).
+# per step of its pooling (128x128 maps: 3 MB; smaller bands cost time, each reads all features).
 _PIXEL_BAND = 1024
-_CLASS_BAND = 32
+_CLASS_BAND = 50
 
 
 class _FastOffsetLearning(OffsetLearning):
@@ -606,6 +606,25 @@ class _FastOffsetLearning(OffsetLearning):
         return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
 
 
+class _FastFreqFusion(freqfusion_module.FreqFusion):
+    """FreqFusion whose resampled low-resolution feature is written over CARAFE's output, one
+    channel group of the sampler at a time (a group's samples are all taken before they replace
+    it): the two maps of all channels at once would be the widest pair here (14 MB each in
+    OffSeg-T's last fusion at 512x512 input). Same values."""
+
+    def upsample_lr(self, lr_feat: torch.Tensor, mask_lr: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return super().upsample_lr(lr_feat, mask_lr, offset)
+        upsampled = carafe(lr_feat, mask_lr, self.lowpass_kernel, 1, 2)
+        coords = self.dysampler.coordinates(offset, upsampled)  # B, G, 2H, 2W, (x, y)
+        groups = self.dysampler.groups
+        width = upsampled.shape[1] // groups
+        for g in range(groups):
+            group = upsampled[:, g * width : (g + 1) * width]
+            group.copy_(self.dysampler.resample(group, coords[:, g]))
+        return upsampled
+
+
 def _interleave_channels_last(a: torch.Tensor, b: torch.Tensor, groups: int = 4) -> torch.Tensor:
     """`interleave_groups` producing a channels-last result with a single copy."""
     n, ca, h, w = a.shape
@@ -645,6 +664,8 @@ def _optimise_offset_learning(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is OffSegHead:
             module.__class__ = _FastOffSegHead
+        if type(module) is freqfusion_module.FreqFusion:
+            module.__class__ = _FastFreqFusion
         if type(module) is OffsetLearning and module.branches == "both":
             module.__class__ = _FastOffsetLearning
             cast(_FastOffsetLearning, module).prepare()

@@ -245,21 +245,8 @@ class FreqFusion(nn.Module):
         return mask_lr, hr_out, self.upsample_lr(lr_feat, mask_lr, offset)
 
     def upsample_lr(self, lr_feat: torch.Tensor, mask_lr: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """CARAFE-upsampled `lr_feat` resampled at `offset`, one channel group of the sampler at a
-        time into the output: CARAFE's output and the sampler's for all channels at once would be
-        two maps of the widest size here. Both treat channels independently: the same values.
-        While autograd records, all channels at once: the graph keeps CARAFE's output for the
-        sampler's backward anyway, and four smaller backward passes cost time."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (lr_feat, mask_lr, offset)):
-            return self.dysampler.sample(carafe(lr_feat, mask_lr, self.lowpass_kernel, 1, 2), offset)
-        b, c, h, w = lr_feat.shape
-        coords = self.dysampler.coordinates(offset, lr_feat)  # B, G, 2H, 2W, (x, y)
-        out = lr_feat.new_empty(b, c, 2 * h, 2 * w)
-        for g, chunk in enumerate(lr_feat.chunk(self.dysampler.groups, dim=1)):
-            upsampled = carafe(chunk, mask_lr, self.lowpass_kernel, 1, 2)
-            out[:, g * chunk.shape[1] : (g + 1) * chunk.shape[1]] = self.dysampler.resample(upsampled, coords[:, g])
-            del upsampled  # before the next group's
-        return out
+        """`lr_feat` upsampled by CARAFE with the kernels `mask_lr`, then resampled at `offset`."""
+        return self.dysampler.sample(carafe(lr_feat, mask_lr, self.lowpass_kernel, 1, 2), offset)
 
     def forward_reference(
         self, hr_feat: torch.Tensor, lr_feat: torch.Tensor
