@@ -25,9 +25,9 @@ Every export is checked: onnx.checker, then one ONNX Runtime run against PyTorch
 size (and for dynamic exports also at a second size with batch 2), reporting the max relative
 error max|ort - torch| / max(1, max|torch|). Both sides compute in float32, so the error is at
 least the model's own float32 round-off, and trained weights amplify round-off: on a CamVid-trained
-OffSeg-T, PyTorch float32 is itself 2.5e-4 (192x256) to 4e-4 (512x512) from the float64 result
-on the check's random input, as far as ONNX Runtime is, so a fixed 1e-4 bar fails a faithful
-graph. When the error exceeds the tolerance, the check therefore also computes the model in
+OffSeg-T, PyTorch float32 is itself 2.5e-4 and 4e-4 (absolute, 192x256 and 512x512) from the
+float64 result on the check's random input, as far as ONNX Runtime is, so a fixed 1e-4 bar can
+fail a faithful graph. When the error exceeds the tolerance, the check therefore also computes the model in
 float64 and accepts the graph if ONNX Runtime is no farther from that exact result than
 `ROUNDOFF_FACTOR` times PyTorch float32's own distance from it (a wrong graph is off by far more).
 
