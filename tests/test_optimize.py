@@ -218,12 +218,19 @@ def test_fast_path_exact_at_512(name):
 
 @pytest.mark.slow  # needs a trained checkpoint, which no test can make in seconds
 def test_fast_path_on_a_trained_offseg_t():
-    # Issue #17 asks for 1e-5 against the eager model; on a CamVid-trained OffSeg-T (camvid recipe,
-    # seed 0) that is not met: on the two pictures below the fast path is 5.4e-5 and 1.9e-5 from the
-    # float64 computation, the eager model 1.2e-5 and 1.8e-5 (trained weights amplify float32
-    # round-off; on a third input the official computation was 1.6e-5 from eager and the fast path
-    # 6.0e-5). Which rewrite adds the difference is not found yet. What this test holds meanwhile:
-    # 1e-4 from float64, the earlier fast-path bar.
+    # Issue #17 asks for 1e-5 against the eager model. On a CamVid-trained OffSeg-T no float32
+    # computation meets that: the trained head amplifies round-off (FreqFusion's kernel softmaxes
+    # over logits of 100 and more, the resampler's offsets), so that on the pictures below (camvid
+    # recipe, seed 0, 1000 iterations) the eager model is 6e-5 to 2.9e-4 from float64, the float64
+    # model with only its module outputs rounded to float32 is 6e-5 to 3.0e-4 from eager, and eager
+    # on two threads 3e-5 to 1e-4 from eager on one (benchmarks/bisect_fast_path_error.py). What
+    # the fast path is held to is the eager model's own exactness, on one and on two threads:
+    # summed over the pictures, its RMS distance from float64 at most 1.5x the eager model's and
+    # its max relative distance at most 2x. Measured on checkpoints after 200, 800 and 1000
+    # iterations: RMS 0.99-1.19x, max 0.98-1.42x (channels-last convolutions are a little less
+    # exact). After 200 iterations the earlier channels-last GroupNorm gave RMS 1.63x and max 2.7x
+    # on one thread, the earlier pooling product of Offset Learning RMS 1.54x on two; later
+    # checkpoints hide both in their own round-off (the unit tests below guard each).
     # OFFSEG_TRAINED_OFFSEG_T names the checkpoint; CamVid pictures at 512x512, as the benchmark.
     import os
     from pathlib import Path
@@ -242,31 +249,76 @@ def test_fast_path_on_a_trained_offseg_t():
     fast = optimize_for_inference(model, (512, 512))
     exact = copy.deepcopy(model).double()
     mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
-    for path in images[:2]:
+
+    def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b).square().mean().sqrt() / b.square().mean().sqrt())
+
+    errors: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for path in images[:3]:
         picture = np.array(Image.open(path).convert("RGB").resize((512, 512), Image.Resampling.BILINEAR))
         x = ((torch.from_numpy(picture).float() - mean) / std).permute(2, 0, 1)[None].contiguous()
         with torch.inference_mode():
-            eager, truth = model(x), exact(x.double()).float()
-        eager_error, fast_error = rel(eager, truth), rel(fast(x), truth)
-        print(f"{path.name}: eager {eager_error:.1e}, fast {fast_error:.1e} from float64")
-        assert fast_error <= 1e-4
+            truth = exact(x.double())
+        for threads in (1, 2):
+            torch.set_num_threads(threads)  # the autouse fixture restores the count afterwards
+            with torch.inference_mode():
+                outputs = {"eager": model(x), "fast": fast(x)}
+            for name, out in outputs.items():
+                errors.setdefault((threads, name), []).append((rms(out, truth), rel(out, truth.float())))
+            found = ", ".join(f"{n} {errors[threads, n][-1][0]:.1e} / {errors[threads, n][-1][1]:.1e}" for n in outputs)
+            print(f"{path.name}, {threads} thread(s): RMS / max from float64: {found}")
+    for threads in (1, 2):
+        eager, fast_errors = errors[threads, "eager"], errors[threads, "fast"]
+        assert sum(e[0] for e in fast_errors) <= 1.5 * sum(e[0] for e in eager)
+        assert sum(e[1] for e in fast_errors) <= 2 * sum(e[1] for e in eager)
 
 
-def test_channels_last_group_norm_is_exact():
-    # PyTorch's channels-last GroupNorm loses digits when a group's mean dwarfs its spread.
-    from offseg.optimize import _CenteredGroupNorm
+@pytest.mark.parametrize("height", [128, 104])  # 16 bands of rows; 13
+def test_offset_learning_pooling_is_exact(height):
+    # The softmax-weighted sum over all pixels (16 384 at 512x512): one float32 matrix product on
+    # two threads (MKL, few classes, channels-last map) was 7x further from float64 than on one.
+    from offseg.optimize import _pool_by_bands
 
     torch.manual_seed(0)
-    norm = nn.GroupNorm(4, 32)
+    weights = torch.randn(1, 11, height * 128).softmax(dim=2)
+    x = (torch.randn(1, 256, height, 128) + 0.5).contiguous(memory_format=torch.channels_last)
+    ref = torch.matmul(weights.double(), x.double().reshape(1, 256, -1).transpose(1, 2))
+    for layout in (x, x.contiguous()):
+        assert rel(_pool_by_bands(weights, layout).double(), ref) < 2e-7
+
+
+@pytest.mark.parametrize("channels,groups", [(32, 32), (256, 32), (48, 6)])
+def test_channels_last_group_norm_is_exact(channels, groups):
+    # PyTorch's channels-last GroupNorm loses digits when a group's mean dwarfs its spread, and its
+    # float32 moments drift on large maps even for centred data; the fast path's stays at rounding.
+    from offseg.models.layers.conv_module import ConvModule
+    from offseg.optimize import _CenteredGroupNorm, _FastGNConvModule
+
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(groups, channels)
     with torch.no_grad():
         norm.weight.normal_(), norm.bias.normal_()
-    x = torch.randn(2, 32, 24, 20) * 3 + 40
+    spread = torch.rand(1, channels, 1, 1) * 2
+    x = (torch.randn(2, channels, 64, 48) * spread + torch.randn(1, channels, 1, 1) * 20).contiguous(
+        memory_format=torch.channels_last
+    )
     with torch.no_grad():
-        ref = norm.double()(x.double())
-        norm.float().__class__ = _CenteredGroupNorm
-        out = norm(x.contiguous(memory_format=torch.channels_last))
+        ref = copy.deepcopy(norm).double()(x.double())
+        norm.__class__ = _CenteredGroupNorm
+        out = norm(x)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert rel(out.double(), ref) < 1e-6
+    assert rel(out.double(), ref) < 2e-7
+    # The conv -> GroupNorm -> ReLU module, which normalises the conv output in place.
+    module = ConvModule(channels, channels, 1, norm="GN", norm_groups=groups).eval()
+    with torch.no_grad():
+        module.gn.weight.normal_(), module.gn.bias.normal_()
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        conv_out = module.conv(x).double()  # what the GroupNorm sees
+        ref = module.activate(copy.deepcopy(module.gn).double()(conv_out))
+        module.__class__ = _FastGNConvModule
+        out = module(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel(out.double(), ref) < 2e-7
 
 
 def test_optimized_offseg_is_rewritten_and_frozen():

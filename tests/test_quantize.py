@@ -18,6 +18,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import offseg  # noqa: E402
+from offseg.benchmark import measure_memory, onnx_rows  # noqa: E402
 from offseg.cli.main import main  # noqa: E402
 from offseg.data import build_dataset, generate_synthetic_dataset  # noqa: E402
 from offseg.onnx_model import OnnxSegmentor, SidecarError, read_sidecar  # noqa: E402
@@ -137,3 +138,21 @@ def test_calibration_folder_without_images_is_refused(trained, tmp_path, capsys)
     err = capsys.readouterr().err
     assert str(empty) in err and "image" in err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_bench_times_onnx_models(trained, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    files = [str(trained["fp32"]), str(trained["int8"])]
+    args = ["bench", "--onnx", *files, "--threads", "1", "--runs", "1", "--warmup", "0", "--no-memory"]
+    assert main([*args, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["label"] for row in rows] == ["offseg-t fp32.onnx forward", "offseg-t int8.onnx forward"]
+    assert all(row["size"] == list(SIZE) and row["num_classes"] == 8 for row in rows)  # from the sidecars
+    assert rows[0]["rel_error"] is None and 0 < rows[1]["rel_error"] < 0.5  # int8 against the fp32 file
+    # the peak-memory child process runs the file too
+    (row,) = onnx_rows([trained["int8"]])
+    info = measure_memory(row, threads=1, runs=1, workdir=tmp_path)
+    assert 0 < info["build_rss_mb"] <= info["peak_rss_mb"]
+    # a fixed-size file runs at its own size only
+    assert main(["bench", "--onnx", files[1], "--size", "128", "128", "--no-memory"]) == 1
+    assert "fixed-size graph (64x96)" in capsys.readouterr().err

@@ -14,7 +14,10 @@ Rows are (model, variant, forward or training step). Variants:
 - ``labels``: the labels-only prediction path of `offseg.predict` (`offseg.inference.whole_labels`
   on the fast model): class ids at the input size, never the full-resolution logits;
 - ``onnxruntime``: the fast model exported with `offseg.export` and run by ONNX Runtime;
-- ``compile``: the fast model under `torch.compile` (inductor; needs a C++ compiler).
+- ``compile``: the fast model under `torch.compile` (inductor; needs a C++ compiler);
+- ``onnx``: an ONNX file with its sidecar, as `offseg eval --onnx` runs it (`offseg.onnx_model.
+  OnnxSegmentor`): an fp32 export or an int8 model of `offseg quantize`, with its trained weights
+  (`onnx_rows`). Its output is compared with the first ``onnx`` row of the same model only.
 
 A forward row computes what the official whole-image predict returns: the head's logits resized
 bilinearly to the input size (the ``labels`` row: their argmax).
@@ -77,7 +80,7 @@ __all__ = [
     "time_rows",
 ]
 
-VARIANTS = ("reference", "eager", "fast", "labels", "onnxruntime", "compile")
+VARIANTS = ("reference", "eager", "fast", "labels", "onnxruntime", "compile", "onnx")
 TRAIN_VARIANTS = ("reference", "eager")
 # A labels row must agree with the argmax of the logits wherever the top two classes differ by more.
 LABEL_MARGIN = 1e-3
@@ -93,11 +96,13 @@ class Row:
     size: tuple[int, int] = (512, 512)
     batch: int = 1
     num_classes: int = 150
+    onnx: str | None = None  # variant "onnx": the file (with its sidecar)
 
     @property
     def label(self) -> str:
         mode = "train step" if self.train else "forward"
-        return f"{self.model} {self.variant} {mode}"
+        variant = f"{Path(self.onnx).name}" if self.onnx is not None else self.variant
+        return f"{self.model} {variant} {mode}"
 
     @property
     def images(self) -> int:
@@ -208,6 +213,15 @@ def _inference_runner(row: Row, workdir: Path, onnx_spin: bool, for_timing: bool
     from .optimize import reference_computation
 
     x, _ = example_inputs(row)
+    if row.variant == "onnx":
+        from .onnx_model import OnnxSegmentor
+
+        onnx_model = OnnxSegmentor(_onnx_file(row), threads=torch.get_num_threads())
+
+        def onnx_forward():
+            return onnx_model(x)
+
+        return Runner(onnx_forward, onnx_forward)
     if row.variant == "onnxruntime" and not for_timing and onnx_path(row, workdir).is_file():
         # Memory child: the export exists already, so no PyTorch model is built next to the session.
         session = _onnx_session(None, row, workdir, onnx_spin)
@@ -251,6 +265,41 @@ def _inference_runner(row: Row, workdir: Path, onnx_spin: bool, for_timing: bool
 
         return Runner(ort_forward, lambda: torch.from_numpy(ort_forward()))
     raise ValueError(f"unknown variant {row.variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def _onnx_file(row: Row) -> str:
+    if row.onnx is None:
+        raise ValueError(f"{row.label}: an onnx row needs its file (see onnx_rows)")
+    return row.onnx
+
+
+def onnx_rows(paths: Sequence[str | os.PathLike], size: tuple[int, int] | None = None, batch: int = 1) -> list[Row]:
+    """One ``onnx`` row per file, described by its sidecar (model name, classes, size policy).
+
+    A fixed-size file runs at its own size (batch 1, as its graph); `size` is for dynamic files
+    (default 512x512), and a `size` that differs from a fixed file's is refused.
+    """
+    from .onnx_model import read_sidecar
+
+    rows = []
+    for path in paths:
+        config = read_sidecar(path)
+        fixed = config["input"].get("size")
+        if fixed:
+            fixed_size = (int(fixed[0]), int(fixed[1]))
+            if size is not None and tuple(size) != fixed_size:
+                raise ValueError(
+                    f"{path}: a fixed-size graph ({fixed_size[0]}x{fixed_size[1]}); it runs at that size, not "
+                    f"--size {size[0]} {size[1]} (leave --size out, or export with --dynamic)"
+                )
+            if batch != 1:
+                raise ValueError(f"{path}: a fixed-size graph runs batch 1, not --batch {batch}")
+            row_size = fixed_size
+        else:
+            row_size = (int(size[0]), int(size[1])) if size is not None else (512, 512)
+        name = str(config["model_name"])
+        rows.append(Row(name, "onnx", False, row_size, batch, int(config["num_classes"]), onnx=str(path)))
+    return rows
 
 
 def _fast_model(row: Row):
@@ -430,7 +479,8 @@ def time_rows(
         runner = build_runner(row, workdir, onnx_spin)
         result = Result(row)
         output = runner.check()
-        key = (row.model, row.train, row.size, row.batch)
+        # ONNX files hold trained weights, the other rows random ones: each compares within its kind
+        key = (row.model, row.train, row.size, row.batch, row.variant == "onnx")
         if key in references:
             result.rel_error = _compare(row, output, references[key])
         elif row.variant != "labels":

@@ -23,7 +23,13 @@ nn.MultiheadAttention's fused fast path switched off (that single op has no ONNX
 
 Every export is checked: onnx.checker, then one ONNX Runtime run against PyTorch at the export
 size (and for dynamic exports also at a second size with batch 2), reporting the max relative
-error max|ort - torch| / max(1, max|torch|).
+error max|ort - torch| / max(1, max|torch|). Both sides compute in float32, so the error is at
+least the model's own float32 round-off, and trained weights amplify round-off: on a CamVid-trained
+OffSeg-T, PyTorch float32 is itself 2.5e-4 and 4e-4 (absolute, 192x256 and 512x512) from the
+float64 result on the check's random input, as far as ONNX Runtime is, so a fixed 1e-4 bar can
+fail a faithful graph. When the error exceeds the tolerance, the check therefore also computes the model in
+float64 and accepts the graph if ONNX Runtime is no farther from that exact result than
+`ROUNDOFF_FACTOR` times PyTorch float32's own distance from it (a wrong graph is off by far more).
 
 SegNeXt: its NMF starts from random bases at every forward; the exported graph holds fixed ones,
 those of `decode_head.set_generator(seed)` (see `fixed_nmf_bases`), so it is deterministic.
@@ -35,6 +41,7 @@ Needs the optional packages onnx and onnxruntime (and onnxscript for dynamo):
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -52,6 +59,10 @@ import torch.nn as nn
 
 EXPORTERS = ("auto", "torchscript", "dynamo")
 MIN_OPSET = 17
+# ONNX Runtime may be this many times farther from the float64 result than PyTorch float32 is (its
+# kernels sum in other orders; e.g. its InstanceNormalization, which GroupNorm exports to, sums a
+# whole group in float32) before an export counts as departing from the model
+ROUNDOFF_FACTOR = 4.0
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter has no implementations below 18
 INSTALL_HINT = "pip install 'offseg[export]' (or: pip install onnx onnxruntime onnxscript)"
 
@@ -107,11 +118,30 @@ class ExportCheck:
     input_shape: tuple[int, ...]
     max_rel_error: float | None = None  # logits
     label_agreement: float | None = None  # labels: fraction of pixels with the same class
+    # computed when max_rel_error exceeds the tolerance: both float32 results against the float64 one
+    float64_error: float | None = None  # ONNX Runtime
+    float32_roundoff: float | None = None  # PyTorch float32
+
+    def passes(self, tolerance: float) -> bool:
+        """Within `tolerance` of PyTorch, or no farther from the float64 result than round-off allows."""
+        if self.label_agreement is not None:
+            return self.label_agreement >= 0.999
+        if self.max_rel_error is None or self.max_rel_error <= tolerance:
+            return True
+        if self.float64_error is None or self.float32_roundoff is None:
+            return False
+        return self.float64_error <= max(tolerance, ROUNDOFF_FACTOR * self.float32_roundoff)
 
     def __str__(self) -> str:
         shape = "x".join(str(s) for s in self.input_shape)
         if self.max_rel_error is not None:
-            return f"input {shape}: max relative error vs PyTorch {self.max_rel_error:.2e}"
+            text = f"input {shape}: max relative error vs PyTorch {self.max_rel_error:.2e}"
+            if self.float64_error is not None and self.float32_roundoff is not None:
+                text += (
+                    f" (from the float64 result: ONNX Runtime {self.float64_error:.2e}, PyTorch float32 "
+                    f"{self.float32_roundoff:.2e})"
+                )
+            return text
         if self.label_agreement is not None:
             return f"input {shape}: labels agree with PyTorch on {100 * self.label_agreement:.4f}% of pixels"
         return f"input {shape}: not compared"
@@ -308,10 +338,34 @@ def _example(shape: tuple[int, ...], raw_input: bool, seed: int) -> torch.Tensor
     return torch.randn(shape, generator=generator)
 
 
+def _relative_error(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(out.astype(np.float64) - ref).max() / max(1.0, float(np.abs(ref).max())))
+
+
+def _float64_output(wrapper: nn.Module, x: torch.Tensor) -> np.ndarray | None:
+    """What a float64 copy of the wrapped model gives for `x`, or None when the model does not run in
+    float64 (e.g. SegNeXt inside `fixed_nmf_bases`, whose fixed bases stay float32)."""
+    try:
+        exact = copy.deepcopy(wrapper).double()
+        with torch.no_grad():
+            return exact(x.double() if x.is_floating_point() else x).numpy()
+    except (RuntimeError, TypeError):
+        return None
+
+
 def check_onnx(
-    path: str | os.PathLike, wrapper: nn.Module, shapes: Sequence[tuple[int, ...]], raw_input: bool, labels: bool
+    path: str | os.PathLike,
+    wrapper: nn.Module,
+    shapes: Sequence[tuple[int, ...]],
+    raw_input: bool,
+    labels: bool,
+    tolerance: float | None = None,
 ) -> list[ExportCheck]:
-    """Run the exported file in ONNX Runtime on random inputs of each shape and compare to PyTorch."""
+    """Run the exported file in ONNX Runtime on random inputs of each shape and compare to PyTorch.
+
+    Logits that differ by more than `tolerance` are also compared with the model computed in
+    float64 (`ExportCheck.float64_error`, `float32_roundoff`; see the module doc).
+    """
     ort = _import("onnxruntime", "checking the export in ONNX Runtime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     checks = []
@@ -327,8 +381,13 @@ def check_onnx(
         if labels:
             checks.append(ExportCheck(tuple(shape), label_agreement=float(np.mean(got == expected))))
         else:
-            err = float(np.abs(got.astype(np.float64) - expected).max() / max(1.0, float(np.abs(expected).max())))
-            checks.append(ExportCheck(tuple(shape), max_rel_error=err))
+            check = ExportCheck(tuple(shape), max_rel_error=_relative_error(got, expected))
+            if tolerance is not None and check.max_rel_error is not None and check.max_rel_error > tolerance:
+                exact = _float64_output(wrapper, x)
+                if exact is not None:
+                    check.float64_error = _relative_error(got, exact)
+                    check.float32_roundoff = _relative_error(expected, exact)
+            checks.append(check)
     return checks
 
 
@@ -417,7 +476,8 @@ def export_onnx(
     metadata: extra entries (class_names, palette, ...) stored as JSON strings in the file's
     metadata_props beside the model name, class count, normalisation and input / output layout.
     Raises ExportCheckError (after writing the file) when ONNX Runtime departs from PyTorch by more
-    than `tolerance` (max relative error of the logits) or, for labels, on more than 0.1% of pixels.
+    than `tolerance` (max relative error of the logits) and from the float64 result by more than
+    float32 round-off explains (module doc), or, for labels, on more than 0.1% of pixels.
     """
     _import("onnx", "ONNX export")
     if exporter not in EXPORTERS:
@@ -486,13 +546,8 @@ def export_onnx(
         )
         if check:
             shapes = [(1, 3, *size)] + ([(2, 3, *_second_size(size, divisor))] if dynamic else [])
-            result.checks = check_onnx(path, wrapper, shapes, raw_input, labels)
-    bad = [
-        c
-        for c in result.checks
-        if (c.max_rel_error is not None and not c.max_rel_error <= tolerance)
-        or (c.label_agreement is not None and c.label_agreement < 0.999)
-    ]
+            result.checks = check_onnx(path, wrapper, shapes, raw_input, labels, tolerance)
+    bad = [c for c in result.checks if not c.passes(tolerance)]
     if bad:
         hint = (
             " (a traced graph that does not generalise: try --exporter dynamo)"

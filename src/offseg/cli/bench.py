@@ -23,11 +23,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "spread and ratio to the FLOP limit), measure each row's peak RSS in a child process, and check every "
         "row's output against the reference computation. Rows per model: reference (the official "
         "computation), eager, fast (offseg.optimize_for_inference) and the extra --backend rows; with --train, "
-        "a full training step (forward, cross-entropy, backward, AdamW) for reference and eager.",
+        "a full training step (forward, cross-entropy, backward, AdamW) for reference and eager. --onnx adds one "
+        "row per ONNX file (fp32 export or int8 model), compared with the first ONNX row of its model.",
     )
-    p.add_argument("--model", nargs="+", default=["offseg-t"], help="model name(s) (see offseg.list_models())")
     p.add_argument(
-        "--size", nargs=2, type=int, default=(512, 512), metavar=("H", "W"), help="input size (default: 512 512)"
+        "--model", nargs="+", help="model name(s) (see offseg.list_models(); default: offseg-t unless --onnx is given)"
+    )
+    p.add_argument(
+        "--onnx",
+        nargs="+",
+        default=[],
+        metavar="FILE.onnx",
+        help="also time these ONNX files (from `offseg export` or `offseg quantize`, each with its FILE.json sidecar) "
+        "as `offseg eval --onnx` runs them, with their trained weights; a fixed-size file runs at its own size",
+    )
+    p.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        help="input size (default: 512 512; fixed-size ONNX files: theirs)",
     )
     p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     p.add_argument("--threads", type=int, default=2, help="intra-op CPU threads (default: 2)")
@@ -58,11 +73,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _validate(args: argparse.Namespace) -> None:
     from ..models import list_models
 
+    if args.model is None:
+        args.model = [] if args.onnx else ["offseg-t"]
+    if args.onnx and args.train:
+        raise ValueError("--onnx files are timed as forwards; --train applies to --model rows")
     known = set(list_models())
     for name in args.model:
         if name not in known:
             raise ValueError(f"unknown model {name!r}; see offseg.list_models()")
-    h, w = args.size
+    h, w = args.size or (512, 512)
     if h < 32 or w < 32 or h % 32 or w % 32:
         raise ValueError(f"--size must be positive multiples of 32, got {h} {w}")
     for flag in ("batch", "threads", "runs", "memory_runs"):
@@ -75,10 +94,12 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmark import default_rows, format_table, results_to_json, run_suite
+    from ..benchmark import default_rows, format_table, onnx_rows, results_to_json, run_suite
 
     _validate(args)
-    rows = default_rows(args.model, args.backend, args.train, tuple(args.size), args.batch, args.num_classes)
+    size = tuple(args.size) if args.size else (512, 512)
+    rows = default_rows(args.model, args.backend, args.train, size, args.batch, args.num_classes)
+    rows += onnx_rows(args.onnx, tuple(args.size) if args.size else None, args.batch)
     spin = os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive"
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
