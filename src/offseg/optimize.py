@@ -622,7 +622,7 @@ class _FastOffsetLearning(OffsetLearning):
         # (6.4 MB with 2 threads) for the rest of the process; this orientation does not.
         coupled_attn = torch.matmul(feats.transpose(1, 2), cls_repr.transpose(1, 2))
         # softmax_HW(A) E with the softmax's division applied to the (K, C) product (PyTorch's
-        # softmax over the non-contiguous pixel axis sums 16k terms one by one: 1e-5 relative in
+        # softmax over the non-contiguous pixel axis sums 16k terms one by one: 3e-5 relative in
         # the logits; torch.sum cascades), a band of classes at a time: the weights of all classes
         # would be one more (HW, K) map.
         pooled = cls_repr.new_empty(b, self.num_classes, c)
