@@ -4,6 +4,7 @@ and ONNX Runtime, each beside its FLOP limit; the training step; the cost agains
 
     python benchmarks/bench_speed.py                      # the full suite -> docs/benchmarks.md
     python benchmarks/bench_speed.py --quick --output /tmp/bench.md   # small sizes, a smoke run
+    python benchmarks/bench_speed.py --memory-only        # OffSeg-T's peak-memory rows only, printed
 
 Each table is one `offseg.benchmark.run_suite` call: its rows are timed in this process,
 round-robin after a warm-up (median and min-max of the runs), and each row's peak memory is
@@ -27,7 +28,17 @@ from pathlib import Path
 import torch
 
 from offseg import list_models
-from offseg.benchmark import Result, Row, format_table, forward_macs, matmul_rate, results_to_json, run_suite
+from offseg.benchmark import (
+    Result,
+    Row,
+    export_for_bench,
+    format_table,
+    forward_macs,
+    matmul_rate,
+    measure_memory,
+    results_to_json,
+    run_suite,
+)
 
 ZOO = [
     "offseg-t",
@@ -110,6 +121,41 @@ def kept_coload_section(path: Path) -> list[str]:
     return [text[start:end], ""]
 
 
+def memory_only(size: tuple[int, int], threads: int, variants: list[str], workdir: Path) -> str:
+    """The OffSeg-T forward rows' peak memory (the child processes of the full run, nothing timed),
+    as a Markdown table with the memory targets. Memory does not depend on machine load."""
+    results = []
+    for variant in variants:
+        row = Row("offseg-t", variant, False, size, 1)
+        if variant == "onnxruntime":
+            export_for_bench(row, workdir)  # as the full run does: the child then only loads the file
+        log(f"  peak memory of {row.label} (child process) ...")
+        info = measure_memory(row, threads, 2, workdir)
+        results.append(Result(row, peak_rss_mb=info["peak_rss_mb"], build_rss_mb=info["build_rss_mb"]))
+    res = by_key(results)
+    ref, fast, labels = (res[("offseg-t", v, False, size)] for v in ("reference", "fast", "labels"))
+    lines = [
+        f"OffSeg-T forward at {size[0]}x{size[1]}, batch 1, {threads} threads: peak RSS of a child process running "
+        "only the row, minus its RSS right after `import torch` (MiB)",
+        "",
+        "| row | peak | once built | x reference |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        assert r.peak_rss_mb is not None and r.build_rss_mb is not None and ref.peak_rss_mb
+        lines.append(
+            f"| {r.row.label} | {r.peak_rss_mb:.1f} | {r.build_rss_mb:.1f} | {r.peak_rss_mb / ref.peak_rss_mb:.2f} |"
+        )
+    return "\n".join(
+        lines
+        + [
+            "",
+            f"- fast path memory vs reference: {verdict(ratio(fast, ref, True), TARGETS['memory'])}",
+            f"- labels-only memory vs reference: {verdict(ratio(labels, ref, True), TARGETS['labels_memory'])}",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"))
@@ -121,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime row")
     parser.add_argument("--workdir", help="cache for ONNX exports (default: a temporary directory)")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only OffSeg-T's peak-memory rows (reference, eager, fast, labels, ONNX Runtime), printed; "
+        "nothing timed, no file written",
+    )
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -132,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     spin = os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive"
     torch.set_num_threads(threads)
+    if args.memory_only:
+        variants = ["reference", "eager", "fast", "labels"] + ([] if args.no_onnx else ["onnxruntime"])
+        print(memory_only(size, threads, variants, workdir))
+        return 0
     known = set(list_models())
     zoo = [m for m in ZOO if m in known]
     started = time.time()
@@ -182,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         "- **Memory** (`peak MB above torch`): each row again in a child process of its own that runs only that "
         "row: its peak RSS minus its RSS right after `import torch` (model, buffers, the computation). glibc "
         "runs with a fixed mmap threshold in these children, so freed tensors leave the process "
-        "(`offseg bench --malloc default` for glibc's adaptive default, which retains more).",
+        "(`offseg bench --malloc default` for glibc's adaptive default, which retains more). "
+        "`--memory-only` measures only these rows of OffSeg-T (minutes, and insensitive to machine load).",
         "- **FLOP limit** (`x FLOP limit`): the row's multiply-adds (the `full` convention of `offseg.flops`; "
         f"OffSeg-T at {size[0]}x{size[1]}: {offseg_t_macs / 1e9:.2f} G) divided by this machine's "
         f"`torch.mm` 2048x2048 float32 rate measured in this run: **{rate / 1e9:.1f} G multiply-adds/s**. "
@@ -211,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         "the official reference vectors (`tests/test_benchmark.py`). This row is frozen.",
         "- **eager** = the library's default modules (exact reformulations, used for training too).",
         "- **fast** = `offseg.optimize_for_inference(model, size)`: BatchNorm and layer scales folded, merged "
-        "projections, cached attention biases, Offset Learning regrouped, channels-last throughout, CARAFE in "
-        "cache-sized bands, the output in transparent huge pages.",
+        "projections, attention biases mixed once, Offset Learning regrouped, channels-last throughout, CARAFE in "
+        "cache-sized bands, the head's maps dropped as soon as used, the output in transparent huge pages.",
         "- **labels** = the labels-only prediction path of `offseg.predict` (`offseg.inference.whole_labels` on "
         "the fast model): the resize and the argmax band by band, never the full-resolution logits of all "
         "classes.",

@@ -8,13 +8,16 @@ is left untouched. What it does, where it applies:
   `nn.Sequential`, in `ConvModule`, and in the known backbone blocks; BN -> 1x1 conv where the BN
   output feeds only that conv), parameters frozen, forward under `torch.inference_mode`;
 - EfficientFormerV2 (OffSeg): layer scales folded into the last conv of their branch; the q/k/v
-  1x1 convs merged into one, the attention scale folded into q; the relative-position biases
-  gathered, resized and pushed through the first talking-head mix once per token-grid size
-  (cached); the talking-head 1x1 convs over 8 heads run as one small matrix product each;
+  1x1 convs merged into one, the attention scale folded into q; the relative-position bias
+  table pushed through the first talking-head mix once, the bias gathered from it on every call
+  at the table's grid size (resized and cached per size at other sizes); the talking-head 1x1
+  convs over 8 heads run as one small matrix product each;
 - Offset Learning (OffSeg, SegFormer-OL, SegNeXt-OL): the feature-offset projection moved onto
   the (K x C) class side, where it is weights-only, and the offset-aligned score product
   regrouped: E'(W')^T = E(W + dW)^T + softmax_K(A)^T [(W P_f^T)(W + dW)^T], about 40% fewer
-  multiply-adds, same function;
+  multiply-adds, same function; computed in bands of pixels and classes, in the memory of A;
+- memory: the OffSeg head lets go of each map once used (its 1/4-resolution maps are the widest
+  of the network, where a labels-only prediction peaks), no copy of the input is made;
 - the whole network runs channels-last (depthwise and 1x1 convs, CARAFE and the similarity maps
   are faster that way on CPU), the OffSeg head's interleaved concatenations included; the logits
   are made NCHW-contiguous before the final resize (PyTorch's bilinear kernel is several times
@@ -50,7 +53,7 @@ import torch.nn.functional as F
 from .models.backbones import efficientformer_v2 as effv2
 from .models.heads.offseg_head import OffSegHead, interleave_groups
 from .models.layers import freqfusion as freqfusion_module
-from .models.layers.carafe import carafe_taps
+from .models.layers.carafe import carafe, carafe_taps
 from .models.layers.conv_module import ConvModule
 from .models.layers.offset_learning import OffsetLearning
 from .models.segmentor import num_classes_of
@@ -375,10 +378,20 @@ class _FastAttention4D(effv2.Attention4D):
         del self.q, self.k, self.v
         self.mix1_weight, self.mix1_bias = _head_mix(self.talking_head1)
         self.mix2_weight, self.mix2_bias = _head_mix(self.talking_head2)
+        # The mix commutes with the gather of the bias from its table: W1 T[:, idx] + b1 = (W1 T + b1)[:, idx].
+        self.mixed_table = torch.addmm(self.mix1_bias, self.mix1_weight, self.attention_biases_seg.detach())
         self.bias_cache: dict[int, torch.Tensor] = {}
 
     def mixed_bias(self, n: int) -> torch.Tensor:
-        """talking_head1 applied to the position bias: W1 B + b1, (heads, n*n)."""
+        """talking_head1 applied to the position bias: W1 B + b1, (heads, n*n).
+
+        At the grid size of the table, gathered from the mixed table on every call rather than
+        cached: a cache stays resident through the whole forward (2 MB per layer at 512x512
+        input; with the downsampling attention's 8 MB, 16 MB for OffSeg-T) and the gather costs
+        about what reading the cache does. Other sizes need the bicubic resize: cached."""
+        idxs = self.attention_bias_idxs_seg
+        if idxs.shape == (n, n):
+            return torch.index_select(self.mixed_table, 1, idxs.view(-1))
         cached = self.bias_cache.get(n)
         if cached is None:
             bias = self.position_bias(n, n)[0].reshape(self.num_heads, n * n)
@@ -427,6 +440,11 @@ class _FastAttention4DDownsample(effv2.Attention4DDownsample):
         self.bias_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def cached_bias(self, nq: int, nk: int) -> torch.Tensor:
+        if self.attention_bias_idxs_seg.shape == (nq, nk):
+            # A gather on every call, not cached (see _FastAttention4D.mixed_bias).
+            return torch.index_select(self.attention_biases_seg, 1, self.attention_bias_idxs_seg.view(-1)).view(
+                -1, nq, nk
+            )
         cached = self.bias_cache.get((nq, nk))
         if cached is None:
             cached = self.position_bias(nq, nk)[0].contiguous()
@@ -465,6 +483,9 @@ def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
             scale_conv_outputs(cast(nn.Conv2d, module.token_mixer.proj[1]), module.layer_scale_1)
             scale_conv_outputs(module.mlp.fc2, module.layer_scale_2)
             module.__class__ = _FastAttnFFN
+        elif isinstance(module, effv2.AttentionBias):
+            # The position-bias index tables in int32: half of 4 MB for OffSeg-T, resident.
+            module.attention_bias_idxs_seg = module.attention_bias_idxs_seg.int()
     for module in list(backbone.modules()):
         fast = swaps.get(type(module))
         if fast is not None:
@@ -530,7 +551,10 @@ class _FastGNConvModule(ConvModule):
     temporary): one map-sized tensor less at the head's widest layers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+        return self.norm_act(self.conv(x))
+
+    def norm_act(self, x: torch.Tensor) -> torch.Tensor:
+        """The GroupNorm and activation of the conv output `x` (overwritten)."""
         norm = cast(nn.GroupNorm, self.gn)
         if _layout(x) is torch.channels_last:
             x = _group_norm_channels_last(x, norm, in_place=True)
@@ -552,6 +576,12 @@ def _optimise_group_norms(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 # Offset Learning, regrouped
 # --------------------------------------------------------------------------------------------
+
+
+# Pixels per step of _FastOffsetLearning's masks (150 classes: 0.6 MB per temporary), and classes
+# per step of its pooling (128x128 maps: 3 MB; smaller bands cost time, each reads all features).
+_PIXEL_BAND = 1024
+_CLASS_BAND = 50
 
 
 def _pool_by_bands(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -588,18 +618,49 @@ class _FastOffsetLearning(OffsetLearning):
         b, c, h, w = x.shape
         feats = x.reshape(b, c, h * w)  # (B, C, HW); a view when x is contiguous
         cls_repr = self.cls_repr.expand(b, -1, -1)  # (B, K, C)
-        coupled_attn = torch.matmul(cls_repr, feats)  # (B, K, HW)
-        pooled = _pool_by_bands(coupled_attn.softmax(dim=2), x)  # (B, K, C)
+        # A^T, (B, HW, K): the (K, HW) product of the same numbers made MKL keep per-thread buffers
+        # (6.4 MB with 2 threads) for the rest of the process; this orientation does not.
+        coupled_attn = torch.matmul(feats.transpose(1, 2), cls_repr.transpose(1, 2))
+        # softmax_HW(A) E with the softmax's division applied to the (K, C) product (PyTorch's
+        # softmax over the non-contiguous pixel axis sums 16k terms one by one: 3e-5 relative in
+        # the logits; torch.sum cascades), a band of classes at a time: the weights of all classes
+        # would be one more (HW, K) map.
+        pooled = cls_repr.new_empty(b, self.num_classes, c)
+        for start in range(0, self.num_classes, _CLASS_BAND):
+            band = slice(start, start + _CLASS_BAND)
+            weights = (coupled_attn[:, :, band] - coupled_attn[:, :, band].amax(dim=1, keepdim=True)).exp_()
+            pooled[:, band] = _pool_by_bands(weights.transpose(1, 2), x) / weights.sum(dim=1).unsqueeze(2)
         aligned_repr = cls_repr + self.cls_offset_proj(pooled)
         class_mix = torch.matmul(self.projected_cls_repr, aligned_repr.transpose(1, 2))  # (B, K, K)
-        # (HW, K) orientation, so that the LayerNorm runs over the contiguous last axis.
-        masks = torch.baddbmm(
-            torch.matmul(feats.transpose(1, 2), aligned_repr.transpose(1, 2)),
-            coupled_attn.softmax(dim=1).transpose(1, 2),
-            class_mix,
-        )  # (B, HW, K)
-        masks = self.mask_norm(masks)
+        # The masks, (B, HW, K) like A^T (the LayerNorm runs over the contiguous last axis), a band
+        # of pixels at a time, each band written over the band of A^T it was computed from: the
+        # class probabilities and the masks of all pixels at once would be two more (HW, K) maps.
+        masks = coupled_attn
+        for start in range(0, h * w, _PIXEL_BAND):
+            band = slice(start, start + _PIXEL_BAND)
+            scores = torch.matmul(feats[:, :, band].transpose(1, 2), aligned_repr.transpose(1, 2))
+            scores.baddbmm_(masks[:, band].softmax(dim=2), class_mix)
+            masks[:, band] = self.mask_norm(scores)
         return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
+
+
+class _FastFreqFusion(freqfusion_module.FreqFusion):
+    """FreqFusion whose resampled low-resolution feature is written over CARAFE's output, one
+    channel group of the sampler at a time (a group's samples are all taken before they replace
+    it): the two maps of all channels at once would be the widest pair here (14 MB each in
+    OffSeg-T's last fusion at 512x512 input). Same values."""
+
+    def upsample_lr(self, lr_feat: torch.Tensor, mask_lr: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return super().upsample_lr(lr_feat, mask_lr, offset)
+        upsampled = carafe(lr_feat, mask_lr, self.lowpass_kernel, 1, 2)
+        coords = self.dysampler.coordinates(offset, upsampled)  # B, G, 2H, 2W, (x, y)
+        groups = self.dysampler.groups
+        width = upsampled.shape[1] // groups
+        for g in range(groups):
+            group = upsampled[:, g * width : (g + 1) * width]
+            group.copy_(self.dysampler.resample(group, coords[:, g]))
+        return upsampled
 
 
 def _interleave_channels_last(a: torch.Tensor, b: torch.Tensor, groups: int = 4) -> torch.Tensor:
@@ -612,24 +673,37 @@ def _interleave_channels_last(a: torch.Tensor, b: torch.Tensor, groups: int = 4)
 
 
 class _FastOffSegHead(OffSegHead):
-    """OffSegHead whose interleaved concatenations stay channels-last when the model is."""
+    """OffSegHead whose interleaved concatenations stay channels-last when the model is, and that
+    drops each map once it is used: the last ones are the widest maps of the network (16 MB each
+    at 512x512 input), and the peak memory of a forward is reached here. A list of backbone
+    features (what `Segmentor.forward_logits` hands over) is emptied as they are projected."""
 
     def fuse(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        feats = [pre(x) for pre, x in zip(self.pre, inputs, strict=True)][::-1]
-        fused = feats[0]
-        for hr_feat, freqfusion in zip(feats[1:], self.freqfusions, strict=True):
-            _, hr_feat, fused = freqfusion(hr_feat, fused)
+        backbone_feats = inputs if isinstance(inputs, list) else list(inputs)
+        backbone_feats.reverse()
+        feats = [pre(backbone_feats.pop()) for pre in self.pre]  # popped finest last
+        fused = feats.pop()
+        for freqfusion in self.freqfusions:
+            hr_feat, fused = freqfusion(feats.pop(), fused)[1:]
             if _layout(hr_feat) is torch.channels_last:
                 fused = _interleave_channels_last(hr_feat, fused)
             else:
                 fused = interleave_groups(hr_feat, fused)
-        return self.align(fused)
+            del hr_feat
+        align = self.align
+        if not isinstance(align, _FastGNConvModule):
+            return align(fused)
+        x = align.conv(fused)
+        del fused  # before the GroupNorm allocates its output
+        return align.norm_act(x)
 
 
 def _optimise_offset_learning(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is OffSegHead:
             module.__class__ = _FastOffSegHead
+        if type(module) is freqfusion_module.FreqFusion:
+            module.__class__ = _FastFreqFusion
         if type(module) is OffsetLearning and module.branches == "both":
             module.__class__ = _FastOffsetLearning
             cast(_FastOffsetLearning, module).prepare()
@@ -662,19 +736,19 @@ class InferenceModel(nn.Module):
             raise RuntimeError("an inference-optimised model cannot be trained; train the original model")
         return super().train(False)
 
-    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+    # The input is used as it comes: the first convolution's channels-last weights make its output
+    # channels-last (oneDNN reorders the input inside the call), and a channels-last copy of the
+    # input made here would stay alive through the whole forward.
 
     def forward_logits(self, x: torch.Tensor):
         forward_logits = getattr(self.model, "forward_logits", None)
         if forward_logits is None:
             raise AttributeError(f"{type(self.model).__name__} has no forward_logits")
         with torch.inference_mode():
-            return forward_logits(self._prepare_input(x))
+            return forward_logits(x)
 
     def forward(self, x: torch.Tensor):
         with torch.inference_mode():
-            x = self._prepare_input(x)
             forward_logits = getattr(self.model, "forward_logits", None)
             if type(self.model).forward is not _segmentor_forward() or forward_logits is None:
                 return self.model(x)

@@ -133,20 +133,31 @@ class LocalSimGuidedSampler(nn.Module):
                 nn.init.zeros_(conv.bias)
 
     def forward(self, hr_x: torch.Tensor, lr_x: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        return self.sample(feat, self.offsets(hr_x, lr_x))
+
+    def offsets(self, hr_x: torch.Tensor, lr_x: torch.Tensor) -> torch.Tensor:
+        """The resampling offsets (B, 2*G*4, H, W) from the guidance features: they do not depend on
+        the feature being resampled, so `FreqFusion.forward` computes them before that exists."""
         hr_x = self.norm_hr(hr_x)
         lr_x = self.norm_lr(lr_x)
         hr_sim = local_cosine_similarity(hr_x)
         lr_sim = local_cosine_similarity(lr_x)
-        offset = (self.offset(lr_sim) + F.pixel_unshuffle(self.hr_offset(hr_sim), self.scale)) * (
+        return (self.offset(lr_sim) + F.pixel_unshuffle(self.hr_offset(hr_sim), self.scale)) * (
             self.direct_scale(lr_x) + F.pixel_unshuffle(self.hr_direct_scale(hr_x), self.scale)
         ).sigmoid() + self.init_pos
-        return self.sample(feat, offset)
 
     def sample(self, feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Bilinear samples of `feat` (B, C, 2H, 2W) at the low-resolution pixel centres plus
         `offset` (B, 2*G*4, H, W, in low-resolution pixels), one offset field per channel group."""
+        b, _, hs, ws = feat.shape
+        coords = self.coordinates(offset, feat).flatten(0, 1)  # B*G, 2H, 2W, (x, y)
+        return self.resample(feat.reshape(b * self.groups, -1, hs, ws), coords).view(b, -1, hs, ws)
+
+    def coordinates(self, offset: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        """The sampling grid of each channel group, (B, G, 2H, 2W, (x, y)) in grid_sample's [-1, 1]
+        convention, for `offset` (B, 2*G*4, H, W) and a feature of `feat`'s dtype and device."""
         b, _, h, w = offset.shape
-        s, g = self.scale, self.groups
+        s = self.scale
         offset = offset.view(b, 2, -1, h, w)
         ys = torch.arange(h, dtype=feat.dtype, device=feat.device) + 0.5
         xs = torch.arange(w, dtype=feat.dtype, device=feat.device) + 0.5
@@ -154,15 +165,12 @@ class LocalSimGuidedSampler(nn.Module):
         normalizer = torch.tensor([w, h], dtype=feat.dtype, device=feat.device).view(1, 2, 1, 1, 1)
         coords = 2 * (centres + offset) / normalizer - 1
         coords = F.pixel_shuffle(coords.reshape(b, -1, h, w), s).view(b, 2, -1, s * h, s * w)
-        coords = coords.permute(0, 2, 3, 4, 1).flatten(0, 1)  # B*G, 2H, 2W, (x, y)
-        sampled = F.grid_sample(
-            feat.reshape(b * g, -1, feat.shape[-2], feat.shape[-1]),
-            coords,
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
-        return sampled.view(b, -1, s * h, s * w)
+        return coords.permute(0, 2, 3, 4, 1)
+
+    @staticmethod
+    def resample(feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """`feat` (N, C, H', W') sampled bilinearly at `coords` (N, H'', W'', 2), border-clamped."""
+        return F.grid_sample(feat, coords, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class FreqFusion(nn.Module):
@@ -223,13 +231,22 @@ class FreqFusion(nn.Module):
         mask_lr = mask_lr_hr + carafe(self.content_encoder(lr_c), init_kernels, kl, 1, 2)
         init_kernels = normalize_kernels(mask_lr, kl, lowpass_window)
         mask_hr = mask_hr_hr + carafe(self.content_encoder2(lr_c), init_kernels, kl, 1, 2)
+        del mask_lr_hr, init_kernels, mask_hr_hr
 
-        mask_lr = normalize_kernels(mask_lr, kl, lowpass_window)
-        lr_up = carafe(lr_feat, mask_lr, kl, 1, 2)
+        # The same steps as the reference order, rearranged for memory: each map is dropped once
+        # used, and the resampling offsets come before the upsampled low-resolution feature, the
+        # widest map here (at 1/4 resolution in OffSeg), so that the two never coexist.
+        offset = self.dysampler.offsets(hr_c, lr_c)
+        del hr_c, lr_c
         mask_hr = normalize_kernels(mask_hr, kh, highpass_window)
         hr_out = (hr_feat - carafe(hr_feat, mask_hr, kh, 1, 1)) + hr_feat
-        lr_up = self.dysampler(hr_c, lr_c, lr_up)
-        return mask_lr, hr_out, lr_up
+        del mask_hr
+        mask_lr = normalize_kernels(mask_lr, kl, lowpass_window)
+        return mask_lr, hr_out, self.upsample_lr(lr_feat, mask_lr, offset)
+
+    def upsample_lr(self, lr_feat: torch.Tensor, mask_lr: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """`lr_feat` upsampled by CARAFE with the kernels `mask_lr`, then resampled at `offset`."""
+        return self.dysampler.sample(carafe(lr_feat, mask_lr, self.lowpass_kernel, 1, 2), offset)
 
     def forward_reference(
         self, hr_feat: torch.Tensor, lr_feat: torch.Tensor
