@@ -180,14 +180,12 @@ def quantize_onnx(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="offseg-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        # symbolic shape inference + ORT's graph optimisations (constant folding, fusions), as ORT
-        # recommends before quantising; the symbolic inference does not get through the dynamo
-        # exporter's dynamic OffSeg graphs ("Incomplete symbolic shape inference"), ONNX's own does
+        # shape inference + ORT's graph optimisations (constant folding, fusions), as ORT recommends
+        # before quantising. ORT's symbolic shape inference does not get through the dynamo
+        # exporter's dynamic OffSeg graphs (it raises, leaving a debug copy of the model in the
+        # working directory), so dynamic graphs get ONNX's own shape inference.
         with contextlib.redirect_stdout(io.StringIO()), _quiet_ort_logs():
-            try:
-                quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
-            except Exception:
-                quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=size is None)
         float_nodes = _float_nodes(prepared, Path(fp32_path), float_pattern) if float_pattern else []
         with _quiet_ort_logs():
             ortq.quantize_static(
