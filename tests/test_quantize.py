@@ -60,11 +60,20 @@ def test_quantize_writes_int8_model_and_sidecar(trained):
     assert config["input"]["size_policy"] == "fixed" and config["input"]["size"] == list(SIZE)
     assert config["test_mode"]["mode"] == "whole" and config["class_names"][0] == "sky"
     assert config["quantization"]["calibration_images"] == 3
-    assert config["quantization"]["op_types_quantized"] == ["Conv", "MatMul", "Gemm"]
+    assert config["quantization"]["preset"] == "ol-attention-float"
+    assert config["quantization"]["op_types_quantized"] == "all supported by onnxruntime"
     import onnx
 
-    ops = {node.op_type for node in onnx.load(str(trained["int8"])).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    graph = onnx.load(str(trained["int8"])).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}
+    # the default preset: the Offset Learning attention float, its offset projections int8
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    consumers = {name: node.op_type for node in graph.node for name in node.input}
+    ol = "/model/decode_head/offset_learning/"
+    softmaxes = [node for node in graph.node if node.name.startswith(ol) and node.op_type == "Softmax"]
+    assert len(softmaxes) == 2 and all(consumers[node.output[0]] != "QuantizeLinear" for node in softmaxes)
+    (projection,) = [node for node in graph.node if node.name == ol + "feat_offset_proj/MatMul"]
+    assert {producers[name] for name in projection.input} == {"DequantizeLinear"}
     assert trained["int8"].stat().st_size < 0.5 * trained["fp32"].stat().st_size  # int8 weights
     assert read_sidecar(trained["fp32"])["precision"] == "fp32"
 
@@ -156,3 +165,25 @@ def test_bench_times_onnx_models(trained, tmp_path, capsys):
     # a fixed-size file runs at its own size only
     assert main(["bench", "--onnx", files[1], "--size", "128", "128", "--no-memory"]) == 1
     assert "fixed-size graph (64x96)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the dynamo exporter takes minutes on OffSeg
+def test_dynamic_int8_model_keeps_the_preset(trained, tmp_path):
+    # dynamo graphs name nodes "node_softmax_20" and keep the module in metadata, which ONNX Runtime's
+    # pre-processing drops; the preset must still find the Offset Learning block
+    import onnx
+
+    from offseg.quantize import calibration_images, module_paths, quantize_model
+
+    images = calibration_images("folder", trained["scenes"], 3)
+    out = tmp_path / "dynamic.onnx"
+    quantize_model(trained["model"], out, images, dynamic=True, keep_fp32=tmp_path / "dynamic_fp32.onnx")
+    assert read_sidecar(out)["input"]["size_policy"] == "dynamic"
+    graph = onnx.load(str(out)).graph
+    paths = module_paths(graph, onnx.load(str(tmp_path / "dynamic_fp32.onnx")).graph)
+    consumers = {name: node.op_type for node in graph.node for name in node.input}
+    softmaxes = [n for n in graph.node if n.op_type == "Softmax" and "/offset_learning/" in paths[n.name]]
+    assert len(softmaxes) == 2 and all(consumers[node.output[0]] != "QuantizeLinear" for node in softmaxes)
+    int8 = OnnxSegmentor(out)
+    for shape in [(1, 3, *SIZE), (2, 3, 96, 128)]:
+        assert int8(torch.zeros(shape)).shape == (shape[0], 8, *shape[2:])

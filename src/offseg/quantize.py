@@ -8,19 +8,22 @@ them. The result is an ONNX file plus its sidecar (`offseg.onnx_model`), which `
 `offseg predict` and `OnnxSegmentor` run.
 
 What is quantised is a preset (`QUANT_PRESETS`), because parts of the network are numerically
-sensitive:
+sensitive. A node's part of the network is the module it was exported from (`module_paths`).
 
 - "compute": only the ops that carry the arithmetic (Conv, MatMul, Gemm) get int8 inputs;
-  softmaxes, LayerNorm / GroupNorm (InstanceNormalization in the graph), GELU (Erf), GridSample,
-  resizes and element-wise ops stay float. The default.
-- "compute-ol-float": as "compute", and the Offset Learning block (the nodes of modules named
-  `offset_learning`: its attention matmuls over class and feature offsets) stays float as well.
-- "all": every op type ONNX Runtime can quantise: also softmaxes, LayerNorm / GroupNorm, Add,
-  Mul, resizes, reshapes; in OffSeg-T only GELU (Erf), Clip and DepthToSpace keep float tensors.
-  The fastest (each float island between int8 ops costs a dequantise / quantise pair), but the
-  least robust: it agrees less with fp32, most on weakly trained models.
+  softmaxes, LayerNorm / GroupNorm (InstanceNormalization in the graph), GELU, GridSample,
+  resizes, element-wise and data-movement ops stay float.
+- "ol-attention-float" (the default): every op type ONNX Runtime quantises, except in the Offset
+  Learning block (modules named `offset_learning`), which stays float but for its two offset
+  projections (`cls_offset_proj`, `feat_offset_proj`, int8). What must stay float there is its
+  softmax over the pixels and the matmul that weights the features with it: uint8 with one scale
+  per tensor flattens attention weights of about 1 / (number of pixels) to a few levels.
+- "all": every op type ONNX Runtime quantises; in OffSeg-T only the GELUs (Erf, Div), FreqFusion's
+  similarity and kernel normalisation (ReduceSum, ReduceL2, Sub, Div), its sampler (GridSample)
+  and DepthToSpace keep float tensors.
 
-docs/inference.md gives the accuracy and speed of each, measured by benchmarks/bench_int8.py.
+docs/inference.md gives the ablation behind these (benchmarks/bench_int8_ablation.py) and the
+accuracy and speed of each (benchmarks/bench_int8.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -41,15 +45,16 @@ import torch.nn as nn
 from .export import _import, export_onnx
 from .onnx_model import write_sidecar
 
-__all__ = ["QUANT_PRESETS", "DEFAULT_PRESET", "calibration_images", "quantize_model", "quantize_onnx"]
+__all__ = ["QUANT_PRESETS", "DEFAULT_PRESET", "calibration_images", "module_paths", "quantize_model", "quantize_onnx"]
 
-# preset -> (op types to quantise or None for all ORT supports, node-name fragments kept in float)
-QUANT_PRESETS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
-    "compute": (("Conv", "MatMul", "Gemm"), ()),
-    "compute-ol-float": (("Conv", "MatMul", "Gemm"), ("/offset_learning/",)),
-    "all": (None, ()),
+# preset -> (op types to quantise, None for every type ONNX Runtime quantises; a regular expression
+# searched in each node's module path, whose matches stay float, or None)
+QUANT_PRESETS: dict[str, tuple[tuple[str, ...] | None, str | None]] = {
+    "compute": (("Conv", "MatMul", "Gemm"), None),
+    "ol-attention-float": (None, r"/offset_learning/(?!(cls|feat)_offset_proj/)"),
+    "all": (None, None),
 }
-DEFAULT_PRESET = "compute"
+DEFAULT_PRESET = "ol-attention-float"
 
 
 def calibration_images(
@@ -103,10 +108,43 @@ class _Calibration:
         self.position = 0
 
 
-def _float_nodes(model_path: Path, fragments: Sequence[str]) -> list[str]:
+def _namespace_path(node: Any) -> str | None:
+    """The module path of a node of torch's dynamo exporter, from its "namespace" metadata
+    (": ExportWrapper/model: Segmentor/model.decode_head.offset_learning: OffsetLearning/softmax_20:
+    aten.softmax.int" -> "/model/decode_head/offset_learning/softmax_20")."""
+    namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), None)
+    if not namespace:
+        return None
+    scopes = [scope.split(":", 1)[0].strip() for scope in namespace.split("/")]
+    module = next((scope for scope in reversed(scopes[:-1]) if scope), "")
+    return "/" + "/".join([*module.split("."), scopes[-1]]) if module else None
+
+
+def module_paths(graph: Any, original: Any | None = None) -> dict[str, str]:
+    """Node name -> the module path it was exported from: the torchscript exporter names nodes so
+    ("/model/decode_head/offset_learning/MatMul_1"); the dynamo exporter's nodes ("node_matmul_20")
+    carry it in metadata, which ONNX Runtime's pre-processing drops, so it is read from `original`
+    (the graph before pre-processing; node names survive it). Nodes with neither (added by the
+    pre-processing, e.g. "Transpose_token_3") take the path of the node producing their first input."""
+    known = {node.name: path for node in (original or graph).node if (path := _namespace_path(node)) is not None}
+    producer = {out: node for node in graph.node for out in node.output}
+    paths: dict[str, str] = {}
+    for node in graph.node:
+        source = node
+        path = source.name if source.name.startswith("/") else known.get(source.name)
+        while path is None and source.input and source.input[0] in producer:
+            source = producer[source.input[0]]
+            path = paths.get(source.name)
+        paths[node.name] = path or node.name
+    return paths
+
+
+def _float_nodes(prepared: Path, original: Path, pattern: str) -> list[str]:
     onnx = _import("onnx", "int8 quantisation")
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [node.name for node in graph.node if any(fragment in node.name for fragment in fragments)]
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    paths = module_paths(graph, onnx.load(str(original), load_external_data=False).graph)
+    keep = re.compile(pattern)
+    return [node.name for node in graph.node if keep.search(paths[node.name])]
 
 
 def quantize_onnx(
@@ -137,16 +175,18 @@ def quantize_onnx(
                 f"a calibration image is {image.shape[-2]}x{image.shape[-1]} after the test resize, larger than the "
                 f"export size {size[0]}x{size[1]}: give a larger --size, a smaller --scale, or --dynamic"
             )
-    op_types, float_fragments = QUANT_PRESETS[preset]
+    op_types, float_pattern = QUANT_PRESETS[preset]
     out_path = Path(out_path)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="offseg-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        # symbolic shape inference + ORT's graph optimisations (constant folding, fusions), as ORT
-        # recommends before quantising
+        # shape inference + ORT's graph optimisations (constant folding, fusions), as ORT recommends
+        # before quantising. ORT's symbolic shape inference does not get through the dynamo
+        # exporter's dynamic OffSeg graphs (it raises, leaving a debug copy of the model in the
+        # working directory), so dynamic graphs get ONNX's own shape inference.
         with contextlib.redirect_stdout(io.StringIO()), _quiet_ort_logs():
-            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
-        float_nodes = _float_nodes(prepared, float_fragments) if float_fragments else []
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=size is None)
+        float_nodes = _float_nodes(prepared, Path(fp32_path), float_pattern) if float_pattern else []
         with _quiet_ort_logs():
             ortq.quantize_static(
                 str(prepared),
@@ -169,7 +209,7 @@ def quantize_onnx(
         "weights": "int8, symmetric, per output channel",
         "activations": "uint8, asymmetric, per tensor",
         "op_types_quantized": list(op_types) if op_types is not None else "all supported by onnxruntime",
-        "float_node_patterns": list(float_fragments),
+        "float_modules": float_pattern,
         "float_nodes": len(float_nodes),
         "calibration_images": len(calibration),
         "seconds": round(time.perf_counter() - start, 1),
