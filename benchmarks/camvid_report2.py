@@ -167,14 +167,16 @@ def write_report(results_dir: Path, round1_dir: Path, planned: list, arms: dict,
         lines.append("")
     else:
         lines += ["(every cell needs two seeds of each variant first)", ""]
-    lines += [
-        "## What the numbers say",
-        "",
-        "(written once all 18 runs are finished, from the tables above)"
-        if finished < len(planned)
-        else "(see the conclusion below)",
-        "",
-    ]
+    # The conclusion is prose, written by a person from the finished tables (conclusion.md beside
+    # the results), and kept here verbatim so that a later rewrite of this page keeps it.
+    conclusion = results_dir / "conclusion.md"
+    lines += ["## What the numbers say", ""]
+    if finished < len(planned):
+        lines += ["(written once all 18 runs are finished, from the tables above)", ""]
+    elif conclusion.is_file():
+        lines += [conclusion.read_text().strip(), ""]
+    else:
+        lines += [f"(all runs finished; the conclusion goes in {conclusion.name} beside the results)", ""]
 
     lines += ["## Per-class test IoU (the run closest to its cell's mean)", ""]
     any_run = next((r for by_model in cells.values() for runs in by_model.values() for r in runs), None)
