@@ -33,7 +33,16 @@ from offseg import optimize as opt
 from offseg.benchmark import Row, build_model, relative_error
 from offseg.models.backbones import efficientformer_v2 as effv2
 
-REWRITES = ("bn_fold", "effv2_attention", "effv2_ffn", "offset_learning", "conv_act", "channels_last", "group_norm")
+REWRITES = (
+    "bn_fold",
+    "effv2_attention",
+    "effv2_ffn",
+    "offset_learning",
+    "conv_act",
+    "onednn_1x1",
+    "channels_last",
+    "group_norm",
+)
 
 
 def _optimise_effv2(backbone: effv2.EfficientFormerV2, attention: bool, ffn: bool) -> None:
@@ -85,6 +94,8 @@ def build_fast(model: nn.Module, on: set[str]) -> Callable[[torch.Tensor], torch
             opt._optimise_offset_learning(fast)
         if "conv_act" in on:
             opt._fuse_conv_activations(fast)
+        if "onednn_1x1" in on:
+            opt._route_pointwise_convs_to_onednn(fast)
     channels_last = "channels_last" in on
     if channels_last:
         if "group_norm" in on:
