@@ -60,7 +60,7 @@ def test_quantize_writes_int8_model_and_sidecar(trained):
     assert config["input"]["size_policy"] == "fixed" and config["input"]["size"] == list(SIZE)
     assert config["test_mode"]["mode"] == "whole" and config["class_names"][0] == "sky"
     assert config["quantization"]["calibration_images"] == 3
-    assert config["quantization"]["preset"] == "ol-attention-float"
+    assert config["quantization"]["preset"] == "attention-float"
     assert config["quantization"]["op_types_quantized"] == "all supported by onnxruntime"
     import onnx
 
@@ -74,6 +74,9 @@ def test_quantize_writes_int8_model_and_sidecar(trained):
     assert len(softmaxes) == 2 and all(consumers[node.output[0]] != "QuantizeLinear" for node in softmaxes)
     (projection,) = [node for node in graph.node if node.name == ol + "feat_offset_proj/MatMul"]
     assert {producers[name] for name in projection.input} == {"DequantizeLinear"}
+    # attention-float: the backbone's softmaxes stay float, their outputs are not requantised
+    backbone_softmaxes = [n for n in graph.node if n.op_type == "Softmax" and n.name.startswith("/model/backbone/")]
+    assert backbone_softmaxes and all(consumers[n.output[0]] != "QuantizeLinear" for n in backbone_softmaxes)
     # the exporter's erf GELUs are single float Gelu nodes (offseg.quantize.fuse_gelu)
     ops = [node.op_type for node in graph.node]
     assert "Erf" not in ops and ops.count("Gelu") > 10

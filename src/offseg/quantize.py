@@ -13,11 +13,18 @@ sensitive. A node's part of the network is the module it was exported from (`mod
 - "compute": only the ops that carry the arithmetic (Conv, MatMul, Gemm) get int8 inputs;
   softmaxes, LayerNorm / GroupNorm (InstanceNormalization in the graph), GELU, GridSample,
   resizes, element-wise and data-movement ops stay float.
-- "ol-attention-float" (the default): every op type ONNX Runtime quantises, except in the Offset
+- "ol-attention-float": every op type ONNX Runtime quantises, except in the Offset
   Learning block (modules named `offset_learning`), which stays float but for its two offset
   projections (`cls_offset_proj`, `feat_offset_proj`, int8). What must stay float there is its
   softmax over the pixels and the matmul that weights the features with it: uint8 with one scale
   per tensor flattens attention weights of about 1 / (number of pixels) to a few levels.
+- "attention-float" (the default): as "ol-attention-float", and also the softmaxes and the backbone's
+  attention matmuls (its only MatMuls) are left out. For speed, not accuracy: ONNX Runtime's
+  QLinearSoftmax is several times slower than its float Softmax (3.7 ms against about 1 ms for the
+  backbone's largest at 512x512), and it fuses DequantizeLinear -> Softmax -> QuantizeLinear back
+  into QLinearSoftmax unless what consumes the softmax is float too, hence the matmuls. (A left-out
+  MatMul between DequantizeLinear and QuantizeLinear is still fused into QLinearMatMul; the ones
+  after the softmaxes stay float.) docs/_int8_speed_notes.md has the profile.
 - "all": every op type ONNX Runtime quantises; in OffSeg-T only the GELUs, FreqFusion's
   similarity and kernel normalisation (ReduceSum, ReduceL2, Sub, Div), its sampler (GridSample)
   and DepthToSpace keep float tensors.
@@ -61,12 +68,15 @@ __all__ = [
 
 # preset -> (op types to quantise, None for every type ONNX Runtime quantises; a regular expression
 # searched in each node's module path, whose matches stay float, or None)
+_OL_ATTENTION = r"/offset_learning/(?!(cls|feat)_offset_proj/)"
 QUANT_PRESETS: dict[str, tuple[tuple[str, ...] | None, str | None]] = {
     "compute": (("Conv", "MatMul", "Gemm"), None),
-    "ol-attention-float": (None, r"/offset_learning/(?!(cls|feat)_offset_proj/)"),
+    "ol-attention-float": (None, _OL_ATTENTION),
+    # node paths end in the op's name: ".../attn/Softmax_1" (torchscript), ".../softmax_20" (dynamo)
+    "attention-float": (None, _OL_ATTENTION + r"|(?i:/softmax[^/]*$|^/model/backbone/.*/matmul[^/]*$)"),
     "all": (None, None),
 }
-DEFAULT_PRESET = "ol-attention-float"
+DEFAULT_PRESET = "attention-float"
 
 
 def calibration_images(
