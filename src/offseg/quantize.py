@@ -208,6 +208,7 @@ def fuse_gelu(model: Any) -> int:
 
     fused: dict[int, Any] = {}  # id of the chain's last node -> its Gelu
     dropped: set[int] = set()
+    chain_constants: set[str] = set()
     for erf in [node for node in graph.node if node.op_type == "Erf"]:
         div = producer.get(erf.input[0])
         if div is None or div.op_type != "Div" or not is_scalar(div.input[1], 2**0.5):
@@ -227,10 +228,18 @@ def fuse_gelu(model: Any) -> int:
         ):
             continue
         dropped |= {id(div), id(erf), id(add), id(mul)}
+        chain_constants.update((div.input[1], other_input(add, erf.output[0]), other_input(half, mul.output[0])))
         fused[id(half)] = onnx.helper.make_node("Gelu", [x], [half.output[0]], name=erf.name, domain="com.microsoft")
     nodes = [fused.get(id(node), node) for node in graph.node if id(node) not in dropped]
     del graph.node[:]
     graph.node.extend(nodes)
+    # the chains' constants (sqrt 2, 1, 0.5) when nothing else uses them, or ORT warns about each
+    used = {name for node in graph.node for name in node.input}
+    inputs = {value.name for value in graph.input}
+    unused = [t for t in graph.initializer if t.name in chain_constants and t.name not in used | inputs]
+    if not any(a.g.node or a.graphs for node in graph.node for a in node.attribute):  # no subgraphs to look into
+        for tensor in unused:
+            graph.initializer.remove(tensor)
     if fused and not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return len(fused)
