@@ -8,8 +8,8 @@ Every variant is a set of nodes that get int8 QDQ; the rest stays float. A varia
 start set and changes applied left to right: `compute`, `all`, `none`, or a preset name of
 `offseg.quantize.QUANT_PRESETS`, then `+GROUP[@PART]` / `-GROUP[@PART]`, where GROUP is an op-type
 group (`GROUPS` below, one op type, or nothing for every type) and PART a part of the network
-(`PARTS`; `gelu`: the exporter's erf GELUs; or a regular expression searched in the node's module
-path; default: all of it).
+(`PARTS`; `gelu`: the GELU modules, float Gelu nodes since `offseg.quantize.fuse_gelu`; or a regular
+expression searched in the node's module path; default: all of it).
 Example: `compute +move +addmul@ff` quantises Conv / MatMul / Gemm everywhere, the data-movement
 ops everywhere, and Add / Mul in the FreqFusion steps.
 
@@ -115,8 +115,8 @@ def selected_nodes(spec: str, nodes: list[tuple[str, str]], paths: dict[str, str
             raise SystemExit(f"variant {spec!r}: {change!r} is not +GROUP[@PART] or -GROUP[@PART]")
         group, _, part = change[1:].partition("@")
         ops = _ops(group)
-        if part == "gelu":  # the modules of the exporter's erf GELU (Div, Erf, Add, Mul, Mul)
-            gelu = {paths[name].rsplit("/", 1)[0] for op, name in nodes if op == "Erf"}
+        if part == "gelu":  # the modules of the GELUs (fused Gelu, or the exporter's Div, Erf, Add, Mul, Mul)
+            gelu = {paths[name].rsplit("/", 1)[0] for op, name in nodes if op in ("Erf", "Gelu")}
             in_part = lambda name, modules=gelu: name.rsplit("/", 1)[0] in modules  # noqa: E731
         else:
             in_part = PARTS.get(part) or (lambda name, pattern=re.compile(part): bool(pattern.search(name)))
@@ -134,7 +134,7 @@ def prepare(model: torch.nn.Module, work: Path, tag: str, size: tuple[int, int],
 
     from offseg.export import export_onnx
     from offseg.onnx_model import write_sidecar
-    from offseg.quantize import _quiet_ort_logs
+    from offseg.quantize import _quiet_ort_logs, fuse_gelu_file
 
     fp32 = work / f"{tag}_fp32.onnx"
     prepared = work / f"{tag}_prepared.onnx"
@@ -145,6 +145,7 @@ def prepare(model: torch.nn.Module, work: Path, tag: str, size: tuple[int, int],
     if not prepared.is_file():
         with contextlib.redirect_stdout(io.StringIO()), _quiet_ort_logs():
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
+        fuse_gelu_file(prepared)  # as offseg.quantize does
     if not cache.is_file():
         print(f"  calibrating {tag} on {len(calibration)} images ...", file=sys.stderr)
         quantise(prepared, work / f"{tag}_calibration_run.onnx", set(), cache, calibration, size)

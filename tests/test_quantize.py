@@ -60,7 +60,7 @@ def test_quantize_writes_int8_model_and_sidecar(trained):
     assert config["input"]["size_policy"] == "fixed" and config["input"]["size"] == list(SIZE)
     assert config["test_mode"]["mode"] == "whole" and config["class_names"][0] == "sky"
     assert config["quantization"]["calibration_images"] == 3
-    assert config["quantization"]["preset"] == "ol-attention-float"
+    assert config["quantization"]["preset"] == "attention-float"
     assert config["quantization"]["op_types_quantized"] == "all supported by onnxruntime"
     import onnx
 
@@ -74,8 +74,50 @@ def test_quantize_writes_int8_model_and_sidecar(trained):
     assert len(softmaxes) == 2 and all(consumers[node.output[0]] != "QuantizeLinear" for node in softmaxes)
     (projection,) = [node for node in graph.node if node.name == ol + "feat_offset_proj/MatMul"]
     assert {producers[name] for name in projection.input} == {"DequantizeLinear"}
+    # attention-float: the backbone's softmaxes stay float, their outputs are not requantised
+    backbone_softmaxes = [n for n in graph.node if n.op_type == "Softmax" and n.name.startswith("/model/backbone/")]
+    assert backbone_softmaxes and all(consumers[n.output[0]] != "QuantizeLinear" for n in backbone_softmaxes)
+    # the exporter's erf GELUs are single float Gelu nodes (offseg.quantize.fuse_gelu)
+    ops = [node.op_type for node in graph.node]
+    assert "Erf" not in ops and ops.count("Gelu") > 10
     assert trained["int8"].stat().st_size < 0.5 * trained["fp32"].stat().st_size  # int8 weights
     assert read_sidecar(trained["fp32"])["precision"] == "fp32"
+
+
+def test_fuse_gelu_keeps_the_function():
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from offseg.quantize import fuse_gelu
+
+    def scalar(name: str, value: float) -> onnx.TensorProto:
+        return helper.make_tensor(name, TensorProto.FLOAT, [], [value])
+
+    nodes = [
+        helper.make_node("Div", ["x", "sqrt2"], ["d"], name="/act/Div"),
+        helper.make_node("Erf", ["d"], ["e"], name="/act/Erf"),
+        helper.make_node("Add", ["e", "one"], ["a"], name="/act/Add"),
+        helper.make_node("Mul", ["x", "a"], ["m"], name="/act/Mul"),
+        helper.make_node("Mul", ["m", "half"], ["g"], name="/act/Mul_1"),
+        helper.make_node("Erf", ["g"], ["y"], name="/other/Erf"),  # a lone erf stays
+    ]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "gelu",
+        [value("x", TensorProto.FLOAT, [2, 5])],
+        [value("y", TensorProto.FLOAT, [2, 5])],
+        [scalar("sqrt2", 2**0.5), scalar("one", 1.0), scalar("half", 0.5)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.linspace(-4, 4, 10, dtype=np.float32).reshape(2, 5)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert fuse_gelu(model) == 1
+    assert [(n.op_type, n.name) for n in model.graph.node] == [("Gelu", "/act/Erf"), ("Erf", "/other/Erf")]
+    assert not model.graph.initializer  # the chain's constants went with it
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
 
 
 def test_int8_agrees_with_float_model(trained):

@@ -13,14 +13,24 @@ sensitive. A node's part of the network is the module it was exported from (`mod
 - "compute": only the ops that carry the arithmetic (Conv, MatMul, Gemm) get int8 inputs;
   softmaxes, LayerNorm / GroupNorm (InstanceNormalization in the graph), GELU, GridSample,
   resizes, element-wise and data-movement ops stay float.
-- "ol-attention-float" (the default): every op type ONNX Runtime quantises, except in the Offset
+- "ol-attention-float": every op type ONNX Runtime quantises, except in the Offset
   Learning block (modules named `offset_learning`), which stays float but for its two offset
   projections (`cls_offset_proj`, `feat_offset_proj`, int8). What must stay float there is its
   softmax over the pixels and the matmul that weights the features with it: uint8 with one scale
   per tensor flattens attention weights of about 1 / (number of pixels) to a few levels.
-- "all": every op type ONNX Runtime quantises; in OffSeg-T only the GELUs (Erf, Div), FreqFusion's
+- "attention-float" (the default): as "ol-attention-float", and also the softmaxes and the backbone's
+  attention matmuls (its only MatMuls) are left out. For speed, not accuracy: ONNX Runtime's
+  QLinearSoftmax is several times slower than its float Softmax (3.7 ms against about 1 ms for the
+  backbone's largest at 512x512), and it fuses DequantizeLinear -> Softmax -> QuantizeLinear back
+  into QLinearSoftmax unless what consumes the softmax is float too, hence the matmuls. (A left-out
+  MatMul between DequantizeLinear and QuantizeLinear is still fused into QLinearMatMul; the ones
+  after the softmaxes stay float.) docs/_int8_speed_notes.md has the profile.
+- "all": every op type ONNX Runtime quantises; in OffSeg-T only the GELUs, FreqFusion's
   similarity and kernel normalisation (ReduceSum, ReduceL2, Sub, Div), its sampler (GridSample)
   and DepthToSpace keep float tensors.
+
+In every preset the exporter's erf GELUs are first fused into single float Gelu nodes (`fuse_gelu`):
+quantised piecewise they cost about twice the fused float kernel and gain no accuracy (docs/_int8_speed_notes.md).
 
 docs/inference.md gives the ablation behind these (benchmarks/bench_int8_ablation.py) and the
 accuracy and speed of each (benchmarks/bench_int8.py).
@@ -45,16 +55,28 @@ import torch.nn as nn
 from .export import _import, export_onnx
 from .onnx_model import write_sidecar
 
-__all__ = ["QUANT_PRESETS", "DEFAULT_PRESET", "calibration_images", "module_paths", "quantize_model", "quantize_onnx"]
+__all__ = [
+    "QUANT_PRESETS",
+    "DEFAULT_PRESET",
+    "calibration_images",
+    "fuse_gelu",
+    "fuse_gelu_file",
+    "module_paths",
+    "quantize_model",
+    "quantize_onnx",
+]
 
 # preset -> (op types to quantise, None for every type ONNX Runtime quantises; a regular expression
 # searched in each node's module path, whose matches stay float, or None)
+_OL_ATTENTION = r"/offset_learning/(?!(cls|feat)_offset_proj/)"
 QUANT_PRESETS: dict[str, tuple[tuple[str, ...] | None, str | None]] = {
     "compute": (("Conv", "MatMul", "Gemm"), None),
-    "ol-attention-float": (None, r"/offset_learning/(?!(cls|feat)_offset_proj/)"),
+    "ol-attention-float": (None, _OL_ATTENTION),
+    # node paths end in the op's name: ".../attn/Softmax_1" (torchscript), ".../softmax_20" (dynamo)
+    "attention-float": (None, _OL_ATTENTION + r"|(?i:/softmax[^/]*$|^/model/backbone/.*/matmul[^/]*$)"),
     "all": (None, None),
 }
-DEFAULT_PRESET = "ol-attention-float"
+DEFAULT_PRESET = "attention-float"
 
 
 def calibration_images(
@@ -147,6 +169,92 @@ def _float_nodes(prepared: Path, original: Path, pattern: str) -> list[str]:
     return [node.name for node in graph.node if keep.search(paths[node.name])]
 
 
+def fuse_gelu(model: Any) -> int:
+    """Replace the exporter's erf GELUs, x * 0.5 * (1 + erf(x / sqrt(2))) as Div, Erf, Add, Mul, Mul,
+    by one ONNX Runtime Gelu node each (com.microsoft domain), in place; returns how many.
+
+    ONNX Runtime fuses these chains itself when it loads a float model, but not once they carry QDQ
+    nodes: their Add / Mul become QLinearAdd / QLinearMul, and the input's DequantizeLinear is split
+    per consumer, which breaks the fusion. The five int8-boundary ops then cost about twice the fused
+    float Gelu (about a tenth of OffSeg-T's time, docs/_int8_speed_notes.md). A Gelu node is not an op
+    ONNX Runtime quantises, so it stays one float kernel between a DequantizeLinear and a QuantizeLinear.
+    The fused node keeps the Erf node's name, so module paths (`module_paths`) still find its module.
+    """
+    onnx = _import("onnx", "int8 quantisation")
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update(
+        {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    )
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def is_scalar(name: str, value: float) -> bool:
+        array = constants.get(name)
+        return array is not None and array.size == 1 and abs(float(array.reshape(-1)[0]) - value) < 1e-4
+
+    def sole_consumer(node: Any, op_type: str) -> Any | None:
+        users = consumers.get(node.output[0], [])
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+    def other_input(node: Any, name: str) -> str:
+        rest = [i for i in node.input if i != name]
+        return rest[0] if len(rest) == 1 else ""
+
+    fused: dict[int, Any] = {}  # id of the chain's last node -> its Gelu
+    dropped: set[int] = set()
+    chain_constants: set[str] = set()
+    for erf in [node for node in graph.node if node.op_type == "Erf"]:
+        div = producer.get(erf.input[0])
+        if div is None or div.op_type != "Div" or not is_scalar(div.input[1], 2**0.5):
+            continue
+        x = div.input[0]
+        add = sole_consumer(erf, "Add")
+        mul = add and sole_consumer(add, "Mul")
+        half = mul and sole_consumer(mul, "Mul")
+        if (
+            add is None
+            or mul is None
+            or half is None
+            or len(consumers[div.output[0]]) != 1
+            or not is_scalar(other_input(add, erf.output[0]), 1.0)
+            or other_input(mul, add.output[0]) != x
+            or not is_scalar(other_input(half, mul.output[0]), 0.5)
+        ):
+            continue
+        dropped |= {id(div), id(erf), id(add), id(mul)}
+        chain_constants.update((div.input[1], other_input(add, erf.output[0]), other_input(half, mul.output[0])))
+        fused[id(half)] = onnx.helper.make_node("Gelu", [x], [half.output[0]], name=erf.name, domain="com.microsoft")
+    nodes = [fused.get(id(node), node) for node in graph.node if id(node) not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    # the chains' constants (sqrt 2, 1, 0.5) when nothing else uses them, or ORT warns about each
+    used = {name for node in graph.node for name in node.input}
+    inputs = {value.name for value in graph.input}
+    unused = [t for t in graph.initializer if t.name in chain_constants and t.name not in used | inputs]
+    if not any(a.g.node or a.graphs for node in graph.node for a in node.attribute):  # no subgraphs to look into
+        for tensor in unused:
+            graph.initializer.remove(tensor)
+    if fused and not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return len(fused)
+
+
+def fuse_gelu_file(path: str | os.PathLike) -> int:
+    """`fuse_gelu` on an ONNX file, rewritten in place when a GELU was fused; returns how many."""
+    onnx = _import("onnx", "int8 quantisation")
+    model = onnx.load(str(path))
+    count = fuse_gelu(model)
+    if count:
+        onnx.save(model, str(path))
+    return count
+
+
 def quantize_onnx(
     fp32_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -186,6 +294,7 @@ def quantize_onnx(
         # working directory), so dynamic graphs get ONNX's own shape inference.
         with contextlib.redirect_stdout(io.StringIO()), _quiet_ort_logs():
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=size is None)
+        gelus = fuse_gelu_file(prepared)
         float_nodes = _float_nodes(prepared, Path(fp32_path), float_pattern) if float_pattern else []
         with _quiet_ort_logs():
             ortq.quantize_static(
@@ -211,6 +320,7 @@ def quantize_onnx(
         "op_types_quantized": list(op_types) if op_types is not None else "all supported by onnxruntime",
         "float_modules": float_pattern,
         "float_nodes": len(float_nodes),
+        "fused_float_gelus": gelus,
         "calibration_images": len(calibration),
         "seconds": round(time.perf_counter() - start, 1),
     }

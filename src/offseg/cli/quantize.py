@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_PRESET,
         help="what is quantised: compute = Conv/MatMul/Gemm only (softmaxes, norms, resizes, element-wise and "
         "data-movement ops stay float); ol-attention-float = every op ONNX Runtime quantises except the Offset "
-        "Learning attention (its offset projections are int8); all = every op ONNX Runtime quantises (the Offset "
+        "Learning attention (its offset projections are int8); attention-float = the same with every softmax and the "
+        "backbone's attention matmuls float too (faster); all = every op ONNX Runtime quantises (the Offset "
         f"Learning model loses about 9 mIoU on CamVid) (default: {DEFAULT_PRESET})",
     )
     p.add_argument("--keep-fp32", metavar="FP32.onnx", help="also keep the fp32 export (with its sidecar) there")
