@@ -176,73 +176,28 @@ def fuse_gelu(model: Any) -> int:
     ONNX Runtime fuses these chains itself when it loads a float model, but not once they carry QDQ
     nodes: their Add / Mul become QLinearAdd / QLinearMul, and the input's DequantizeLinear is split
     per consumer, which breaks the fusion. The five int8-boundary ops then cost about twice the fused
-    float Gelu (about a tenth of OffSeg-T's time, docs/_int8_speed_notes.md). A Gelu node is not an op
-    ONNX Runtime quantises, so it stays one float kernel between a DequantizeLinear and a QuantizeLinear.
-    The fused node keeps the Erf node's name, so module paths (`module_paths`) still find its module.
+    float Gelu (about a tenth of OffSeg-T's time, docs/inference.md). A Gelu node is not an op ONNX
+    Runtime quantises, so it stays one float kernel between a DequantizeLinear and a QuantizeLinear.
+    The fusion is ONNX Runtime's own (its transformer optimiser's `FusionGelu`); each fused node is
+    then named after the chain's last node, in the same module, so `module_paths` still finds it.
     """
-    onnx = _import("onnx", "int8 quantisation")
-    from onnx import numpy_helper
+    _import("onnxruntime", "int8 quantisation")
+    from onnxruntime.transformers.fusion_gelu import FusionGelu
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    graph = model.graph
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    constants.update(
-        {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
-    )
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def is_scalar(name: str, value: float) -> bool:
-        array = constants.get(name)
-        return array is not None and array.size == 1 and abs(float(array.reshape(-1)[0]) - value) < 1e-4
-
-    def sole_consumer(node: Any, op_type: str) -> Any | None:
-        users = consumers.get(node.output[0], [])
-        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
-
-    def other_input(node: Any, name: str) -> str:
-        rest = [i for i in node.input if i != name]
-        return rest[0] if len(rest) == 1 else ""
-
-    fused: dict[int, Any] = {}  # id of the chain's last node -> its Gelu
-    dropped: set[int] = set()
-    chain_constants: set[str] = set()
-    for erf in [node for node in graph.node if node.op_type == "Erf"]:
-        div = producer.get(erf.input[0])
-        if div is None or div.op_type != "Div" or not is_scalar(div.input[1], 2**0.5):
-            continue
-        x = div.input[0]
-        add = sole_consumer(erf, "Add")
-        mul = add and sole_consumer(add, "Mul")
-        half = mul and sole_consumer(mul, "Mul")
-        if (
-            add is None
-            or mul is None
-            or half is None
-            or len(consumers[div.output[0]]) != 1
-            or not is_scalar(other_input(add, erf.output[0]), 1.0)
-            or other_input(mul, add.output[0]) != x
-            or not is_scalar(other_input(half, mul.output[0]), 0.5)
-        ):
-            continue
-        dropped |= {id(div), id(erf), id(add), id(mul)}
-        chain_constants.update((div.input[1], other_input(add, erf.output[0]), other_input(half, mul.output[0])))
-        fused[id(half)] = onnx.helper.make_node("Gelu", [x], [half.output[0]], name=erf.name, domain="com.microsoft")
-    nodes = [fused.get(id(node), node) for node in graph.node if id(node) not in dropped]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    # the chains' constants (sqrt 2, 1, 0.5) when nothing else uses them, or ORT warns about each
-    used = {name for node in graph.node for name in node.input}
-    inputs = {value.name for value in graph.input}
-    unused = [t for t in graph.initializer if t.name in chain_constants and t.name not in used | inputs]
-    if not any(a.g.node or a.graphs for node in graph.node for a in node.attribute):  # no subgraphs to look into
-        for tensor in unused:
-            graph.initializer.remove(tensor)
-    if fused and not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return len(fused)
+    chain_end = {node.output[0]: node.name for node in model.graph.node if node.op_type == "Mul" and node.output}
+    wrapped = OnnxModel(model)
+    fusion = FusionGelu(wrapped)
+    with _quiet_ort_logs():
+        fusion.apply()
+    gelus = [node for node in model.graph.node if node.op_type == "Gelu" and node in fusion.nodes_to_add]
+    for node in gelus:
+        last = chain_end.get(node.output[0], "")
+        if last.startswith("/"):  # "/model/.../act/Mul_1" -> "/model/.../act/Gelu"
+            node.name = last.rsplit("/", 1)[0] + "/Gelu"
+    if gelus:
+        wrapped.topological_sort()
+    return len(gelus)
 
 
 def fuse_gelu_file(path: str | os.PathLike) -> int:
