@@ -24,13 +24,13 @@ sensitive. A node's part of the network is the module it was exported from (`mod
   backbone's largest at 512x512), and it fuses DequantizeLinear -> Softmax -> QuantizeLinear back
   into QLinearSoftmax unless what consumes the softmax is float too, hence the matmuls. (A left-out
   MatMul between DequantizeLinear and QuantizeLinear is still fused into QLinearMatMul; the ones
-  after the softmaxes stay float.) docs/_int8_speed_notes.md has the profile.
+  after the softmaxes stay float.) docs/inference.md has the profile.
 - "all": every op type ONNX Runtime quantises; in OffSeg-T only the GELUs, FreqFusion's
   similarity and kernel normalisation (ReduceSum, ReduceL2, Sub, Div), its sampler (GridSample)
   and DepthToSpace keep float tensors.
 
 In every preset the exporter's erf GELUs are first fused into single float Gelu nodes (`fuse_gelu`):
-quantised piecewise they cost about twice the fused float kernel and gain no accuracy (docs/_int8_speed_notes.md).
+quantised piecewise they cost about twice the fused float kernel and gain no accuracy (docs/inference.md).
 
 docs/inference.md gives the ablation behind these (benchmarks/bench_int8_ablation.py) and the
 accuracy and speed of each (benchmarks/bench_int8.py).
