@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from offseg import optimize as opt
-from offseg.benchmark import Row, build_model, example_inputs, relative_error
+from offseg.benchmark import Row, build_model, example_inputs, flop_limit_ms, matmul_rate, relative_error
 
 
 def with_pytorch_convs(fast: nn.Module) -> nn.Module:
@@ -76,7 +76,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="top operators per variant (torch.profiler)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the case the rewrite is for: PyTorch picks oneDNN itself on more threads
-    print(f"1 thread, 1x3x{args.size}x{args.size}, medians of {args.reps} alternated forwards")
+    rate = matmul_rate(1)  # the FLOP limit's yardstick, measured in this run
+    print(
+        f"1 thread, 1x3x{args.size}x{args.size}, medians of {args.reps} alternated forwards; "
+        f"torch.mm 2048² at {rate / 1e9:.1f} G multiply-adds/s"
+    )
     for name in args.models:
         row = Row(name, size=(args.size, args.size))
         model = build_model(row).eval()
@@ -97,11 +101,16 @@ def main() -> None:
                 fast(x)
                 times[label].append(time.perf_counter() - start)
         medians = {label: statistics.median(t) * 1e3 for label, t in times.items()}
-        print(f"{name}: {len(routed)} 1x1 convolutions routed to oneDNN, {blocked} of them in channel blocks")
+        limit = flop_limit_ms(row, rate) or float("nan")  # forwards always have one
+        print(
+            f"{name}: {len(routed)} 1x1 convolutions routed to oneDNN, {blocked} of them in channel blocks; "
+            f"FLOP limit {limit:.0f} ms"
+        )
         for label, ms in medians.items():
             difference = relative_error(outputs[label], outputs["PyTorch"])
             print(
-                f"  {label:>15}: {ms:7.1f} ms, {ms / medians['PyTorch']:.3f}x PyTorch, max rel. diff. {difference:.1e}"
+                f"  {label:>15}: {ms:7.1f} ms, {ms / medians['PyTorch']:.3f}x PyTorch, "
+                f"{ms / limit:.1f}x FLOP limit, max rel. diff. {difference:.1e}"
             )
         if args.exact:
             exact_model = copy.deepcopy(model).double()

@@ -190,7 +190,8 @@ def fuse_gelu(model: Any) -> int:
     fusion = FusionGelu(wrapped)
     with _quiet_ort_logs():
         fusion.apply()
-    gelus = [node for node in model.graph.node if node.op_type == "Gelu" and node in fusion.nodes_to_add]
+    added = {node.name for node in fusion.nodes_to_add}  # the graph holds copies of these nodes
+    gelus = [node for node in model.graph.node if node.op_type == "Gelu" and node.name in added]
     for node in gelus:
         last = chain_end.get(node.output[0], "")
         if last.startswith("/"):  # "/model/.../act/Mul_1" -> "/model/.../act/Gelu"
