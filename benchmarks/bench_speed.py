@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         "- **eager** = the library's default modules (exact reformulations, used for training too).",
         "- **fast** = `offseg.optimize_for_inference(model, size)`: BatchNorm and layer scales folded, merged "
         "projections, attention biases mixed once, Offset Learning regrouped, channels-last throughout, CARAFE in "
-        "cache-sized bands, the head's maps dropped as soon as used, the output in transparent huge pages.",
+        "cache-sized bands, the head's maps dropped as soon as used, the full-resolution output in transparent huge "
+        "pages, its buffer reused by the next call once the caller has dropped it (so one output's worth stays "
+        "resident between calls).",
         "- **labels** = the labels-only prediction path of `offseg.predict` (`offseg.inference.whole_labels` on "
         "the fast model): the resize and the argmax band by band, never the full-resolution logits of all "
         "classes.",

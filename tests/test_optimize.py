@@ -494,3 +494,28 @@ def test_fast_model_for_reuses_until_the_weights_change():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert rel(second(x), model(x)) <= 1e-4
+
+
+def test_the_output_buffer_is_reused_only_once_nothing_refers_to_it():
+    from offseg.optimize import _ReusedOutput
+
+    pool, like, shape = _ReusedOutput(), torch.zeros(1), (1, 16, 512, 512)  # 16 MiB: large enough
+    first = pool.empty(shape, like)
+    if first is None:
+        pytest.skip("no anonymous memory maps with huge-page advice on this platform")
+    first.fill_(1.0)
+    second = pool.empty(shape, like)  # the first is alive: a buffer of its own
+    assert second.data_ptr() != first.data_ptr()
+    plane = second[0, 3].fill_(2.0)  # a view keeps the storage, and so the buffer, referenced
+    second_ptr = second.data_ptr()
+    del second
+    third = pool.empty(shape, like)
+    assert third.data_ptr() != second_ptr
+    third_ptr = third.data_ptr()
+    del third
+    fourth = pool.empty(shape, like)  # nothing refers to the third's buffer any more
+    assert fourth.data_ptr() == third_ptr
+    del fourth
+    assert pool.empty((1, 17, 512, 512), like).data_ptr() != third_ptr  # another size: a fresh buffer
+    assert bool((first == 1.0).all()) and bool((plane == 2.0).all())  # nothing written over live outputs
+    assert copy.deepcopy(pool)._buffer is None

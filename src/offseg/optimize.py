@@ -25,7 +25,9 @@ is left untouched. What it does, where it applies:
 - the whole network runs channels-last (depthwise and 1x1 convs, CARAFE and the similarity maps
   are faster that way on CPU), the OffSeg head's interleaved concatenations included; the logits
   are made NCHW-contiguous before the final resize (PyTorch's bilinear kernel is several times
-  slower on channels-last input).
+  slower on channels-last input);
+- the full-resolution output is written into transparent huge pages, a buffer reused by the next
+  call of the same size once nothing refers to the previous output (`_ReusedOutput`).
 
 CARAFE, FreqFusion's local similarity and kernel normaliser, the talking heads and the fused
 BN -> GELU -> conv need no rewrite here: `offseg.models` computes them without unfolds or
@@ -45,6 +47,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import mmap
+import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -830,6 +834,7 @@ class InferenceModel(nn.Module):
         self.channels_last = channels_last
         self.size_divisor = getattr(model, "size_divisor", 1)
         self.name = getattr(model, "name", "")
+        self._output = _ReusedOutput()
 
     @property
     def num_classes(self) -> int:
@@ -859,38 +864,68 @@ class InferenceModel(nn.Module):
             # Segmentor.forward, with NCHW logits before the (large) final resize: the bilinear
             # kernel is several times slower on channels-last input.
             logits = forward_logits(x).contiguous()
-            out = _large_empty((*logits.shape[:2], *x.shape[-2:]), logits)
+            out = self._output.empty((*logits.shape[:2], *x.shape[-2:]), logits)
             if out is None:
                 return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
             return torch.ops.aten.upsample_bilinear2d.out(logits, list(x.shape[-2:]), False, None, None, out=out)
 
 
-# Outputs at least this large are allocated in transparent huge pages (below).
+# Outputs at least this large are allocated in transparent huge pages and reused (below).
 _HUGE_PAGE_MIN_BYTES = 16 << 20
 
 
-def _large_empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor | None:
-    """An uninitialised CPU float tensor backed by transparent huge pages (Linux), or None.
+class _ReusedOutput:
+    """The buffer of the final, full-resolution logits, reused by the next call of the same size
+    once nothing refers to it any more.
 
     A fresh tensor of 150 x 512 x 512 logits (157 MB) costs some 40 000 page faults, each mapping
     and zeroing a 4 KB page, on every call: about as long as the resize that fills it. Memory
-    advised for huge pages faults once per 2 MB. (Where THP is off or unavailable the advice is a
-    no-op, or this returns None and the caller allocates as usual.)
+    advised for transparent huge pages faults once per 2 MB (12-15 ms per 157 MB on this project's
+    machine), but where free memory is handed back to a hypervisor (virtio-balloon free page
+    reporting, as on many cloud VMs) a fresh huge page may have to be faulted in by the host as
+    well: the fast path then took 350 ms instead of 175 one call in three (OffSeg-T, 512x512, 2
+    threads, alternated with other work). A buffer already faulted in costs nothing, so the last
+    one is kept: one output's worth of memory stays resident between calls, and a call whose
+    previous output is still referenced (any tensor or array on its storage, checked by the
+    buffer's reference count) gets a fresh one. Where THP is off the advice is a no-op; off Linux,
+    or on other devices, `empty` returns None and the caller allocates as usual.
     """
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    nbytes = numel * like.element_size()
-    if like.device.type != "cpu" or nbytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None
-    try:
-        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    except (OSError, ValueError, AttributeError):
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # frombuffer warns about non-writable buffers; this one is writable
-        return torch.frombuffer(buffer, dtype=like.dtype).view(*shape)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer: mmap.mmap | None = None
+
+    def __deepcopy__(self, memo: dict) -> _ReusedOutput:
+        return _ReusedOutput()  # a copy of the model starts without a buffer of its own
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._lock = threading.Lock()
+        self._buffer = None
+
+    def empty(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor | None:
+        """An uninitialised CPU float tensor of `shape` (dtype of `like`) in the kept buffer, or None."""
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        nbytes = numel * like.element_size()
+        if like.device.type != "cpu" or nbytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+            return None
+        with self._lock:  # two threads must not both find the buffer free
+            # References: the attribute and getrefcount's argument; a tensor on it holds one more.
+            reusable = self._buffer is not None and len(self._buffer) == nbytes and sys.getrefcount(self._buffer) == 2
+            if not reusable:
+                try:
+                    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                    buffer.madvise(mmap.MADV_HUGEPAGE)
+                except (OSError, ValueError, AttributeError):
+                    return None
+                self._buffer = buffer
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # frombuffer warns about non-writable buffers; this one is writable
+                return torch.frombuffer(self._buffer, dtype=like.dtype, count=numel).view(*shape)
 
 
 def _segmentor_forward():
