@@ -406,7 +406,8 @@ def test_fold_batch_norms_is_exact():
 
 
 @pytest.mark.parametrize("offset_learning", [False, True])
-def test_segformer_fusion_split_over_levels(offset_learning):
+@pytest.mark.parametrize("channels", [16, 272])  # the finest level's share: one oneDNN call; two blocks
+def test_segformer_fusion_split_over_levels(offset_learning, channels):
     # The fast path computes each level's share of the fusion conv at the level's resolution and
     # sums the resized shares: the same function as resizing, concatenating and fusing.
     from torch.profiler import ProfilerActivity, profile
@@ -415,8 +416,7 @@ def test_segformer_fusion_split_over_levels(offset_learning):
 
     torch.manual_seed(0)
     head_class = SegformerHeadOffsetLearning if offset_learning else SegformerHead
-    # 208 channels: the finest level's share sums its input channels in two blocks of oneDNN calls.
-    head = realistic_weights(head_class([8, 16, 24, 32], num_classes=5, channels=208), seed=1).eval()
+    head = realistic_weights(head_class([8, 16, 24, 32], num_classes=5, channels=channels), seed=1).eval()
     shapes = [(12, 20), (6, 10), (3, 5), (2, 3)]  # non-square, one ratio not an integer
     inputs = [torch.randn(2, c, h, w, dtype=torch.float64) for c, (h, w) in zip([8, 16, 24, 32], shapes, strict=True)]
     exact = copy.deepcopy(head).double()
