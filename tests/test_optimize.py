@@ -182,7 +182,9 @@ def test_reference_computation_restores_the_default():
 FAST_PATH_BAR = {"segnext-t-ol": 5e-5}
 
 
-@pytest.mark.parametrize("name", ["offseg-t", "offseg-t-pixel", "offseg-t-co", "segformer-b0-ol", "segnext-t-ol"])
+@pytest.mark.parametrize(
+    "name", ["offseg-t", "offseg-t-pixel", "offseg-t-co", "segformer-b0", "segformer-b0-ol", "segnext-t-ol"]
+)
 def test_optimized_model_gives_the_same_logits(name):
     model = build_model(Row(name, num_classes=11)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -204,8 +206,10 @@ def test_optimized_model_gives_the_same_logits(name):
     assert not any(p.requires_grad for p in fast.parameters())
 
 
-@pytest.mark.slow  # about a minute: five models at 512x512, eager and fast
-@pytest.mark.parametrize("name", ["offseg-t", "offseg-b", "offseg-l", "segformer-b0-ol", "segnext-t-ol"])
+@pytest.mark.slow  # about a minute: six models at 512x512, eager and fast
+@pytest.mark.parametrize(
+    "name", ["offseg-t", "offseg-b", "offseg-l", "segformer-b0", "segformer-b0-ol", "segnext-t-ol"]
+)
 def test_fast_path_exact_at_512(name):
     # The sizes, classes and weights of the benchmark (issue #17: 1e-5, SegNeXt 5e-5).
     row = Row(name)
@@ -435,6 +439,40 @@ def test_fold_batch_norms_is_exact():
         assert fold_batch_norms(model) == 1
         assert isinstance(model[1], nn.Identity)
         assert rel(model(x), ref) < 1e-6
+
+
+@pytest.mark.parametrize("offset_learning", [False, True])
+@pytest.mark.parametrize("channels", [16, 272])  # the finest level's share: one oneDNN call; two blocks
+def test_segformer_fusion_split_over_levels(offset_learning, channels):
+    # The fast path computes each level's share of the fusion conv at the level's resolution and
+    # sums the resized shares: the same function as resizing, concatenating and fusing.
+    from torch.profiler import ProfilerActivity, profile
+
+    from offseg.models.heads.segformer_head import SegformerHead, SegformerHeadOffsetLearning
+
+    torch.manual_seed(0)
+    head_class = SegformerHeadOffsetLearning if offset_learning else SegformerHead
+    head = realistic_weights(head_class([8, 16, 24, 32], num_classes=5, channels=channels), seed=1).eval()
+    shapes = [(12, 20), (6, 10), (3, 5), (2, 3)]  # non-square, one ratio not an integer
+    inputs = [torch.randn(2, c, h, w, dtype=torch.float64) for c, (h, w) in zip([8, 16, 24, 32], shapes, strict=True)]
+    exact = copy.deepcopy(head).double()
+    with torch.no_grad():
+        ref_fused, ref = exact.fuse(inputs), exact(inputs)
+    for dtype in (torch.float64, torch.float32):  # float32: the oneDNN sum-and-ReLU into the resized shares
+        fast = optimize_for_inference(copy.deepcopy(head).to(dtype)).model
+        assert type(fast).__name__.startswith("_FastSegformerHead") and not hasattr(fast, "fusion_conv")
+        bar = 1e-12 if dtype == torch.float64 else 2e-6
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = [t.to(dtype).contiguous(memory_format=layout) for t in inputs]
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                fused = fast.fuse(x)
+            assert rel(fused.double(), ref_fused) < bar
+            with torch.inference_mode():
+                assert rel(fast(x).double(), ref) < bar
+        if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            assert "mkldnn::_convolution_pointwise_" in {e.key for e in prof.key_averages()}
+    with pytest.raises(ValueError, match="expected 4 feature maps"):
+        fast.fuse(x[:3])
 
 
 def test_optimized_mask2former_runs():
