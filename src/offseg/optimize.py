@@ -843,7 +843,7 @@ class _FastGNConvModule(ConvModule):
         """The GroupNorm and activation of the conv output `x` (overwritten)."""
         norm = cast(nn.GroupNorm, self.gn)
         if _layout(x) is torch.channels_last:
-            x = _group_norm_channels_last(x, norm, in_place=True)
+            x = _group_norm_channels_last(x, norm, in_place=not torch.jit.is_tracing())  # out= has no ONNX export
         else:
             x = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         if hasattr(self, "activate"):
