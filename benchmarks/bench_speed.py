@@ -245,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         f"`torch.mm` 2048x2048 float32 rate measured in this run: **{rate / 1e9:.1f} G multiply-adds/s**. "
         "The limit is how long the model would take if all of its arithmetic ran at matrix-product speed and "
         "nothing else cost anything.",
+        "- **Kernel share** (`kernel share of CPU time`): the process's system CPU time over its whole CPU time "
+        "during the row's timed runs. It is mostly page faults: PyTorch's eager allocator hands tensors "
+        "above 32 MB straight back to the system and faults them in again on the next call. On this machine, "
+        "a virtual machine that reports freed memory to its host, a fault can cost several times what it costs "
+        "on bare metal, and the cost varies with what ran before: the same row's median can differ between "
+        "the tables below. Rows with a large kernel share are faster, and ratios against them larger, where "
+        "faults are cheap.",
         "- **Error**: `max rel. error` is max|out - ref| / max(1, max|ref|) against the first row of the same "
         "model (the reference): logits for forwards; the loss and every parameter gradient of a first step "
         "from the same weights for training steps. For the labels row: the share of pixels whose label differs "
@@ -409,6 +416,25 @@ def main(argv: list[str] | None = None) -> int:
         "All rows of this section:",
         "",
         format_table(scale_results),
+        "",
+    ]
+    # The same pair in every table of this run: how far the ratio moves with what ran before.
+    pairs = [
+        (name, table[("offseg-t", "reference", False, size)], table[("offseg-t", "fast", False, size)])
+        for name, table in (("first table", res), ("model zoo", zres), ("input sizes", sres))
+        if ("offseg-t", "reference", False, size) in table and ("offseg-t", "fast", False, size) in table
+    ]
+    out += [
+        f"## The same comparison in each table (OffSeg-T, {size[0]}x{size[1]})",
+        "",
+        "| table | reference ms | fast ms | fast / reference | reference kernel share |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {r.median_ms:.0f} | {f.median_ms:.0f} | {f.median_ms / r.median_ms:.2f} "
+            f"| {100 * r.cpu_kernel_s / r.cpu_total_s:.0f} % |"
+            for name, r, f in pairs
+            if r.cpu_total_s > 0
+        ),
         "",
     ]
     out += coload

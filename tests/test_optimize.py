@@ -491,10 +491,14 @@ def test_optimized_mask2former_runs():
 def test_bench_table_and_errors():
     rows = [
         Result(Row("offseg-t", "reference"), [10.0, 12.0, 11.0], 500.0),
-        Result(Row("offseg-t", "fast"), [4.0, 5.0, 6.0], 250.0, rel_error=1e-6, flop_limit_ms=2.0),
+        Result(Row("offseg-t", "fast"), [4.0, 5.0, 6.0], 250.0, rel_error=1e-6, flop_limit_ms=2.0, cpu_kernel_s=0.3),
     ]
+    rows[1].cpu_total_s = 1.2
     table = format_table(rows)
-    assert "| offseg-t fast forward | 1 | 512x512 | 5 | 4-6 | 200.00 | 0.45 | 2.5 | 250 | 0.50 | 1.0e-06 |" in table
+    assert (
+        "| offseg-t fast forward | 1 | 512x512 | 5 | 4-6 | 200.00 | 0.45 | 2.5 | 25 % | 250 | 0.50 | 1.0e-06 |" in table
+    )
+    assert "| offseg-t reference forward | 1 | 512x512 | 11 | 10-12 | 90.91 | 1.00 | - | - | 500 |" in table
     assert relative_error(torch.ones(3) * 2.0, torch.ones(3)) == 1.0
     assert relative_error(torch.ones(2), torch.ones(3)) == float("inf")
 

@@ -119,6 +119,9 @@ class Result:
     rel_error_eager: float | None = None  # against the eager row of the same model and mode, if any
     flop_limit_ms: float | None = None
     note: str = ""
+    # CPU seconds of the timed runs: in the kernel (page faults of fresh memory, mostly) and in all
+    cpu_kernel_s: float = 0.0
+    cpu_total_s: float = 0.0
 
     @property
     def median_ms(self) -> float:
@@ -497,9 +500,13 @@ def time_rows(
     log(f"  timing {len(rows)} rows x {runs} runs, round-robin ...")
     for _ in range(runs):
         for runner, result in zip(runners, results, strict=True):
+            before = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             runner.run()
             result.times_ms.append(1e3 * (time.perf_counter() - start))
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            result.cpu_kernel_s += after.ru_stime - before.ru_stime
+            result.cpu_total_s += after.ru_stime - before.ru_stime + after.ru_utime - before.ru_utime
     return results
 
 
@@ -602,9 +609,9 @@ def format_table(results: Sequence[Result]) -> str:
     first = results[0]
     head = (
         "| row | batch | size | median ms | spread ms (min-max) | images/s | time x first | x FLOP limit "
-        "| peak MB above torch | memory x first | max rel. error vs first of its model |"
+        "| kernel share of CPU time | peak MB above torch | memory x first | max rel. error vs first of its model |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in results:
         row = r.row
         ratio_t = r.median_ms / first.median_ms if first.times_ms else float("nan")
@@ -619,9 +626,11 @@ def format_table(results: Sequence[Result]) -> str:
         spread = f"{min(r.times_ms):.0f}-{max(r.times_ms):.0f}" if r.times_ms else "-"
         ips = row.images / (r.median_ms / 1e3) if r.times_ms else float("nan")
         limit = f"{r.median_ms / r.flop_limit_ms:.1f}" if r.flop_limit_ms and r.times_ms else "-"
+        kernel = f"{100 * r.cpu_kernel_s / r.cpu_total_s:.0f} %" if r.cpu_total_s > 0 else "-"
         lines.append(
             f"| {row.label}{' (' + r.note + ')' if r.note else ''} | {row.batch} | {row.size[0]}x{row.size[1]} "
-            f"| {r.median_ms:.0f} | {spread} | {ips:.2f} | {ratio_t:.2f} | {limit} | {mem} | {ratio_m} | {err} |"
+            f"| {r.median_ms:.0f} | {spread} | {ips:.2f} | {ratio_t:.2f} | {limit} | {kernel} | {mem} | {ratio_m} "
+            f"| {err} |"
         )
     return "\n".join(lines)
 
@@ -678,6 +687,8 @@ def results_to_json(results: Sequence[Result]) -> list[dict]:
             "label": r.row.label,
             "median_ms": r.median_ms,
             "times_ms": r.times_ms,
+            "cpu_kernel_s": r.cpu_kernel_s,
+            "cpu_total_s": r.cpu_total_s,
             "flop_limit_ms": r.flop_limit_ms,
             "peak_rss_mb": r.peak_rss_mb,
             "build_rss_mb": r.build_rss_mb,
