@@ -61,6 +61,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._heap import release_free_heap
+
 __all__ = [
     "LABEL_MARGIN",
     "Result",
@@ -541,24 +543,13 @@ def _memory_worker(payload: str) -> int:
     base = _rss_mb()  # right after `import torch`: the zero of the measurement
     torch.set_num_threads(spec["threads"])
     runner = build_runner(row, Path(spec["workdir"]), for_timing=False)
-    _release_free_heap()
+    release_free_heap()  # the original of an optimised copy, freed while building: the same for every row
     build = _rss_mb()
     for _ in range(spec["runs"]):
         out = runner.run()
         del out
     print(json.dumps({"peak_rss_mb": _peak_rss_mb() - base, "build_rss_mb": build - base, "torch_rss_mb": base}))
     return 0
-
-
-def _release_free_heap() -> None:
-    """Hand memory freed while building (e.g. the original of an optimised copy) back to the
-    system (glibc malloc_trim), the same for every row; a no-op elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def matmul_rate(threads: int, n: int = 2048, runs: int = 5) -> float:

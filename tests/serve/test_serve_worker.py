@@ -101,3 +101,29 @@ def test_a_batch_waits_only_for_requests_on_their_way():
     assert third.result(timeout=60).batch_size == 1 and time.perf_counter() - started < 2.5
     worker.stop()
     assert seen == [1, 2, 1]
+
+
+def test_the_free_heap_is_handed_back_when_the_batch_shape_changes(monkeypatch):
+    import offseg.serve.worker as worker_module
+
+    trims: list[int] = []
+    monkeypatch.setattr(worker_module, "release_free_heap", lambda: trims.append(len(seen)) or True)
+    seen: list[int] = []
+    worker = InferenceWorker(StandIn(), max_batch=2, batch_wait=0.5, on_batch=seen.append)
+    # batches, in order: 2 images of 32x32, 2 of 32x32 (same shape), 1 of 64x64 (new), 1 of 32x32 (new)
+    jobs = [*_images((32, 32), (32, 32), (32, 32), (32, 32)), *_images((64, 64)), *_images((32, 32))]
+    futures = [worker.submit(x, x.shape[:2]) for x in jobs]
+    worker.start()
+    for f in futures:
+        f.result(timeout=60)
+    worker.stop()
+    assert seen == [2, 2, 1, 1]
+    assert trims == [0, 2, 3]  # before the first batch, and before each batch of a new shape
+
+
+def test_release_free_heap_runs_here():
+    import platform
+
+    from offseg._heap import release_free_heap
+
+    assert release_free_heap() is (platform.libc_ver()[0] == "glibc")

@@ -11,6 +11,11 @@ same (h, w)), at most `max_batch` in all, and runs them as one forward. Each job
 cropped to its own size and resized to its picture's size before the argmax, exactly the steps of
 `offseg.predict`, so a batched label map differs from the single one only where float rounding of
 the batched kernels flips a near-tie.
+
+Memory: before a batch whose shape (input size, number of images) differs from the previous
+batch's, the worker hands the heap's free pages back to the system (`offseg._heap`). Forward passes
+of one shape reuse each other's freed blocks exactly; a mix of shapes scatters them, and without the
+trim the server's resident size grows past what its largest forward needs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._heap import release_free_heap
 from ..inference import infer
 
 __all__ = ["InferenceWorker", "QueueFullError", "SegmentResult"]
@@ -180,8 +186,13 @@ class InferenceWorker:
             torch.set_num_threads(self.threads)
         # per thread: subnormal floats slow trained models several-fold (benchmarks/bench_denormals.py)
         torch.set_flush_denormal(True)
+        last_shape: tuple[tuple[int, int], int] | None = None
         while (batch := self._next_batch()) is not None:
             started = time.perf_counter()
+            shape = (batch[0].key, len(batch))
+            if shape != last_shape:
+                release_free_heap()
+                last_shape = shape
             try:
                 labels = self.run_batch([job.image for job in batch], [job.out_size for job in batch])
             except Exception as err:  # a failing batch fails its requests, not the server
