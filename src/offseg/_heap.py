@@ -13,12 +13,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from typing import Any
 
 __all__ = ["release_free_heap"]
 
 
 @functools.cache
-def _malloc_trim():  # type: ignore[no-untyped-def]
+def _malloc_trim() -> Any:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
