@@ -76,6 +76,33 @@ def test_labels_only_equal_argmax_of_logits(name, size, out_size):
     _check_labels(model, x, out_size)
 
 
+def test_labels_of_a_batch_of_differently_sized_images():
+    # What the server's batches are: images of different sizes that pad to the same input; each one's
+    # labels, at its own output size, are those of whole_labels on that image alone (float64: the
+    # batched kernels leave no near-tie to flip).
+    from offseg.inference import whole_labels_each
+
+    model = build_model(Row("offseg-t", num_classes=7)).eval().double()
+    gen = torch.Generator().manual_seed(3)
+    images = [
+        torch.randn(3, 70, 90, generator=gen, dtype=torch.float64),
+        torch.randn(3, 65, 80, generator=gen, dtype=torch.float64),
+    ]
+    sizes, out_sizes = [(70, 90), (65, 80)], [(123, 77), (65, 80)]  # both padded to 96 x 96
+    batch = torch.zeros(2, 3, 96, 96, dtype=torch.float64)
+    for i, image in enumerate(images):
+        batch[i, :, : image.shape[1], : image.shape[2]] = image
+    with torch.inference_mode():
+        each = whole_labels_each(model, batch, sizes, out_sizes)
+        alone = [
+            whole_labels(model, image[None], out_size=out)[0] for image, out in zip(images, out_sizes, strict=True)
+        ]
+    assert [tuple(m.shape) for m in each] == out_sizes
+    assert all(torch.equal(a, b) for a, b in zip(each, alone, strict=True))
+    with pytest.raises(ValueError, match="2 images, 1 sizes"):
+        whole_labels_each(model, batch, sizes[:1], out_sizes[:1])
+
+
 def test_predict_gives_the_labels_of_the_logits():
     model = build_model(Row("offseg-t", num_classes=9)).eval()
     image = (torch.rand(75, 101, 3) * 255).to(torch.uint8).numpy()

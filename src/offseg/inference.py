@@ -26,6 +26,7 @@ __all__ = [
     "slide_windows",
     "whole_inference",
     "whole_labels",
+    "whole_labels_each",
 ]
 
 # Scale ratios of the official test-time-augmentation pipelines.
@@ -112,11 +113,48 @@ def whole_labels(
     low = head(padded)
     if not isinstance(low, torch.Tensor) or low.dim() != 4:
         return _resize(whole_inference(model, x), out_size).argmax(dim=1)
-    rows = AxisResample.chain(low.shape[2], padded.shape[2], h, out_size[0], low.dtype, low.device)
-    cols = AxisResample.chain(low.shape[3], padded.shape[3], w, out_size[1], low.dtype, low.device)
     # Classes innermost (B, h, w, K): the resampling moves whole class vectors and the argmax
     # reduces a contiguous axis.
+    return _labels_from_head(low.permute(0, 2, 3, 1).contiguous(), padded.shape[-2:], (h, w), out_size, tile_rows)
+
+
+def whole_labels_each(
+    model: nn.Module,
+    x: torch.Tensor,
+    sizes: Sequence[Sequence[int]],
+    out_sizes: Sequence[Sequence[int]],
+    tile_rows: int = 32,
+) -> list[torch.Tensor]:
+    """`whole_labels` of a batch of images of different sizes in one forward: x (B, 3, H, W) holds
+    image i in its top-left sizes[i] = (h_i, w_i), zero-padded (as `pad_to_divisor` pads); its
+    labels (out_sizes[i]), int64, are those of `whole_labels` on that image alone, up to the
+    float32 rounding of the batched kernels."""
+    if not (len(sizes) == len(out_sizes) == x.shape[0]):
+        raise ValueError(f"{x.shape[0]} images, {len(sizes)} sizes and {len(out_sizes)} output sizes")
+    head = _head_logits(model)
+    padded = pad_to_divisor(x, int(getattr(model, "size_divisor", 1) or 1))
+    low = None if head is None else head(padded)
+    if not isinstance(low, torch.Tensor) or low.dim() != 4:
+        scores = whole_inference(model, padded)
+        return [
+            _resize(scores[i : i + 1, :, : int(h), : int(w)], out).argmax(dim=1)[0]
+            for i, ((h, w), out) in enumerate(zip(sizes, out_sizes, strict=True))
+        ]
     low = low.permute(0, 2, 3, 1).contiguous()
+    return [
+        _labels_from_head(low[i : i + 1], padded.shape[-2:], (int(h), int(w)), tuple(int(v) for v in out), tile_rows)[0]
+        for i, ((h, w), out) in enumerate(zip(sizes, out_sizes, strict=True))
+    ]
+
+
+def _labels_from_head(
+    low: torch.Tensor, padded: Sequence[int], size: Sequence[int], out_size: Sequence[int], tile_rows: int
+) -> torch.Tensor:
+    """Labels (B, *out_size) of head logits `low` (B, h', w', K), classes innermost: resized
+    bilinearly to the padded input, cropped to the image's `size`, resized to `out_size`, as one
+    banded resampling per axis, a band of `tile_rows` output rows at a time."""
+    rows = AxisResample.chain(low.shape[1], padded[0], size[0], out_size[0], low.dtype, low.device)
+    cols = AxisResample.chain(low.shape[2], padded[1], size[1], out_size[1], low.dtype, low.device)
     labels = torch.empty(low.shape[0], *out_size, dtype=torch.long, device=low.device)
     for top in range(0, out_size[0], tile_rows):
         bottom = min(top + tile_rows, out_size[0])

@@ -10,12 +10,14 @@ same model input size (whole mode: (h, w) rounded up to the size divisor; slide 
 same (h, w)), at most `max_batch` in all, and runs them as one forward. Each job's scores are
 cropped to its own size and resized to its picture's size before the argmax, exactly the steps of
 `offseg.predict`, so a batched label map differs from the single one only where float rounding of
-the batched kernels flips a near-tie.
+the batched kernels flips a near-tie. In whole mode that is `offseg.predict`'s own labels-only
+route (`offseg.inference.whole_labels_each`): the full-resolution scores of all classes are never
+held.
 
 Memory: before a batch whose shape (input size, number of images) differs from the previous
 batch's, the worker hands the heap's free pages back to the system (`offseg._heap`). Forward passes
-of one shape reuse each other's freed blocks exactly; a mix of shapes scatters them, and without the
-trim the server's resident size grows past what its largest forward needs.
+of one shape reuse each other's freed blocks; a mix of shapes scatters them, and the server's
+resident size grows past what its largest forward needs (docs/serve.md has the measurements).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._heap import release_free_heap
-from ..inference import infer
+from ..inference import infer, whole_labels_each
 
 __all__ = ["InferenceWorker", "QueueFullError", "SegmentResult"]
 
@@ -218,6 +220,10 @@ class InferenceWorker:
         x = torch.zeros((len(images), 3, height, width))
         for i, image in enumerate(images):
             x[i, :, : image.shape[0], : image.shape[1]] = preprocess(image)[0]
+        classes = getattr(self.model, "num_classes", None)
+        if self.mode == "whole" and isinstance(classes, int):  # offseg.predict's labels-only route
+            maps = whole_labels_each(self.model, x, [image.shape[:2] for image in images], out_sizes)
+            return [m.numpy().astype(np.uint8 if classes <= 256 else np.int32) for m in maps]
         scores = infer(self.model, x, mode=self.mode, crop_size=self.crop_size, stride=self.stride)
         dtype = np.uint8 if scores.shape[1] <= 256 else np.int32
         labels = []
