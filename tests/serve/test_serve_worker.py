@@ -127,3 +127,14 @@ def test_release_free_heap_runs_here():
     from offseg._heap import release_free_heap
 
     assert release_free_heap() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_one_arena_leaves_a_set_environment_alone(monkeypatch):
+    import platform
+
+    from offseg._heap import one_arena
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert one_arena() is False  # the environment decides
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert one_arena() is (platform.libc_ver()[0] == "glibc")
