@@ -59,13 +59,20 @@ def test_images_padding_to_the_same_size_share_a_batch_with_unchanged_labels(mod
     worker.start()
     results = [f.result(timeout=60) for f in futures]
     worker.stop()
-    if mode == "whole":  # the oldest job's size first (A with C and D), then B
-        assert seen == [3, 1] and [r.batch_size for r in results] == [3, 1, 3, 3]
+    if mode == "whole":  # the oldest job's size first (A with C and D: forwards of 2 and 1), then B
+        assert seen == [2, 1, 1] and [r.batch_size for r in results] == [2, 1, 2, 1]
     else:  # sliding windows depend on the exact size: only C and D share a batch
         assert seen == [1, 1, 2] and [r.batch_size for r in results] == [1, 1, 2, 2]
     for image, result in zip(originals, results, strict=True):
         # float64 network: batching leaves even the rounding alone here
         assert np.array_equal(result.labels, offseg.predict(model, image, scale=scale, fast=False, **options))
+
+
+def test_forward_sizes():
+    from offseg.serve import forward_sizes
+
+    assert [forward_sizes(n, 8) for n in (1, 3, 7, 8)] == [[1], [2, 1], [4, 2, 1], [8]]
+    assert forward_sizes(11, 6) == [6, 4, 1] and forward_sizes(0, 8) == []
 
 
 def test_the_queue_is_bounded():

@@ -10,6 +10,14 @@ from __future__ import annotations
 
 from .app import ServeSettings, create_app
 from .model import ServedModel, load_served_model
-from .worker import InferenceWorker, QueueFullError
+from .worker import InferenceWorker, QueueFullError, forward_sizes
 
-__all__ = ["InferenceWorker", "QueueFullError", "ServeSettings", "ServedModel", "create_app", "load_served_model"]
+__all__ = [
+    "InferenceWorker",
+    "QueueFullError",
+    "ServeSettings",
+    "ServedModel",
+    "create_app",
+    "forward_sizes",
+    "load_served_model",
+]

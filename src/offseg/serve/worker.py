@@ -7,7 +7,8 @@ normalises it straight into the batch (a waiting request holds 1 byte per value,
 The worker takes the oldest job, then, while other requests are still being read and prepared
 (`expect`), waits up to `batch_wait` seconds for them; it gathers the queued jobs that pad to the
 same model input size (whole mode: (h, w) rounded up to the size divisor; slide mode: the
-same (h, w)), at most `max_batch` in all, and runs them as one forward. Each job's scores are
+same (h, w)), at most `max_batch` in all, and runs them as forwards of `max_batch` or a power of
+two images (`forward_sizes`: 7 images as 4, 2 and 1), so that few shapes recur. Each job's scores are
 cropped to its own size and resized to its picture's size before the argmax, exactly the steps of
 `offseg.predict`, so a batched label map differs from the single one only where float rounding of
 the batched kernels flips a near-tie. In whole mode that is `offseg.predict`'s own labels-only
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from .._heap import release_free_heap
 from ..inference import infer, whole_labels_each
 
-__all__ = ["InferenceWorker", "QueueFullError", "SegmentResult"]
+__all__ = ["InferenceWorker", "QueueFullError", "SegmentResult", "forward_sizes"]
 
 
 class QueueFullError(RuntimeError):
@@ -61,6 +62,19 @@ class _Job:
     key: tuple[int, int]
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
+
+
+def forward_sizes(count: int, max_batch: int) -> list[int]:
+    """The forward passes a batch of `count` images runs as: `max_batch` and powers of two below it,
+    largest first (7 of at most 8: 4, 2, 1). A few shapes recur, so glibc's heap reuses their
+    memory; every size from 1 to 8 in turn made it grow (docs/serve.md)."""
+    sizes = sorted({max_batch, *(1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch)}, reverse=True)
+    out = []
+    for size in sizes:
+        while count >= size:
+            out.append(size)
+            count -= size
+    return out
 
 
 class InferenceWorker:
@@ -195,18 +209,26 @@ class InferenceWorker:
             if shape != last_shape:
                 release_free_heap()
                 last_shape = shape
-            try:
-                labels = self.run_batch([job.image for job in batch], [job.out_size for job in batch])
-            except Exception as err:  # a failing batch fails its requests, not the server
-                for job in batch:
-                    job.future.set_exception(err)
-                continue
+            done = 0
+            for size in forward_sizes(len(batch), self.max_batch):
+                self._forward([*batch[done : done + size]])
+                done += size
             spent = time.perf_counter() - started
             self.batch_seconds = spent if self.batch_seconds == 0 else 0.8 * self.batch_seconds + 0.2 * spent
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
-            for job, label in zip(batch, labels, strict=True):
-                job.future.set_result(SegmentResult(label, len(batch), started - job.submitted, spent))
+
+    def _forward(self, jobs: list[_Job]) -> None:
+        started = time.perf_counter()
+        try:
+            labels = self.run_batch([job.image for job in jobs], [job.out_size for job in jobs])
+        except Exception as err:  # a failing batch fails its requests, not the server
+            for job in jobs:
+                job.future.set_exception(err)
+            return
+        spent = time.perf_counter() - started
+        if self.on_batch is not None:
+            self.on_batch(len(jobs))
+        for job, label in zip(jobs, labels, strict=True):
+            job.future.set_result(SegmentResult(label, len(jobs), started - job.submitted, spent))
 
     @torch.inference_mode()
     def run_batch(self, images: Sequence[np.ndarray], out_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
