@@ -8,7 +8,8 @@ For each model (default: segformer-b0-ol, segformer-b0; the bench's realistic ra
 classes, one image) three rows built by `offseg.benchmark.build_runner`: "concat", the fast path
 with the head's fusion left as it was; "split", the fast path as it is; "reference". They are timed
 alternately in one process, `--reps` times each (after two warm-up runs); printed: the medians,
-the ratios, the minor page faults per forward (a fresh map of 16 MB or more costs one per 4 KB
+each beside its FLOP limit (`offseg.benchmark.flop_limit_ms` at the torch.mm rate measured in the
+run), the ratios, the minor page faults per forward (a fresh map of 16 MB or more costs one per 4 KB
 page on every call) and each fast row's max relative distance from the eager model.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from offseg import optimize as opt
-from offseg.benchmark import Row, build_model, build_runner, example_inputs, relative_error
+from offseg.benchmark import Row, build_model, build_runner, example_inputs, flop_limit_ms, matmul_rate, relative_error
 
 
 def main() -> None:
@@ -34,7 +35,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-segformer-fusion-"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.size}x{args.size}, one image")
+    rate = matmul_rate(torch.get_num_threads())
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.size}x{args.size}, one image; "
+        f"torch.mm rate {rate / 1e9:.1f} G multiply-adds/s (FLOP limit = the model's multiply-adds at that rate)"
+    )
     for name in args.models:
         row = Row(name, "fast", size=(args.size, args.size))
         split = opt._optimise_segformer_heads
@@ -63,11 +68,13 @@ def main() -> None:
                 faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
                 del out
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{name}:")
+        limit = flop_limit_ms(row, rate)  # the model's multiply-adds (`full` convention), one limit for all rows
+        print(f"{name}: FLOP limit {limit:.0f} ms")
         for key in runners:
             error = f", {errors[key]:.1e} from eager" if key in errors else ""
             print(
-                f"  {key:9s} {med[key]:7.1f} ms  {med[key] / med['reference']:.3f}x reference  "
+                f"  {key:9s} {med[key]:7.1f} ms  {med[key] / limit:.1f}x FLOP limit  "
+                f"{med[key] / med['reference']:.3f}x reference  "
                 f"{statistics.median(faults[key]):6.0f} faults{error}"
             )
         print(f"  split / concat {med['split'] / med['concat']:.3f}")
