@@ -305,23 +305,39 @@ def _blocked_pointwise_conv(
     bias: torch.Tensor | None,
     blocks: Sequence[tuple[int, int]],
     out: torch.Tensor | None = None,
+    relu: bool = False,
 ) -> torch.Tensor | None:
     """The 1x1 convolution of x (B, C, H, W) with weight (N, C, 1, 1) [+ bias] as oneDNN
     convolutions over `blocks` of input channels, each block after the first added to the output
-    in place by oneDNN's sum post-op; with `out` given (and no bias), every block is added into it.
-    None if the ops differ in this PyTorch build (then never again)."""
+    in place by oneDNN's sum post-op; with `out` given, every block is added into it. `relu`: the
+    ReLU applied by the last call, after its sum. None if the ops differ in this PyTorch build
+    (then never again; the first call fails if any does, so `out` is then untouched)."""
     global _FUSION_WORKS
     zeros, ones = [0, 0], [1, 1]
     try:
         rest = list(blocks)
         if out is None:
             (start, end), rest = rest[0], rest[1:]
+            attr = "relu" if relu and not rest else "none"
             out = torch.ops.mkldnn._convolution_pointwise(
-                x[:, start:end], weight[:, start:end], bias, zeros, ones, ones, 1, "none", [], None
+                x[:, start:end], weight[:, start:end], bias, zeros, ones, ones, 1, attr, [], None
             )
-        for start, end in rest:
+            bias = None
+        for k, (start, end) in enumerate(rest):
             torch.ops.mkldnn._convolution_pointwise_.binary(
-                out, x[:, start:end], weight[:, start:end], None, zeros, ones, ones, 1, "add", None, None, [], None
+                out,
+                x[:, start:end],
+                weight[:, start:end],
+                bias if k == 0 else None,
+                zeros,
+                ones,
+                ones,
+                1,
+                "add",
+                None,
+                "relu" if relu and k == len(rest) - 1 else None,
+                [],
+                None,
             )
     except RuntimeError:
         _FUSION_WORKS = False
@@ -688,8 +704,12 @@ def _segformer_fuse(head: SegformerHead, projs: nn.ModuleList, inputs: Sequence[
     i: each level's share is computed at its own resolution (1/8 to 1/32: 4-64x fewer pixels) and
     no concatenation is made. SegFormer-B0 at 512x512: 1.4 G multiply-adds for 4.3 G, no 64 MB map.
     The resized shares are summed in place; the finest level's share, its bias and the ReLU are
-    added to that sum by oneDNN in one pass (`_conv_add_relu_`). The maps stay channels-last: the
-    bilinear kernel is 7-11x faster there than on NCHW at 256 channels (one thread, 1/8-1/32 to 1/4)."""
+    added to that sum by oneDNN in one pass (`_blocked_pointwise_conv` with its sum and ReLU
+    post-ops). Up to 256 input channels that is one call, not the 192-channel blocks of
+    `_OneDNNConv2d`: on segformer-b0-ol at 512x512 the fused map is as close to float64 either way
+    (RMS 7.5e-7; eager 6.2e-7), and two blocks cost 10% of the head (a copy of each channel slice,
+    a second pass over the sum). The maps stay channels-last: the bilinear kernel is 7-11x faster
+    there than on NCHW at 256 channels (one thread, 1/8-1/32 to 1/4)."""
     if len(inputs) != len(head.convs):
         raise ValueError(f"{type(head).__name__}: expected {len(head.convs)} feature maps, got {len(inputs)}")
     size = inputs[0].shape[-2:]
@@ -702,52 +722,16 @@ def _segformer_fuse(head: SegformerHead, projs: nn.ModuleList, inputs: Sequence[
         del share  # before the next level's share, and the finest level's map, are allocated
     finest, proj = head.convs[0](inputs[0]), cast(nn.Conv2d, projs[0])
     if coarse is not None and _onednn_applies(finest) and _layout(finest) is _layout(coarse):
-        fused = _conv_add_relu_(coarse, finest, proj)
+        blocks = _channel_blocks(proj.in_channels, _SHARE_CHANNEL_BLOCK)
+        fused = _blocked_pointwise_conv(finest, proj.weight, proj.bias, blocks, out=coarse, relu=True)
         if fused is not None:
             return fused
     share = proj(finest)
     return torch.relu(share if coarse is None else share + coarse)
 
 
-# Input channels per oneDNN call of `_conv_add_relu_` (see there).
+# Input channels per oneDNN call of the SegFormer head's finest share (see `_segformer_fuse`).
 _SHARE_CHANNEL_BLOCK = 256
-
-
-def _conv_add_relu_(acc: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
-    """ReLU(conv(x) + acc) for a 1x1 conv, written into `acc` by oneDNN (the sum and the ReLU
-    applied to the convolution's output while it is in cache); None if the op differs in this
-    PyTorch build (then never again).
-
-    Over 256 input channels (the library's SegFormer heads) in one call, not in the blocks of
-    `_OneDNNConv2d`: on segformer-b0-ol at 512x512 the fused map is as close to float64 either way
-    (RMS 7.5e-7; eager 6.2e-7), and two blocks cost 10% of the head (a copy of each channel slice
-    of `x`, a second pass over `acc`). Wider heads are summed in blocks of at most 256 channels."""
-    global _FUSION_WORKS
-    zeros, ones = [0, 0], [1, 1]
-    blocks = _channel_blocks(conv.in_channels, _SHARE_CHANNEL_BLOCK)
-    try:
-        for k, (start, end) in enumerate(blocks):
-            unary = "relu" if k == len(blocks) - 1 else None  # after the last block's sum
-            bias = conv.bias if k == 0 else None
-            torch.ops.mkldnn._convolution_pointwise_.binary(
-                acc,
-                x[:, start:end],
-                conv.weight[:, start:end],
-                bias,
-                zeros,
-                ones,
-                ones,
-                1,
-                "add",
-                None,
-                unary,
-                [],
-                None,
-            )
-    except RuntimeError:  # the first call fails if any does: `acc` is then untouched
-        _FUSION_WORKS = False
-        return None
-    return acc
 
 
 class _FastSegformerHead(SegformerHead):
