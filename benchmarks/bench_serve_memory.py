@@ -1,0 +1,114 @@
+"""Where `offseg serve`'s resident memory goes: the figures of docs/serve.md's "Peak RSS" paragraph.
+
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_serve_memory.py plain fixed main
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_serve_memory.py plain mixed thread [--trim]
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_serve_memory.py server [--seconds 25]
+
+Allocator settings come from the environment (MALLOC_ARENA_MAX=1, MALLOC_MMAP_THRESHOLD_=...,
+LD_PRELOAD=.../libjemalloc.so.2), so one variant per process.
+
+`plain`: no server. OffSeg-T (random weights, 11 classes) on the CamVid picture of
+benchmarks/bench_serve.py, through the worker's own `run_batch`: one batch-1 forward, then 12
+forwards of batch 8 (`fixed`) or 24 of sizes drawn from 1-8 (`mixed`, seed 0), in the main thread
+or another thread (glibc gives it an arena of its own). `--trim`: malloc_trim before a forward
+whose size differs from the previous one, as the server's worker does. Printed: RSS after the
+batch-1 forward (idle), peak RSS, and the peak above idle, in MB.
+
+`server`: `offseg serve` as benchmarks/bench_serve.py starts it, one warm-up request, then 16
+closed-loop clients for `--seconds`: idle RSS, peak RSS, peak above idle, images/s, errors, images
+per forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_serve  # noqa: E402  (the load test's helpers: picture, server, clients, RSS)
+
+
+def plain(sizes: str, where: str, trim: bool) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import offseg
+    from offseg._heap import release_free_heap
+    from offseg.serve import InferenceWorker, load_served_model
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    served = load_served_model("offseg-t", checkpoint=None, num_classes=11)
+    image = Image.open(bench_serve.DEFAULT_IMAGE).convert("RGB")
+    picture = np.asarray(image)
+    worker = InferenceWorker(served.runner, mode=served.mode["mode"], max_batch=8)
+    rng = random.Random(0)
+    counts = [8] * 12 if sizes == "fixed" else [rng.choice([8, 8, 8, 7, 6, 5, 3, 1]) for _ in range(24)]
+    report: dict = {}
+
+    def job() -> None:
+        offseg.predict(served.runner, image, scale=served.scale, **served.mode)
+        idle = bench_serve.rss_mb()
+        last = None
+        for n in counts:
+            if trim and n != last:
+                release_free_heap()
+            last = n
+            worker.run_batch([picture] * n, [picture.shape[:2]] * n)
+        peak = bench_serve.rss_mb(field="VmHWM")
+        report.update(idle_mb=round(idle), peak_mb=round(peak), above_idle_mb=round(peak - idle))
+
+    if where == "main":
+        job()
+    else:
+        thread = threading.Thread(target=job)
+        thread.start()
+        thread.join()
+    return {"plain": sizes, "where": where, "trim": trim, **report}
+
+
+def server(seconds: float) -> dict:
+    import httpx
+
+    args = argparse.Namespace(
+        model="offseg-t", checkpoint=None, num_classes=11, threads=1, max_batch=8, image=str(bench_serve.DEFAULT_IMAGE)
+    )
+    body = Path(args.image).read_bytes()
+    running = bench_serve.Server(args)
+    try:
+        httpx.post(f"{running.url}/v1/segment", content=body, timeout=300).raise_for_status()
+        idle = bench_serve.rss_mb(running.process.pid)
+        latencies, errors = bench_serve.closed_loop(running.url, body, 16, seconds, 3)
+        peak = bench_serve.rss_mb(running.process.pid, "VmHWM")
+        forwards, images = running.batches()
+    finally:
+        running.close()
+    return {
+        "idle_mb": round(idle),
+        "peak_mb": round(peak),
+        "above_idle_mb": round(peak - idle),
+        "images_per_s": round(len(latencies) / seconds, 2),
+        "errors": len(errors),
+        "images_per_forward": round(images / forwards, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["plain", "server"])
+    parser.add_argument("sizes", nargs="?", choices=["fixed", "mixed"], default="fixed")
+    parser.add_argument("where", nargs="?", choices=["main", "thread"], default="main")
+    parser.add_argument("--trim", action="store_true")
+    parser.add_argument("--seconds", type=float, default=25.0)
+    args = parser.parse_args()
+    result = plain(args.sizes, args.where, args.trim) if args.what == "plain" else server(args.seconds)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
