@@ -1,6 +1,7 @@
 """The fast path's 1x1 convolutions by oneDNN (`_OneDNNConv2d`) against PyTorch's own dispatch.
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_onednn_conv.py [MODEL ...] [--reps 10]
+    python benchmarks/bench_onednn_conv.py --matmul 2        # MKL against oneDNN matrix products
                                        [--size 512] [--exact] [--profile]
 
 For each model (default: offseg-t, segformer-b0-ol, segnext-t-ol; the bench's realistic random
@@ -67,6 +68,38 @@ def profile_shares(model: nn.Module, x: torch.Tensor, top: int = 6, forwards: in
     return ", ".join(f"{key} {ms:.0f} ms {share:.0f}%" for key, ms, share in per_forward)
 
 
+def matrix_products(threads: int, reps: int) -> None:
+    """`--matmul`: torch.matmul (MKL) against `offseg.optimize._onednn_matmul` (oneDNN, K in blocks)
+    on the fast path's Offset Learning shapes and 2048^3, alternated; medians, multiply-add rates,
+    and each one's RMS distance from the float64 product."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    print(f"{threads} thread(s), matrix products (M x K) @ (K x N), medians of {reps} alternated calls")
+    for m, k, n in [(16384, 256, 150), (1024, 256, 150), (1024, 150, 150), (2048, 2048, 2048)]:
+        a, w = torch.randn(1, m, k, generator=gen), torch.randn(n, k, generator=gen)
+        calls = {
+            "MKL (torch.matmul)": lambda a=a, w=w: torch.matmul(a, w.T),
+            "oneDNN (_onednn_matmul)": lambda a=a, w=w: opt._onednn_matmul(a, w),
+        }
+        times: dict[str, list[float]] = {label: [] for label in calls}
+        with torch.inference_mode():
+            for call in calls.values():
+                call()
+            for _ in range(reps):
+                for label, call in calls.items():
+                    start = time.perf_counter()
+                    call()
+                    times[label].append(time.perf_counter() - start)
+            truth = a.double() @ w.double().T
+            outs = {label: call() for label, call in calls.items()}
+        for label, t in times.items():
+            ms = statistics.median(t) * 1e3
+            print(
+                f"  {m}x{k}x{n} {label:>24}: {ms:8.2f} ms, {m * k * n / ms / 1e6:6.1f} G multiply-adds/s, "
+                f"RMS from float64 {rms_error(outs[label], truth):.2e}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", default=["offseg-t", "segformer-b0-ol", "segnext-t-ol"])
@@ -74,7 +107,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--exact", action="store_true", help="distances from the float64 model")
     parser.add_argument("--profile", action="store_true", help="top operators per variant (torch.profiler)")
+    parser.add_argument(
+        "--matmul", type=int, metavar="THREADS", help="only the matrix products, MKL against oneDNN, on THREADS threads"
+    )
     args = parser.parse_args()
+    if args.matmul:
+        matrix_products(args.matmul, args.reps)
+        return
     torch.set_num_threads(1)  # the case the rewrite is for: PyTorch picks oneDNN itself on more threads
     rate = matmul_rate(1)  # the FLOP limit's yardstick, measured in this run
     print(

@@ -379,8 +379,8 @@ def test_pointwise_convs_run_on_onednn_in_channel_blocks():
 
 
 def test_matrix_products_on_onednn():
-    # Offset Learning's products in the fast path: oneDNN as a 1x1 convolution (MKL runs at half its
-    # rate on this project's AMD machine), summed over blocks of K as exact as MKL's product.
+    # Offset Learning's products in the fast path: oneDNN as a 1x1 convolution (MKL is 1.4-1.8x slower
+    # on this project's AMD machine), summed over blocks of K as exact as MKL's product.
     from torch.profiler import ProfilerActivity, profile
 
     from offseg.optimize import _onednn_matmul

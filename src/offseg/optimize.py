@@ -23,7 +23,7 @@ is left untouched. What it does, where it applies:
 - 1x1 convolutions run by oneDNN also where PyTorch would use its reference kernel (one
   thread, fewer than 16 images), 1.4-1.9x faster, their sum over the input channels in blocks
   as exact as that kernel's (`_OneDNNConv2d`); Offset Learning's matrix products by oneDNN too,
-  twice MKL's rate here, summed in the same blocks (`_onednn_matmul`);
+  1.4-1.8x MKL's rate here, summed in the same blocks (`_onednn_matmul`);
 - the whole network runs channels-last (depthwise and 1x1 convs, CARAFE and the similarity maps
   are faster that way on CPU), the OffSeg head's interleaved concatenations included; the logits
   are made NCHW-contiguous before the final resize (PyTorch's bilinear kernel is several times
@@ -349,11 +349,11 @@ def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | No
     """x @ weight^T for x (B, M, K) with contiguous rows and weight (N, K), or that product added
     into `out` (B, M, N, contiguous) in place; None where oneDNN does not apply (the caller then
     uses torch.matmul). PyTorch sends float32 matrix products to MKL, which on this project's
-    machine (AMD EPYC, AVX-512) runs at half oneDNN's rate (2048^3: 108 against 220 G
-    multiply-adds/s with 2 threads); 16384 x 256 x 150 takes 15.4 ms by MKL, 7.9 ms here on one
-    thread. The product is a 1x1 convolution of x seen as a channels-last (1, K, 1, B * M) map,
-    summed over K in the blocks of `_OneDNNConv2d`, as exact as MKL's product (RMS 2.04e-7 from
-    float64 for both; one oneDNN call: 2.87e-7). OffSeg-T's fast path: 0.95x the time of
+    machine (AMD EPYC, AVX-512) is slower than oneDNN: `benchmarks/bench_onednn_conv.py --matmul`
+    gave 16384 x 256 x 150 in 9.1 ms here against 16.2 by MKL on one thread, 5.5 against 7.9 on
+    two (2048^3: 168 against 103 G multiply-adds/s). The product is a 1x1 convolution of x seen as
+    a channels-last (1, K, 1, B * M) map, summed over K in the blocks of `_OneDNNConv2d`, as exact
+    as MKL's product (RMS from float64 2.05e-7 for both). OffSeg-T's fast path: 0.95x the time of
     torch.matmul's (1 thread), 0.95-0.98x (2 threads)."""
     if x.dim() != 3 or not _onednn_applies(x) or not _fusion_available():
         return None
