@@ -73,6 +73,8 @@ def test_forward_sizes():
 
     assert [forward_sizes(n, 8) for n in (1, 3, 7, 8)] == [[1], [2, 1], [4, 2, 1], [8]]
     assert forward_sizes(11, 6) == [6, 4, 1] and forward_sizes(0, 8) == []
+    with pytest.raises(ValueError, match="max_batch must be at least 1"):
+        forward_sizes(3, 0)
 
 
 def test_the_queue_is_bounded():

@@ -68,6 +68,10 @@ def forward_sizes(count: int, max_batch: int) -> list[int]:
     """The forward passes a batch of `count` images runs as: `max_batch` and powers of two below it,
     largest first (7 of at most 8: 4, 2, 1). A few shapes recur, so glibc's heap reuses their
     memory; every size from 1 to 8 in turn made it grow (docs/serve.md)."""
+    if max_batch < 1 or count < 0:
+        raise ValueError(
+            f"forward_sizes: max_batch must be at least 1 and count not negative, got {max_batch}, {count}"
+        )
     sizes = sorted({max_batch, *(1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch)}, reverse=True)
     out = []
     for size in sizes:
