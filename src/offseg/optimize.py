@@ -26,8 +26,9 @@ is left untouched. What it does, where it applies:
   1.4-1.8x MKL's rate here, summed in the same blocks (`_onednn_matmul`);
 - the whole network runs channels-last (depthwise and 1x1 convs, CARAFE and the similarity maps
   are faster that way on CPU), the OffSeg head's interleaved concatenations included; the logits
-  are made NCHW-contiguous before the final resize (PyTorch's bilinear kernel is several times
-  slower on channels-last input);
+  are made NCHW-contiguous before the final resize, which runs by phases of its integer scale
+  over contiguous rows (`upsample_bilinear_into`: 2.3x faster than PyTorch's kernel, several
+  times faster than that kernel on channels-last input);
 - the full-resolution output is written into transparent huge pages, a buffer reused by the next
   call of the same size once nothing refers to the previous output (`_ReusedOutput`).
 
@@ -67,6 +68,7 @@ from .models.layers import freqfusion as freqfusion_module
 from .models.layers.carafe import carafe, carafe_taps
 from .models.layers.conv_module import ConvModule
 from .models.layers.offset_learning import OffsetLearning
+from .models.layers.resample import upsample_bilinear_into
 from .models.segmentor import num_classes_of
 
 __all__ = ["optimize_for_inference", "fast_model_for", "fold_batch_norms", "InferenceModel", "reference_computation"]
@@ -1044,9 +1046,14 @@ class InferenceModel(nn.Module):
             # Segmentor.forward, with NCHW logits before the (large) final resize: the bilinear
             # kernel is several times slower on channels-last input.
             logits = forward_logits(x).contiguous()
-            out = self._output.empty((*logits.shape[:2], *x.shape[-2:]), logits)
-            if out is None:
+            if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
                 return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            shape = (*logits.shape[:2], *x.shape[-2:])
+            out = self._output.empty(shape, logits)
+            if out is None:
+                out = logits.new_empty(shape)
+            if upsample_bilinear_into(logits, out):
+                return out
             return torch.ops.aten.upsample_bilinear2d.out(logits, list(x.shape[-2:]), False, None, None, out=out)
 
 
