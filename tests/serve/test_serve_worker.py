@@ -130,6 +130,23 @@ def test_the_free_heap_is_handed_back_when_the_batch_shape_changes(monkeypatch):
     assert trims == [0, 2, 3]  # before the first batch, and before each batch of a new shape
 
 
+def test_the_free_heap_is_handed_back_between_forwards_of_new_shapes(monkeypatch):
+    import offseg.serve.worker as worker_module
+
+    trims: list[int] = []
+    monkeypatch.setattr(worker_module, "release_free_heap", lambda: trims.append(len(seen)) or True)
+    seen: list[int] = []
+    worker = InferenceWorker(StandIn(), max_batch=4, batch_wait=0.5, on_batch=seen.append)
+    # 11 queued images: batches of 4, 4 and 3, the last as forwards of 2 and 1
+    futures = [worker.submit(x, x.shape[:2]) for x in _images(*[(32, 32)] * 11)]
+    worker.start()
+    for f in futures:
+        f.result(timeout=60)
+    worker.stop()
+    assert seen == [4, 4, 2, 1]
+    assert trims == [0, 2, 3]  # before each forward of another shape than the previous one, within a batch too
+
+
 def test_release_free_heap_runs_here():
     import platform
 

@@ -15,10 +15,11 @@ the batched kernels flips a near-tie. In whole mode that is `offseg.predict`'s o
 route (`offseg.inference.whole_labels_each`): the full-resolution scores of all classes are never
 held.
 
-Memory: before a batch whose shape (input size, number of images) differs from the previous
-batch's, the worker hands the heap's free pages back to the system (`offseg._heap`). Forward passes
-of one shape reuse each other's freed blocks; a mix of shapes scatters them, and the server's
-resident size grows past what its largest forward needs (docs/serve.md has the measurements).
+Memory: before a forward whose shape (input size, number of images) differs from the previous
+forward's, also within a batch (7 images as 4, 2 and 1), the worker hands the heap's free pages
+back to the system (`offseg._heap`). Forward passes of one shape reuse each other's freed blocks;
+a mix of shapes scatters them, and the server's resident size grows past what its largest forward
+needs (docs/serve.md has the measurements).
 """
 
 from __future__ import annotations
@@ -209,12 +210,12 @@ class InferenceWorker:
         last_shape: tuple[tuple[int, int], int] | None = None
         while (batch := self._next_batch()) is not None:
             started = time.perf_counter()
-            shape = (batch[0].key, len(batch))
-            if shape != last_shape:
-                release_free_heap()
-                last_shape = shape
             done = 0
             for size in forward_sizes(len(batch), self.max_batch):
+                shape = (batch[0].key, size)
+                if shape != last_shape:
+                    release_free_heap()
+                    last_shape = shape
                 self._forward([*batch[done : done + size]])
                 done += size
             spent = time.perf_counter() - started
