@@ -559,6 +559,20 @@ def test_carafe_export_formulation_equals_reference():
         assert rel(_carafe_for_export(feats, masks, k, g, s), carafe_reference(feats, masks, k, g, s)) < 1e-12
 
 
+def test_grid_sample_export_formulation_equals_grid_sample():
+    import torch.nn.functional as F
+
+    from offseg.models.layers.freqfusion import _grid_sample_for_export
+
+    torch.manual_seed(0)
+    for (n, c, h, w), (ho, wo) in [((2, 3, 7, 9), (14, 18)), ((4, 5, 1, 6), (2, 12))]:
+        feats = torch.randn(n, c, h, w, dtype=torch.float64)
+        coords = torch.rand(n, ho, wo, 2, dtype=torch.float64) * 2.6 - 1.3  # beyond the border too
+        coords[0, 0, :4] = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
+        expected = F.grid_sample(feats, coords, mode="bilinear", padding_mode="border", align_corners=False)
+        assert rel(_grid_sample_for_export(feats, coords), expected) < 1e-12
+
+
 def test_fast_model_for_reuses_until_the_weights_change():
     from offseg.optimize import InferenceModel, fast_model_for
 

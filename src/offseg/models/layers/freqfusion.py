@@ -170,7 +170,30 @@ class LocalSimGuidedSampler(nn.Module):
     @staticmethod
     def resample(feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """`feat` (N, C, H', W') sampled bilinearly at `coords` (N, H'', W'', 2), border-clamped."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return _grid_sample_for_export(feat, coords)
         return F.grid_sample(feat, coords, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _grid_sample_for_export(feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """`F.grid_sample(feat, coords, "bilinear", "border", align_corners=False)` as ONNX Runtime runs
+    it fast: the four neighbours of every sample gathered as whole channel vectors from the
+    channels-last map, then weighted and summed. Same arithmetic per sample (coordinates
+    unnormalised and clamped, weights (1 - dx)(1 - dy) ...); ONNX Runtime's GridSample took 2.5x
+    longer on OffSeg-T's resamplers."""
+    n, c, h, w = feat.shape
+    x = (((coords[..., 0] + 1) * w - 1) / 2).clamp(0, w - 1)
+    y = (((coords[..., 1] + 1) * h - 1) / 2).clamp(0, h - 1)
+    x0, y0 = x.floor(), y.floor()
+    dx, dy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    base = (torch.arange(n, device=feat.device) * (h * w)).view(n, 1, 1)
+    index = torch.stack([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1], dim=-1)
+    weight = torch.stack([(1 - dx) * (1 - dy), dx * (1 - dy), (1 - dx) * dy, dx * dy], dim=-1)
+    rows = feat.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    taps = rows.index_select(0, index.reshape(-1)).view(*index.shape, c)  # (N, H'', W'', 4, C)
+    return (taps * weight.unsqueeze(-1)).sum(dim=3).permute(0, 3, 1, 2).contiguous()
 
 
 class FreqFusion(nn.Module):
