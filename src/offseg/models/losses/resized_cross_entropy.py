@@ -7,10 +7,11 @@
 
 (MMSegmentation's loss on a decode head's output), with the same gradient, but it never holds the
 resized logits of every class at full resolution, nor their gradient: the forward produces them a
-band of rows at a time (`offseg.models.layers.resample`) and keeps only each pixel's log-sum-exp;
-the backward recomputes each band's softmax, forms (softmax - one-hot) for it and maps it back
-through the transposed resize into the low-resolution gradient. For 150 classes at 512x512 and
-batch 2 that is some 1.2 GB of tensors (logits, log-softmax, their gradients) not allocated.
+band of rows at a time (`offseg.models.layers.resample`), reduces each band to its pixels'
+losses and, when the logits need a gradient, forms the band's (softmax - one-hot) and maps it
+back through the transposed resize into the low-resolution gradient, which the backward scales.
+For 150 classes at 512x512 and batch 2 that is some 1.2 GB of tensors (logits, log-softmax, their
+gradients) not allocated.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def _band_rows(batch: int, classes: int, width: int, band_elements: int) -> int:
 class _ResizedCrossEntropy(torch.autograd.Function):
     # The logits are handled classes-innermost, (B, h, w, K): the resampling moves whole class
     # vectors and the log-sum-exp reduces a contiguous axis.
+    #
+    # The loss is a scalar at the end of the graph, so its gradient is (d loss / d logits) times
+    # the incoming scalar: when the logits need a gradient, the forward computes it right away from
+    # each band's softmax, which it has in hand, and the backward only scales it. Recomputing the
+    # bands in the backward (resize and exp again) was a third of the loss's time.
 
     @staticmethod
     def forward(ctx, logits, labels, rows: AxisResample, cols: AxisResample, ignore_index, avg_non_ignore, band):
@@ -38,44 +44,40 @@ class _ResizedCrossEntropy(torch.autograd.Function):
         low = logits.permute(0, 2, 3, 1).contiguous()
         valid = labels != ignore_index
         safe_labels = torch.where(valid, labels, 0)
-        logsumexp = logits.new_empty(b, height, width)
+        grad_low = torch.zeros_like(low) if ctx.needs_input_grad[0] else None
         total = logits.new_zeros((), dtype=torch.float64)
         step = _band_rows(b, k, width, band)
         for top in range(0, height, step):
             bottom = min(top + step, height)
             first, last = rows.band(top, bottom)
             full = rows.apply_rows_last(cols.apply_columns_last(low[:, first : last + 1]), top, bottom, first)
-            lse = torch.logsumexp(full, dim=-1)
-            picked = full.gather(-1, safe_labels[:, top:bottom, :, None]).squeeze(-1)
-            total += ((lse - picked) * valid[:, top:bottom]).sum(dtype=torch.float64)
-            logsumexp[:, top:bottom] = lse
+            band_labels = safe_labels[:, top:bottom, :, None]
+            band_valid = valid[:, top:bottom]
+            picked = full.gather(-1, band_labels).squeeze(-1)
+            # log-sum-exp as torch.logsumexp computes it, keeping exp(full - max) for the softmax
+            peak = full.amax(dim=-1, keepdim=True)
+            exps = full.sub_(peak).exp_()
+            sums = exps.sum(dim=-1, keepdim=True)
+            lse = sums.log().add_(peak).squeeze(-1)
+            total += ((lse - picked) * band_valid).sum(dtype=torch.float64)
+            if grad_low is not None:
+                # d loss / d full logits, up to the 1 / count of the mean: (softmax - one-hot) at
+                # counted pixels, 0 elsewhere; mapped back through the transposed resize
+                grad_full = exps.div_(sums)
+                grad_full.scatter_add_(-1, band_labels, grad_full.new_full((b, bottom - top, width, 1), -1.0))
+                grad_full.mul_(band_valid[..., None].to(grad_full.dtype))
+                grad_band = rows.apply_rows_last_transposed(grad_full, top, bottom, first, last + 1 - first)
+                grad_low[:, first : last + 1] += cols.apply_columns_last_transposed(grad_band)
         count = valid.sum() if avg_non_ignore else torch.tensor(valid.numel())
         count = count.clamp(min=1)
-        ctx.save_for_backward(low, safe_labels, valid, logsumexp, count)
-        ctx.resample, ctx.band = (rows, cols), band
+        ctx.save_for_backward(grad_low, count)
         return (total / count).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        low, labels, valid, logsumexp, count = ctx.saved_tensors
-        rows, cols = ctx.resample
-        b, h_low, w_low, k = low.shape
-        height, width = labels.shape[-2:]
-        scale = (grad_loss / count).to(low.dtype)
-        grad_low = torch.zeros_like(low)
-        step = _band_rows(b, k, width, ctx.band)
-        for top in range(0, height, step):
-            bottom = min(top + step, height)
-            first, last = rows.band(top, bottom)
-            full = rows.apply_rows_last(cols.apply_columns_last(low[:, first : last + 1]), top, bottom, first)
-            # d loss / d full logits = (softmax - one-hot) * scale at counted pixels, 0 elsewhere
-            grad_full = (full - logsumexp[:, top:bottom, :, None]).exp_()
-            minus_one = grad_full.new_full((b, bottom - top, width, 1), -1.0)
-            grad_full.scatter_add_(-1, labels[:, top:bottom, :, None], minus_one)
-            grad_full.mul_((valid[:, top:bottom, :, None] * scale).to(grad_full.dtype))
-            grad_band = rows.apply_rows_last_transposed(grad_full, top, bottom, first, last + 1 - first)
-            grad_low[:, first : last + 1] += cols.apply_columns_last_transposed(grad_band)
-        return grad_low.permute(0, 3, 1, 2), None, None, None, None, None, None
+        grad_low, count = ctx.saved_tensors
+        grad = grad_low * (grad_loss / count).to(grad_low.dtype)
+        return grad.permute(0, 3, 1, 2), None, None, None, None, None, None
 
 
 def resized_cross_entropy(
