@@ -14,6 +14,7 @@ from offseg.benchmark import Result, Row, build_model, example_inputs, format_ta
 from offseg.models.backbones import efficientformer_v2 as effv2
 from offseg.models.layers import freqfusion
 from offseg.models.layers.carafe import carafe, carafe_reference, carafe_taps
+from offseg.models.layers.offset_learning import OffsetLearning
 from offseg.optimize import fold_batch_norms, optimize_for_inference, reference_computation
 
 
@@ -159,17 +160,20 @@ def test_reference_computation_restores_the_default():
         freqfusion.local_cosine_similarity,
         effv2.Attention4D.forward,
         effv2.batch_norm_gelu,
+        OffsetLearning.forward,
     )
     with reference_computation():
         # CARAFE stays the library's tap loop (the official op is a fused kernel, not an unfold).
         assert freqfusion.carafe is carafe_taps
         assert freqfusion.local_cosine_similarity is freqfusion.local_cosine_similarity_reference
         assert effv2.batch_norm_gelu is effv2.batch_norm_gelu_reference
+        assert OffsetLearning.forward is OffsetLearning.forward_reference
     assert (
         freqfusion.carafe,
         freqfusion.local_cosine_similarity,
         effv2.Attention4D.forward,
         effv2.batch_norm_gelu,
+        OffsetLearning.forward,
     ) == originals
 
 

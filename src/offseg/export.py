@@ -412,11 +412,14 @@ def _finish_file(path: Path, metadata: dict[str, str], output_shape: tuple[int, 
 @contextlib.contextmanager
 def _inference_mode_for_export() -> Iterator[None]:
     """No autograd (the modules take their inference code paths), but without nn.MultiheadAttention's
-    fused fast path, which is a single op that has no ONNX export."""
+    fused fast path, which is a single op that has no ONNX export; Offset Learning in its official
+    form (the graph the int8 presets and docs/inference.md's figures were made for)."""
+    from .models.layers.offset_learning import official_offset_learning
+
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), official_offset_learning():
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -653,8 +653,12 @@ def _run_counted(model: nn.Module, x: torch.Tensor, replacements: dict[str, torc
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(post_hook, always_call=True))
     forward = _forward_fn(model)
+    from .models.layers.offset_learning import official_offset_learning
+
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        # Offset Learning counted as the official module computes it (the figures' convention),
+        # not as the regrouped score product the library runs (same function, fewer multiply-adds).
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), official_offset_learning():
             if replacements is None:
                 with mode:
                     forward(x)

@@ -34,15 +34,17 @@ is left untouched. What it does, where it applies:
 
 CARAFE, FreqFusion's local similarity and kernel normaliser, the talking heads and the fused
 BN -> GELU -> conv need no rewrite here: `offseg.models` computes them without unfolds or
-redundant passes in training and inference alike (exact reformulations of the official ops).
+redundant passes in training and inference alike (exact reformulations of the official ops);
+the eager Offset Learning uses the regrouped score product above too, with autograd.
 
 `reference_computation()` is the opposite: a context manager under which the models compute as
 the official implementation does (the similarity by a dilated unfold and F.cosine_similarity, the
 kernel normaliser with its permutes and copies, FreqFusion's two identity resizes, attention
 biases gathered and bicubically resized on every call, talking heads as 1x1 convs, BN -> GELU ->
-conv storing every intermediate), with one exception: CARAFE, a fused compiled kernel in the
-official code, is the library's own tap loop (`offseg.models.layers.carafe.carafe_taps`), not
-an unfold at full resolution. Same function; the benchmarks' reference row and the tests use it.
+conv storing every intermediate, Offset Learning's feature offsets formed for every pixel), with
+one exception: CARAFE, a fused compiled kernel in the official code, is the library's own tap
+loop (`offseg.models.layers.carafe.carafe_taps`), not an unfold at full resolution. Same
+function; the benchmarks' reference row and the tests use it.
 """
 
 from __future__ import annotations
@@ -1207,7 +1209,8 @@ def reference_computation() -> Iterator[None]:
     similarity by a dilated unfold and F.cosine_similarity, FreqFusion's kernel normaliser with
     its permutes and copies and its two identity resizes, EfficientFormerV2 attention biases
     gathered and bicubically resized on every call, talking heads as 1x1 convs, BN -> GELU -> conv
-    storing every intermediate for the backward.
+    storing every intermediate for the backward, Offset Learning's feature offsets formed for every
+    pixel.
 
     CARAFE is the one exception: the official op is a fused compiled kernel (mmcv), so here it is
     the library's plain tap loop (`carafe_taps`, no k*k unfold), not `carafe_reference`, whose full-resolution
@@ -1223,6 +1226,7 @@ def reference_computation() -> Iterator[None]:
         (effv2.AttentionBias, "position_bias", _position_bias_reference),
         (effv2.Attention4D, "forward", effv2.Attention4D.forward_reference),
         (effv2.Attention4DDownsample, "forward", effv2.Attention4DDownsample.forward_reference),
+        (OffsetLearning, "forward", OffsetLearning.forward_reference),
     ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]
     try:

@@ -4,7 +4,7 @@ import torch
 
 from offseg.models.layers.carafe import carafe
 from offseg.models.layers.freqfusion import FreqFusion
-from offseg.models.layers.offset_learning import OffsetLearning, OffsetLearningMask
+from offseg.models.layers.offset_learning import OffsetLearning, OffsetLearningMask, official_offset_learning
 from reference import TOLERANCE, assert_close, load_vector
 
 
@@ -64,6 +64,28 @@ def test_offset_learning_module():
     module.eval()
     with torch.no_grad():
         assert_close(module(vec["input.x"]), vec["output.masks"], TOLERANCE["module"], "masks")
+
+
+def test_regrouped_offset_learning_equals_the_official_form():
+    # forward (E W'^T + softmax_K(A) [(W P_f^T) W'^T]) against forward_reference ((E + dE) W'^T):
+    # values and every gradient, in float64, with weights large enough that no term is negligible.
+    torch.manual_seed(0)
+    module = OffsetLearning(7, 16).double()
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_()
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 7, 5, 6, dtype=torch.float64)
+    results = []
+    for forward in (module.forward, module.forward_reference):
+        out = forward(x)
+        results.append([out, *torch.autograd.grad(out, [x, *module.parameters()], grad_out)])
+    for ours, ref in zip(*results, strict=True):
+        assert (ours - ref).abs().max() <= 1e-12 * ref.abs().max()
+    assert results[0][0].is_contiguous()
+    with official_offset_learning():
+        assert OffsetLearning.forward is OffsetLearning.forward_reference
+    assert OffsetLearning.forward is not OffsetLearning.forward_reference
 
 
 def test_offset_learning_mask_module():

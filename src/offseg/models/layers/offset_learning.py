@@ -9,12 +9,18 @@ representation W (K x C):
     dE    = Linear(softmax_K(A)^T W)               feature offsets, HW x C
     masks = LayerNorm_K((E + dE)(W + dW)^T)        per-pixel class scores
 
-Both offsets are computed from the original W and E. Mask variant (`OffsetLearningMask`, used by
+Both offsets are computed from the original W and E. `OffsetLearning.forward` computes the masks
+regrouped so that dE is never formed (same function, fewer multiply-adds; its docstring), and
+`forward_reference` as written above (`offseg.optimize.reference_computation`, FLOP counts and the
+ONNX export use it: `official_offset_learning`). Mask variant (`OffsetLearningMask`, used by
 Mask2Former): W is the per-image query mask embeddings, there is no LayerNorm, and the aligned
 pair is returned for the head's einsum.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -67,6 +73,32 @@ class OffsetLearning(nn.Module):
                 nn.init.trunc_normal_(proj.weight, std=init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The official function (`forward_reference`) regrouped, same up to float32 round-off.
+
+        With S = softmax_K(A) (HW x K) and W' = W + dW, the aligned score product is
+            (E + S W P_f^T) W'^T = E W'^T + S [(W P_f^T) W'^T]
+        where the bracket is only K x K: the feature offsets (HW x C) are never formed, which
+        saves the (HW x C)(C x C) projection and one (HW x K)(K x C) product, forward and
+        backward (about 37% of Offset Learning's multiply-adds). The single-branch ablations
+        compute the official form.
+        """
+        if self.branches != "both":
+            return self.forward_reference(x)
+        b, c, h, w = x.shape
+        feats = x.flatten(2).transpose(1, 2)  # B, HW, C
+        cls_repr = self.cls_repr.expand(b, -1, -1)  # B, K, C
+        coupled_attn = feats @ cls_repr.transpose(1, 2)  # A^T: B, HW, K
+        cls_attn = coupled_attn.transpose(1, 2).softmax(dim=2)  # over pixels: B, K, HW
+        aligned_repr = cls_repr + self.cls_offset_proj(cls_attn @ feats)  # W + dW: B, K, C
+        class_mix = self.feat_offset_proj(self.cls_repr) @ aligned_repr.transpose(1, 2)  # B, K, K
+        pos_attn = coupled_attn.softmax(dim=2)  # over classes: B, HW, K
+        scores = feats @ aligned_repr.transpose(1, 2) + pos_attn @ class_mix  # B, HW, K
+        masks = self.mask_norm(scores)
+        # NCHW-contiguous, as `forward_reference` explains.
+        return masks.transpose(1, 2).reshape(b, self.num_classes, h, w).contiguous()
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The official computation: both offsets formed, then the aligned score product."""
         b, c, h, w = x.shape
         feats = x.flatten(2).transpose(1, 2)  # B, HW, C
         cls_repr = self.cls_repr.expand(b, -1, -1)
@@ -95,3 +127,17 @@ class OffsetLearningMask(nn.Module):
         feats = mask_features.flatten(2).transpose(1, 2)  # B, HW, C
         mask_embed, feats = align_by_offsets(feats, mask_embed, self.cls_offset_proj, self.feat_offset_proj)
         return mask_embed, feats.transpose(1, 2).reshape(b, c, h, w)
+
+
+@contextlib.contextmanager
+def official_offset_learning() -> Iterator[None]:
+    """Within this block `OffsetLearning` computes the official form (`forward_reference`), for
+    what must see the official operators: FLOP counts in the paper's conventions and the ONNX
+    graph, whose int8 presets and measured figures (docs/inference.md) name its per-pixel
+    feature-offset projection. Not thread-safe (it swaps a class attribute)."""
+    regrouped = OffsetLearning.forward
+    setattr(OffsetLearning, "forward", OffsetLearning.forward_reference)  # noqa: B010 (mypy: no method assignment)
+    try:
+        yield
+    finally:
+        setattr(OffsetLearning, "forward", regrouped)  # noqa: B010
