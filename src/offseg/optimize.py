@@ -902,9 +902,10 @@ class _FastOffsetLearning(OffsetLearning):
         # the logits; torch.sum cascades), a band of classes at a time: the weights of all classes
         # would be one more (HW, K) map.
         pooled = cls_repr.new_empty(b, self.num_classes, c)
+        peaks = coupled_attn.amax(dim=1, keepdim=True)  # one pass for all classes: (B, 1, K)
         for start in range(0, self.num_classes, _CLASS_BAND):
             band = slice(start, start + _CLASS_BAND)
-            weights = (coupled_attn[:, :, band] - coupled_attn[:, :, band].amax(dim=1, keepdim=True)).exp_()
+            weights = (coupled_attn[:, :, band] - peaks[:, :, band]).exp_()
             pooled[:, band] = _pool_by_bands(weights.transpose(1, 2), x) / weights.sum(dim=1).unsqueeze(2)
         aligned_repr = cls_repr + self.cls_offset_proj(pooled)
         class_mix = torch.matmul(self.projected_cls_repr, aligned_repr.transpose(1, 2))  # (B, K, K)
