@@ -133,7 +133,7 @@ class SegmentationLoss(nn.Module):
         self.tiled = tiled
         self.channels_last = channels_last
         if channels_last:
-            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (a gap in the stubs)
+            model.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
