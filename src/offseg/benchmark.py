@@ -363,9 +363,8 @@ def _train_runner(row: Row) -> Runner:
     model = build_model(row).train()
 
     def make_loss(m):
-        # The reference resizes the logits to the labels and takes the cross-entropy in one piece,
-        # on NCHW maps; the eager row is `offseg train`'s CPU step (tiled loss, channels-last).
-        return SegmentationLoss(m, tiled=not reference, channels_last=not reference)
+        # The reference resizes the logits to the labels and takes the cross-entropy in one piece.
+        return SegmentationLoss(m, tiled=not reference)
 
     loss_module = make_loss(model)
     x, labels = example_inputs(row)

@@ -107,21 +107,10 @@ class SegmentationLoss(nn.Module):
     """Model + loss in one module, so that DistributedDataParallel wraps the whole training
     forward. Models with their own `loss(images, labels)` (mask classification) use it;
     the others get MMSegmentation's cross-entropy: logits resized to the label, ignore 255,
-    averaged over all pixels (ignored ones count as 0) unless `avg_non_ignore`.
-
-    `channels_last`: the model's convolution weights (converted here, in place) and every batch of
-    images are channels-last in memory. Same function; on CPU oneDNN's convolutions and their
-    gradients run faster that way and the library's CARAFE works channels-last anyway (batch 2 at
-    512x512, 2 threads: OffSeg-T's step 0.93x the time, SegNeXt-T-OL's 0.68x, SegFormer-B0-OL's
-    and Mask2Former's unchanged), so `train` sets it on CPU."""
+    averaged over all pixels (ignored ones count as 0) unless `avg_non_ignore`."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        ignore_index: int = 255,
-        avg_non_ignore: bool = False,
-        tiled: bool = True,
-        channels_last: bool = False,
+        self, model: nn.Module, ignore_index: int = 255, avg_non_ignore: bool = False, tiled: bool = True
     ) -> None:
         super().__init__()
         self.model = model
@@ -131,13 +120,8 @@ class SegmentationLoss(nn.Module):
         # head's logits (offseg.models.losses.resized_cross_entropy: same loss and gradients,
         # without the full-resolution logits of every class and their gradient).
         self.tiled = tiled
-        self.channels_last = channels_last
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         model_loss = getattr(self.model, "loss", None)
         if model_loss is not None:
             return model_loss(images, labels)
@@ -317,9 +301,7 @@ def train(
         if dist_info.is_main:
             print(report)
     model.to(dist_info.device)
-    loss_module: nn.Module = SegmentationLoss(
-        model, avg_non_ignore=bool(cfg_train.get("avg_non_ignore")), channels_last=dist_info.device.type == "cpu"
-    )
+    loss_module: nn.Module = SegmentationLoss(model, avg_non_ignore=bool(cfg_train.get("avg_non_ignore")))
     if dist_info.enabled:
         if dist_info.device.type == "cuda" and cfg_train.get("sync_bn", True):
             loss_module = nn.SyncBatchNorm.convert_sync_batchnorm(loss_module)
@@ -398,8 +380,7 @@ def train(
         if dist_info.is_main:
             atomic_save(
                 {
-                    # contiguous: the checkpoint does not depend on the training memory layout
-                    "model": {key: value.contiguous() for key, value in model.state_dict().items()},
+                    "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "iteration": iteration,
