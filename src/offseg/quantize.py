@@ -9,9 +9,12 @@ them. The result is an ONNX file plus its sidecar (`offseg.onnx_model`), which `
 
 What is quantised is a preset (`QUANT_PRESETS`), because parts of the network are numerically
 sensitive. A node's part of the network is the module it was exported from (`module_paths`).
+FreqFusion's sampler stays float in every preset: exported as gathers of channel vectors and their
+weights (`GatherSampler`, faster in ONNX Runtime than its GridSample op), its coordinates cannot
+take 8 bits.
 
 - "compute": only the ops that carry the arithmetic (Conv, MatMul, Gemm) get int8 inputs;
-  softmaxes, LayerNorm / GroupNorm (InstanceNormalization in the graph), GELU, GridSample,
+  softmaxes, LayerNorm / GroupNorm (InstanceNormalization in the graph), GELU, the sampler,
   resizes, element-wise and data-movement ops stay float.
 - "ol-attention-float": every op type ONNX Runtime quantises, except in the Offset
   Learning block (modules named `offset_learning`), which stays float but for its two offset
@@ -26,8 +29,8 @@ sensitive. A node's part of the network is the module it was exported from (`mod
   MatMul between DequantizeLinear and QuantizeLinear is still fused into QLinearMatMul; the ones
   after the softmaxes stay float.) docs/inference.md has the profile.
 - "all": every op type ONNX Runtime quantises; in OffSeg-T only the GELUs, FreqFusion's
-  similarity and kernel normalisation (ReduceSum, ReduceL2, Sub, Div), its sampler (GridSample)
-  and DepthToSpace keep float tensors.
+  similarity and kernel normalisation (ReduceSum, ReduceL2, Sub, Div), its sampler and
+  DepthToSpace keep float tensors.
 
 In every preset the exporter's erf GELUs are first fused into single float Gelu nodes (`fuse_gelu`):
 quantised piecewise they cost about twice the fused float kernel and gain no accuracy (docs/inference.md).
@@ -69,12 +72,18 @@ __all__ = [
 # preset -> (op types to quantise, None for every type ONNX Runtime quantises; a regular expression
 # searched in each node's module path, whose matches stay float, or None)
 _OL_ATTENTION = r"/offset_learning/(?!(cls|feat)_offset_proj/)"
+# FreqFusion's resampler (gathers and weights, `GatherSampler`) stays float in every preset, as the
+# GridSample it replaces in exported graphs did: its coordinates cannot take 8 bits
+_SAMPLER = r"/gather_sampler/"
 QUANT_PRESETS: dict[str, tuple[tuple[str, ...] | None, str | None]] = {
     "compute": (("Conv", "MatMul", "Gemm"), None),
-    "ol-attention-float": (None, _OL_ATTENTION),
+    "ol-attention-float": (None, _SAMPLER + "|" + _OL_ATTENTION),
     # node paths end in the op's name: ".../attn/Softmax_1" (torchscript), ".../softmax_20" (dynamo)
-    "attention-float": (None, _OL_ATTENTION + r"|(?i:/softmax[^/]*$|^/model/backbone/.*/matmul[^/]*$)"),
-    "all": (None, None),
+    "attention-float": (
+        None,
+        _SAMPLER + "|" + _OL_ATTENTION + r"|(?i:/softmax[^/]*$|^/model/backbone/.*/matmul[^/]*$)",
+    ),
+    "all": (None, _SAMPLER),
 }
 DEFAULT_PRESET = "attention-float"
 

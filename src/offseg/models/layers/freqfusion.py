@@ -116,6 +116,7 @@ class LocalSimGuidedSampler(nn.Module):
         self.direct_scale = nn.Conv2d(in_channels, 2 * groups * sub, kernel_size, padding=pad)
         self.hr_offset = nn.Conv2d(8, 2 * groups, kernel_size, padding=pad)
         self.hr_direct_scale = nn.Conv2d(in_channels, 2 * groups, kernel_size, padding=pad)
+        self.gather_sampler = GatherSampler()  # the resampling while exporting to ONNX (no weights)
         self.norm_hr = nn.GroupNorm(in_channels // 8, in_channels)
         self.norm_lr = nn.GroupNorm(in_channels // 8, in_channels)
         # Sub-pixel centres of the 2x2 output cells, +-0.25 low-resolution pixels, laid out as
@@ -151,7 +152,10 @@ class LocalSimGuidedSampler(nn.Module):
         `offset` (B, 2*G*4, H, W, in low-resolution pixels), one offset field per channel group."""
         b, _, hs, ws = feat.shape
         coords = self.coordinates(offset, feat).flatten(0, 1)  # B*G, 2H, 2W, (x, y)
-        return self.resample(feat.reshape(b * self.groups, -1, hs, ws), coords).view(b, -1, hs, ws)
+        feat = feat.reshape(b * self.groups, -1, hs, ws)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self.gather_sampler(feat, coords).view(b, -1, hs, ws)
+        return self.resample(feat, coords).view(b, -1, hs, ws)
 
     def coordinates(self, offset: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         """The sampling grid of each channel group, (B, G, 2H, 2W, (x, y)) in grid_sample's [-1, 1]
@@ -170,9 +174,16 @@ class LocalSimGuidedSampler(nn.Module):
     @staticmethod
     def resample(feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """`feat` (N, C, H', W') sampled bilinearly at `coords` (N, H'', W'', 2), border-clamped."""
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return _grid_sample_for_export(feat, coords)
         return F.grid_sample(feat, coords, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class GatherSampler(nn.Module):
+    """`_grid_sample_for_export` as a module, so that its nodes in an exported graph carry a path
+    of their own: int8 quantisation keeps them float (`offseg.quantize`), as it keeps GridSample;
+    sampling coordinates and weights in 8 bits would move every sample."""
+
+    def forward(self, feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        return _grid_sample_for_export(feat, coords)
 
 
 def _grid_sample_for_export(feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
