@@ -268,22 +268,27 @@ def main(argv: list[str] | None = None) -> int:
         "(`offseg.optimize.reference_computation()`): FreqFusion's local similarity by a dilated unfold and "
         "F.cosine_similarity, its kernel normaliser with permutes and copies and its two identity resizes, "
         "EfficientFormerV2 attention biases gathered and bicubically resized on every call, talking heads as "
-        "1x1 convs, BN -> GELU -> conv storing every intermediate for the backward, no folding, the loss on "
-        "logits resized in one piece. One exception: CARAFE, a fused compiled kernel (mmcv) in the official "
-        "code, is the library's plain tap loop (`carafe_taps`: for each of the k*k taps one multiply-add of the "
+        "1x1 convs, BN -> GELU -> conv storing every intermediate for the backward, Offset Learning's feature "
+        "offsets formed for every pixel, no folding, the loss on logits resized in one piece. One exception: "
+        "CARAFE, a fused compiled kernel (mmcv) in the official code, is the library's plain tap loop "
+        "(`carafe_taps`: for each of the k*k taps one multiply-add of the "
         "shifted low-resolution features into the output, no unfold at full resolution). Its outputs reproduce "
         "the official reference vectors (`tests/test_benchmark.py`). This row is frozen.",
-        "- **eager** = the library's default modules (exact reformulations, used for training too).",
+        "- **eager** = the library's default modules (exact reformulations, used for training too; Offset "
+        "Learning's score product regrouped as in the fast path, so the per-pixel feature offsets are never "
+        "formed).",
         "- **fast** = `offseg.optimize_for_inference(model, size)`: BatchNorm and layer scales folded, merged "
         "projections, attention biases mixed once, Offset Learning regrouped, channels-last throughout, CARAFE in "
-        "cache-sized bands, the head's maps dropped as soon as used, the full-resolution output in transparent huge "
-        "pages, its buffer reused by the next call once the caller has dropped it (so one output's worth stays "
-        "resident between calls).",
+        "cache-sized bands, the head's maps dropped as soon as used, the final resize by phases of its integer "
+        "scale (`upsample_bilinear_into`), the full-resolution output in transparent huge pages, its buffer reused "
+        "by the next call once the caller has dropped it (so one output's worth stays resident between calls).",
         "- **labels** = the labels-only prediction path of `offseg.predict` (`offseg.inference.whole_labels` on "
         "the fast model): the resize and the argmax band by band, never the full-resolution logits of all "
         "classes.",
         "- **onnxruntime** = the fast network exported by `offseg.export` and run by ONNX Runtime (CPU provider, "
-        "same threads), plus the same final resize inside the graph.",
+        "same threads), plus the same final resize inside the graph. In the graph, FreqFusion's sampler is a "
+        "gather of channel vectors (`GatherSampler`; ONNX Runtime's GridSample is slower) and CARAFE's output "
+        "reaches NCHW through two transposes that move whole runs.",
         "- **compile** = the fast network under `torch.compile` (inductor; not part of the fast path: compiling "
         "takes many minutes on CPU).",
         "",
@@ -376,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         "reference rows run the official computation (which stores every intermediate, and resizes the logits "
         "of all classes to full resolution for the loss); the eager rows are the library's training path (same "
         "function: fused BN -> GELU -> conv that keeps only its input, CARAFE with a hand-written backward, "
-        "similarity from once-normalised features, the resize and cross-entropy band by band "
+        "similarity from once-normalised features, Offset Learning regrouped, the resize and cross-entropy band "
+        "by band with the gradient of each band formed in the same pass "
         "(`offseg.models.losses.resized_cross_entropy`)).",
         "",
         format_table(train_results),
