@@ -44,3 +44,28 @@ def test_upsample_bilinear_into_declines_what_it_does_not_do():
     assert not upsample_bilinear_into(x, torch.zeros(1, 3, 12, 12))  # other channels
     assert not upsample_bilinear_into(x, torch.zeros(1, 2, 12, 12, dtype=torch.float64))  # other dtype
     assert bool((untouched == 0).all())
+
+
+@pytest.mark.parametrize("size_in, scale", [(16, 4), (5, 3), (1, 4), (7, 8)])
+def test_axis_resample_by_phases_equals_its_matrix(size_in, scale):
+    from offseg.models.layers.resample import AxisResample
+
+    axis = AxisResample.chain(
+        size_in, size_in * scale, size_in * scale, size_in * scale, torch.float64, torch.device("cpu")
+    )
+    assert axis.scale == scale
+    x = torch.randn(2, 3, size_in, 5, dtype=torch.float64)  # (B, rows, columns, C)
+    expected = torch.einsum("oi,bric->broc", axis.matrix, x)
+    torch.testing.assert_close(axis.apply_columns_last(x), expected, rtol=0, atol=1e-12)
+    grad = torch.randn(2, 3, size_in * scale, 5, dtype=torch.float64)
+    expected_grad = torch.einsum("oi,broc->bric", axis.matrix, grad)
+    torch.testing.assert_close(axis.apply_columns_last_transposed(grad), expected_grad, rtol=0, atol=1e-12)
+
+
+def test_axis_resample_chains_other_than_an_upsampling_have_no_phases():
+    from offseg.models.layers.resample import AxisResample
+
+    cpu = torch.device("cpu")
+    assert AxisResample.chain(16, 64, 60, 60, torch.float32, cpu).scale == 0  # cropped
+    assert AxisResample.chain(16, 64, 64, 100, torch.float32, cpu).scale == 0  # resized again
+    assert AxisResample.chain(16, 16, 16, 16, torch.float32, cpu).scale == 0  # identity

@@ -151,11 +151,10 @@ class LocalSimGuidedSampler(nn.Module):
         """Bilinear samples of `feat` (B, C, 2H, 2W) at the low-resolution pixel centres plus
         `offset` (B, 2*G*4, H, W, in low-resolution pixels), one offset field per channel group."""
         b, _, hs, ws = feat.shape
-        coords = self.coordinates(offset, feat).flatten(0, 1)  # B*G, 2H, 2W, (x, y)
-        feat = feat.reshape(b * self.groups, -1, hs, ws)
+        coords = self.coordinates(offset, feat)  # B, G, 2H, 2W, (x, y)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return self.gather_sampler(feat, coords).view(b, -1, hs, ws)
-        return self.resample(feat, coords).view(b, -1, hs, ws)
+            return self.gather_sampler(feat, coords)
+        return self.resample(feat.reshape(b * self.groups, -1, hs, ws), coords.flatten(0, 1)).view(b, -1, hs, ws)
 
     def coordinates(self, offset: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         """The sampling grid of each channel group, (B, G, 2H, 2W, (x, y)) in grid_sample's [-1, 1]
@@ -178,12 +177,19 @@ class LocalSimGuidedSampler(nn.Module):
 
 
 class GatherSampler(nn.Module):
-    """`_grid_sample_for_export` as a module, so that its nodes in an exported graph carry a path
-    of their own: int8 quantisation keeps them float (`offseg.quantize`), as it keeps GridSample;
-    sampling coordinates and weights in 8 bits would move every sample."""
+    """The sampler's resampling while exporting to ONNX: `feat` (B, C, H', W') sampled at `coords`
+    (B, G, H'', W'', 2), channel group g at coords[:, g], by `_grid_sample_for_export`.
+
+    A module, so that its nodes in an exported graph carry a path of their own: int8 quantisation
+    keeps them float (`offseg.quantize`), as it keeps GridSample; sampling coordinates and weights
+    in 8 bits would move every sample. A group at a time: ONNX Runtime holds each call's gathered
+    neighbours, and all groups at once doubled the int8 model's peak memory."""
 
     def forward(self, feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        return _grid_sample_for_export(feat, coords)
+        b, c, h, w = feat.shape
+        groups = coords.shape[1]
+        feat = feat.view(b, groups, c // groups, h, w)
+        return torch.cat([_grid_sample_for_export(feat[:, g], coords[:, g]) for g in range(groups)], dim=1)
 
 
 def _grid_sample_for_export(feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -200,11 +206,20 @@ def _grid_sample_for_export(feat: torch.Tensor, coords: torch.Tensor) -> torch.T
     x0, y0 = x0.long(), y0.long()
     x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
     base = (torch.arange(n, device=feat.device) * (h * w)).view(n, 1, 1)
-    index = torch.stack([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1], dim=-1)
-    weight = torch.stack([(1 - dx) * (1 - dy), dx * (1 - dy), (1 - dx) * dy, dx * dy], dim=-1)
     rows = feat.permute(0, 2, 3, 1).reshape(n * h * w, c)
-    taps = rows.index_select(0, index.reshape(-1)).view(*index.shape, c)  # (N, H'', W'', 4, C)
-    return (taps * weight.unsqueeze(-1)).sum(dim=3).permute(0, 3, 1, 2).contiguous()
+    out = None
+    # one neighbour at a time: gathering all four at once made a 4x larger transient (ONNX Runtime
+    # keeps it and its weighted copy: the int8 model's peak memory doubled)
+    for index, weight in (
+        (base + y0 * w + x0, (1 - dx) * (1 - dy)),
+        (base + y0 * w + x1, dx * (1 - dy)),
+        (base + y1 * w + x0, (1 - dx) * dy),
+        (base + y1 * w + x1, dx * dy),
+    ):
+        term = rows.index_select(0, index.reshape(-1)).view(*index.shape, c) * weight.unsqueeze(-1)
+        out = term if out is None else out + term
+    assert out is not None
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 class FreqFusion(nn.Module):

@@ -46,6 +46,9 @@ class AxisResample:
     weight: torch.Tensor  # (out, T)
     size_in: int
     matrix: torch.Tensor  # (out, in), the same map dense
+    # > 1 when the map is a plain bilinear upsampling by this integer factor: the columns are then
+    # resampled by phases (`_upsample_axis_into`), a `lerp` per phase instead of gathers per tap
+    scale: int = 0
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor, dtype: torch.dtype, device: torch.device) -> AxisResample:
@@ -70,7 +73,10 @@ class AxisResample:
         matrix = matrix[:crop]
         if size_out != crop:
             matrix = bilinear_matrix(crop, size_out) @ matrix
-        return cls.from_matrix(matrix, dtype, device)
+        resample = cls.from_matrix(matrix, dtype, device)
+        if crop == size_mid == size_out and size_mid > size_low and size_mid % size_low == 0:
+            resample.scale = size_mid // size_low
+        return resample
 
     @property
     def size_out(self) -> int:
@@ -92,6 +98,10 @@ class AxisResample:
     def apply_columns_last(self, x: torch.Tensor) -> torch.Tensor:
         """The map along axis 2 of x (B, rows, columns, C), C innermost: each tap gathers whole
         C-vectors, the fast direction when C (classes) is the axis reduced next."""
+        if self.scale > 1:
+            out = x.new_empty(x.shape[0], x.shape[1], self.size_out, x.shape[3])
+            _upsample_axis_into(x, out, 2, self.scale)
+            return out
         out = x.index_select(2, self.index[:, 0]) * self.weight[:, 0].view(-1, 1)
         for t in range(1, self.index.shape[1]):
             out.add_(x.index_select(2, self.index[:, t]) * self.weight[:, t].view(-1, 1))
@@ -100,6 +110,9 @@ class AxisResample:
     def apply_columns_last_transposed(self, grad: torch.Tensor) -> torch.Tensor:
         """The transpose of `apply_columns_last` (its gradient): (B, rows, out, C) -> (B, rows, in, C)."""
         out = grad.new_zeros(grad.shape[0], grad.shape[1], self.size_in, grad.shape[3])
+        if self.scale > 1:
+            _upsample_axis_transposed_add(grad, out, 2, self.scale)
+            return out
         for t in range(self.index.shape[1]):
             out.index_add_(2, self.index[:, t], grad * self.weight[:, t].view(-1, 1))
         return out
@@ -172,6 +185,28 @@ def _upsample_axis_into(src: torch.Tensor, dst: torch.Tensor, dim: int, scale: i
         else:  # between inputs j and j + 1; the last output is input n - 1
             torch.lerp(src.narrow(dim, 0, n - 1), src.narrow(dim, 1, n - 1), f, out=out.narrow(dim, 0, n - 1))
             out.narrow(dim, n - 1, 1).copy_(src.narrow(dim, n - 1, 1))
+
+
+def _upsample_axis_transposed_add(grad: torch.Tensor, out: torch.Tensor, dim: int, scale: int) -> None:
+    """out += the transpose of `_upsample_axis_into` applied to grad (its gradient): each phase's
+    outputs hand (1 - t) and t of their gradient back to the two inputs they interpolate."""
+    n = out.shape[dim]
+    phases = grad.unflatten(dim, (n, scale))
+    for p in range(scale):
+        f = (p + 0.5) / scale - 0.5
+        g = phases.select(dim + 1, p)
+        if f == 0 or n == 1:
+            out.add_(g)
+        elif f < 0:  # outputs 1.. between inputs j - 1 and j with weight t = 1 + f on j; output 0 is input 0
+            inner = g.narrow(dim, 1, n - 1)
+            out.narrow(dim, 0, n - 1).add_(inner, alpha=-f)
+            out.narrow(dim, 1, n - 1).add_(inner, alpha=1 + f)
+            out.narrow(dim, 0, 1).add_(g.narrow(dim, 0, 1))
+        else:  # outputs ..n-2 between inputs j and j + 1 with weight t = f on j + 1; the last is input n - 1
+            inner = g.narrow(dim, 0, n - 1)
+            out.narrow(dim, 0, n - 1).add_(inner, alpha=1 - f)
+            out.narrow(dim, 1, n - 1).add_(inner, alpha=f)
+            out.narrow(dim, n - 1, 1).add_(g.narrow(dim, n - 1, 1))
 
 
 def upsample_bilinear_into(x: torch.Tensor, out: torch.Tensor) -> bool:
