@@ -433,6 +433,23 @@ def test_optimized_offseg_is_rewritten_and_frozen():
     assert (predict(fast, image) == predict(model, image)).mean() > 0.99
 
 
+@pytest.mark.parametrize("name", ["offseg-t", "segformer-b0-ol", "segnext-t-ol"])
+def test_optimized_model_converts_to_float64(name):
+    # Every tensor the fast path prepared follows `.double()` (buffers, caches keyed by dtype), also
+    # after a float32 call filled the caches. The folded weights keep the float32 rounding of the
+    # folding, hence the float32 bar.
+    model = build_model(Row(name, num_classes=11)).eval()
+    fast = optimize_for_inference(model, size=(64, 64))
+    x = torch.randn(1, 3, 64, 96)
+    fast(x)
+    fast64 = fast.double()
+    assert fast64.state_dict().keys() == fast.state_dict().keys()  # the prepared buffers stay out
+    out = fast64(x.double())
+    with torch.no_grad():
+        ref = model.double()(x.double())
+    assert out.dtype == torch.float64 and rel(out, ref) <= FAST_PATH_BAR.get(name, 1e-5)
+
+
 def test_fold_batch_norms_is_exact():
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
     realistic_weights(model, seed=3)

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import mmap
 import sys
 import threading
@@ -544,16 +545,26 @@ class _FastAttention4D(effv2.Attention4D):
     """Attention4D with merged q/k/v, the scale folded into q, the bias (already mixed by the
     first talking head) cached per token count, and the head mixes as matrix products."""
 
+    mix1_weight: torch.Tensor
+    mix1_bias: torch.Tensor
+    mix2_weight: torch.Tensor
+    mix2_bias: torch.Tensor
+    mixed_table: torch.Tensor
+
     def prepare(self) -> None:
         q, k, v = (cast(nn.Conv2d, branch[0]) for branch in (self.q, self.k, self.v))  # conv_bn: conv, BN
         self.qkv = _merge_convs([q, k, v], [self.scale, 1.0, 1.0])
         self.split_sizes = [q.out_channels, k.out_channels, v.out_channels]
         del self.q, self.k, self.v
-        self.mix1_weight, self.mix1_bias = _head_mix(self.talking_head1)
-        self.mix2_weight, self.mix2_bias = _head_mix(self.talking_head2)
+        # Buffers (not in the state dict), so that `.to()` / `.double()` convert them with the rest.
+        for name, mix in (("mix1", self.talking_head1), ("mix2", self.talking_head2)):
+            weight, bias = _head_mix(mix)
+            self.register_buffer(f"{name}_weight", weight, persistent=False)
+            self.register_buffer(f"{name}_bias", bias, persistent=False)
         # The mix commutes with the gather of the bias from its table: W1 T[:, idx] + b1 = (W1 T + b1)[:, idx].
-        self.mixed_table = torch.addmm(self.mix1_bias, self.mix1_weight, self.attention_biases_seg.detach())
-        self.bias_cache: dict[int, torch.Tensor] = {}
+        mixed = torch.addmm(self.mix1_bias, self.mix1_weight, self.attention_biases_seg.detach())
+        self.register_buffer("mixed_table", mixed, persistent=False)
+        self.bias_cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def mixed_bias(self, n: int) -> torch.Tensor:
         """talking_head1 applied to the position bias: W1 B + b1, (heads, n*n).
@@ -565,11 +576,12 @@ class _FastAttention4D(effv2.Attention4D):
         idxs = self.attention_bias_idxs_seg
         if idxs.shape == (n, n):
             return torch.index_select(self.mixed_table, 1, idxs.view(-1))
-        cached = self.bias_cache.get(n)
+        key = (n, self.mixed_table.dtype, self.mixed_table.device)  # a converted model computes anew
+        cached = self.bias_cache.get(key)
         if cached is None:
             bias = self.position_bias(n, n)[0].reshape(self.num_heads, n * n)
             cached = torch.addmm(self.mix1_bias, self.mix1_weight, bias).contiguous()
-            self.bias_cache[n] = cached
+            self.bias_cache[key] = cached
         return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -610,7 +622,7 @@ class _FastAttention4DDownsample(effv2.Attention4DDownsample):
         del self.k, self.v
         q_conv = cast(nn.Conv2d, self.q.proj[0])
         scale_conv_outputs(q_conv, torch.full((q_conv.out_channels,), self.scale))
-        self.bias_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.bias_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def cached_bias(self, nq: int, nk: int) -> torch.Tensor:
         if self.attention_bias_idxs_seg.shape == (nq, nk):
@@ -618,10 +630,11 @@ class _FastAttention4DDownsample(effv2.Attention4DDownsample):
             return torch.index_select(self.attention_biases_seg, 1, self.attention_bias_idxs_seg.view(-1)).view(
                 -1, nq, nk
             )
-        cached = self.bias_cache.get((nq, nk))
+        key = (nq, nk, self.attention_biases_seg.dtype, self.attention_biases_seg.device)
+        cached = self.bias_cache.get(key)
         if cached is None:
             cached = self.position_bias(nq, nk)[0].contiguous()
-            self.bias_cache[(nq, nk)] = cached
+            self.bias_cache[key] = cached
         return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -882,11 +895,12 @@ class _FastOffsetLearning(OffsetLearning):
     where W P_f^T is weights-only (precomputed) and the bracket is only K x K.
     """
 
+    projected_cls_repr: torch.Tensor
+
     def prepare(self) -> None:
         cls_repr = self.cls_repr.detach()[0]
-        self.projected_cls_repr = (cls_repr.double() @ self.feat_offset_proj.weight.detach().double().T).to(
-            cls_repr.dtype
-        )
+        projected = (cls_repr.double() @ self.feat_offset_proj.weight.detach().double().T).to(cls_repr.dtype)
+        self.register_buffer("projected_cls_repr", projected, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -1097,9 +1111,7 @@ class _ReusedOutput:
 
     def empty(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor | None:
         """An uninitialised CPU float tensor of `shape` (dtype of `like`) in the kept buffer, or None."""
-        numel = 1
-        for d in shape:
-            numel *= int(d)
+        numel = math.prod(int(d) for d in shape)
         nbytes = numel * like.element_size()
         if like.device.type != "cpu" or nbytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
             return None

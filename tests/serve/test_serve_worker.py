@@ -68,6 +68,17 @@ def test_images_padding_to_the_same_size_share_a_batch_with_unchanged_labels(mod
         assert np.array_equal(result.labels, offseg.predict(model, image, scale=scale, fast=False, **options))
 
 
+def test_a_model_without_num_classes_gets_the_same_labels_in_whole_mode():
+    # The labels route needs the class count only to pick the array type: unknown, it is int32.
+    model = StandIn()
+    images = _images((64, 80), (64, 70))
+    with_classes = InferenceWorker(model).run_batch(images, [i.shape[:2] for i in images])
+    del model.num_classes
+    without = InferenceWorker(model).run_batch(images, [i.shape[:2] for i in images])
+    assert [m.dtype for m in with_classes] == [np.uint8] * 2 and [m.dtype for m in without] == [np.int32] * 2
+    assert all(np.array_equal(a, b) for a, b in zip(with_classes, without, strict=True))
+
+
 def test_forward_sizes():
     from offseg.serve import forward_sizes
 

@@ -247,10 +247,11 @@ class InferenceWorker:
         x = torch.zeros((len(images), 3, height, width))
         for i, image in enumerate(images):
             x[i, :, : image.shape[0], : image.shape[1]] = preprocess(image)[0]
-        classes = getattr(self.model, "num_classes", None)
-        if self.mode == "whole" and isinstance(classes, int):  # offseg.predict's labels-only route
+        if self.mode == "whole":  # offseg.predict's labels-only route
+            classes = getattr(self.model, "num_classes", None)  # unknown: the wider type
+            dtype = np.uint8 if isinstance(classes, int) and classes <= 256 else np.int32
             maps = whole_labels_each(self.model, x, [image.shape[:2] for image in images], out_sizes)
-            return [m.numpy().astype(np.uint8 if classes <= 256 else np.int32) for m in maps]
+            return [m.numpy().astype(dtype) for m in maps]
         scores = infer(self.model, x, mode=self.mode, crop_size=self.crop_size, stride=self.stride)
         dtype = np.uint8 if scores.shape[1] <= 256 else np.int32
         labels = []
