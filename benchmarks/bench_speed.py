@@ -287,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         "classes.",
         "- **onnxruntime** = the fast network exported by `offseg.export` and run by ONNX Runtime (CPU provider, "
         "same threads), plus the same final resize inside the graph. In the graph, FreqFusion's sampler is a "
-        "gather of channel vectors (`GatherSampler`; ONNX Runtime's GridSample is slower) and CARAFE's output "
-        "reaches NCHW through two transposes that move whole runs.",
+        "gather of channel vectors (`GatherSampler`; ONNX Runtime's GridSample is slower); CARAFE gathers its "
+        "neighbourhoods in one Gather, takes the kernels' softmax once their taps are innermost, and reaches NCHW "
+        "through two transposes that move whole runs; Offset Learning is regrouped as in the fast path, but as "
+        "whole-map operators (no bands).",
         "- **compile** = the fast network under `torch.compile` (inductor; not part of the fast path: compiling "
         "takes many minutes on CPU).",
         "",

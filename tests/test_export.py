@@ -62,6 +62,25 @@ def test_small_fixed_size_export_matches_pytorch(tmp_path):
     assert not check.passes(1e-7), str(check)
 
 
+@pytest.mark.parametrize("name", ["offseg-t", "segformer-b0-ol"])
+def test_the_fast_network_exports_and_matches_pytorch(tmp_path, name):
+    # The network of `optimize_for_inference` (what the benchmark's ONNX Runtime row runs) traces
+    # its export formulations: whole-map Offset Learning, CARAFE's gathered neighbourhoods with the
+    # kernels' softmax inside, the gather sampler. The check compares them with its PyTorch path.
+    from offseg.optimize import optimize_for_inference
+
+    model = _model(name, 19)
+    fast = optimize_for_inference(model, (128, 160))
+    result = export_onnx(fast.model, tmp_path / "fast.onnx", size=(128, 160), exporter="torchscript")
+    assert result.checks[0].max_rel_error <= TOLERANCE, str(result.checks[0])
+    session = ort.InferenceSession(str(tmp_path / "fast.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        ref = model(x)
+    out = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    assert (out - ref).abs().max() / max(1.0, ref.abs().max()) <= TOLERANCE
+
+
 @pytest.mark.parametrize("name", ["mask2former-swin-t", "mask2former-swin-t-ol"])
 def test_mask2former_fixed_size_export_matches_pytorch(tmp_path, name):
     # The reduced configuration of the reference vectors; the graph computes model(x), the

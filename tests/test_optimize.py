@@ -578,6 +578,10 @@ def test_carafe_export_formulation_equals_reference():
         feats = torch.randn(n, c, h, w, dtype=torch.float64)
         masks = torch.randn(n, g * k * k, h * s, w * s, dtype=torch.float64)
         assert rel(_carafe_for_export(feats, masks, k, g, s), carafe_reference(feats, masks, k, g, s)) < 1e-12
+        # masks given as logits: the softmax over each position's taps taken inside
+        kernels = masks.view(n, g, k * k, h * s, w * s).softmax(dim=2).view(masks.shape)
+        inside = _carafe_for_export(feats, masks, k, g, s, softmax=True)
+        assert rel(inside, carafe_reference(feats, kernels, k, g, s)) < 1e-12
 
 
 def test_grid_sample_export_formulation_equals_grid_sample():

@@ -903,6 +903,8 @@ class _FastOffsetLearning(OffsetLearning):
         self.register_buffer("projected_cls_repr", projected, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self._forward_for_export(x)
         b, c, h, w = x.shape
         feats = x.reshape(b, c, h * w)  # (B, C, HW); a view when x is contiguous
         cls_repr = self.cls_repr.expand(b, -1, -1)  # (B, K, C)
@@ -932,6 +934,19 @@ class _FastOffsetLearning(OffsetLearning):
             scores = self._band_scores(feats[:, :, band].transpose(1, 2), aligned_repr, masks[:, band], class_mix)
             masks[:, band] = self.mask_norm(scores)
         return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
+
+    def _forward_for_export(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function as whole-map operators: the bands above would be traced as slices and
+        scatters (ScatterND), which ONNX Runtime runs as copies."""
+        b, c, h, w = x.shape
+        feats = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        cls_repr = self.cls_repr.expand(b, -1, -1)
+        coupled_attn = feats @ cls_repr.transpose(1, 2)  # A^T: (B, HW, K)
+        pooled = coupled_attn.transpose(1, 2).softmax(dim=2) @ feats  # softmax over pixels: (B, K, C)
+        aligned_repr = cls_repr + self.cls_offset_proj(pooled)
+        class_mix = torch.matmul(self.projected_cls_repr, aligned_repr.transpose(1, 2))  # (B, K, K)
+        scores = feats @ aligned_repr.transpose(1, 2) + coupled_attn.softmax(dim=2) @ class_mix
+        return self.mask_norm(scores).transpose(1, 2).reshape(b, self.num_classes, h, w)
 
     @staticmethod
     def _band_scores(

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .carafe import carafe
+from .carafe import _carafe_for_export, carafe
 
 
 def normalize_kernels(raw: torch.Tensor, kernel_size: int, window: torch.Tensor) -> torch.Tensor:
@@ -46,6 +46,21 @@ def normalize_kernels_reference(raw: torch.Tensor, kernel_size: int, window: tor
     kernels /= kernels.sum(dim=(-1, -2), keepdim=True)
     kernels = kernels.view(n, groups, h, w, k * k).permute(0, 1, 4, 2, 3)
     return kernels.reshape(n, c, h, w).contiguous()
+
+
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def carafe_with_kernels(
+    features: torch.Tensor, raw: torch.Tensor, kernel_size: int, scale_factor: int, window: torch.Tensor
+) -> torch.Tensor:
+    """`carafe(features, normalize_kernels(raw, kernel_size, window), kernel_size, 1, scale_factor)`.
+    While exporting with the official one-element window, the export's CARAFE takes the softmax
+    itself, after it has moved the taps innermost (see `_carafe_for_export`)."""
+    if _exporting() and window.numel() == 1:
+        return _carafe_for_export(features, raw, kernel_size, 1, scale_factor, softmax=True)
+    return carafe(features, normalize_kernels(raw, kernel_size, window), kernel_size, 1, scale_factor)
 
 
 # F.cosine_similarity divides each operand by max(||v||, eps) before the dot product.
@@ -152,7 +167,7 @@ class LocalSimGuidedSampler(nn.Module):
         `offset` (B, 2*G*4, H, W, in low-resolution pixels), one offset field per channel group."""
         b, _, hs, ws = feat.shape
         coords = self.coordinates(offset, feat)  # B, G, 2H, 2W, (x, y)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if _exporting():
             return self.gather_sampler(feat, coords)
         return self.resample(feat.reshape(b * self.groups, -1, hs, ws), coords.flatten(0, 1)).view(b, -1, hs, ws)
 
@@ -276,11 +291,9 @@ class FreqFusion(nn.Module):
         # Low-pass kernels from both resolutions; the low-resolution part is upsampled by CARAFE
         # with kernels predicted at high resolution.
         mask_lr_hr = self.content_encoder(hr_c)
-        init_kernels = normalize_kernels(mask_lr_hr, kl, lowpass_window)
-        mask_lr = mask_lr_hr + carafe(self.content_encoder(lr_c), init_kernels, kl, 1, 2)
-        init_kernels = normalize_kernels(mask_lr, kl, lowpass_window)
-        mask_hr = mask_hr_hr + carafe(self.content_encoder2(lr_c), init_kernels, kl, 1, 2)
-        del mask_lr_hr, init_kernels, mask_hr_hr
+        mask_lr = mask_lr_hr + carafe_with_kernels(self.content_encoder(lr_c), mask_lr_hr, kl, 2, lowpass_window)
+        mask_hr = mask_hr_hr + carafe_with_kernels(self.content_encoder2(lr_c), mask_lr, kl, 2, lowpass_window)
+        del mask_lr_hr, mask_hr_hr
 
         # The same steps as the reference order, rearranged for memory: each map is dropped once
         # used, and the resampling offsets come before the upsampled low-resolution feature, the
@@ -290,6 +303,9 @@ class FreqFusion(nn.Module):
         mask_hr = normalize_kernels(mask_hr, kh, highpass_window)
         hr_out = (hr_feat - carafe(hr_feat, mask_hr, kh, 1, 1)) + hr_feat
         del mask_hr
+        if _exporting() and lowpass_window.numel() == 1:  # the kernels' softmax inside the export's CARAFE
+            upsampled = carafe_with_kernels(lr_feat, mask_lr, kl, 2, lowpass_window)
+            return normalize_kernels(mask_lr, kl, lowpass_window), hr_out, self.dysampler.sample(upsampled, offset)
         mask_lr = normalize_kernels(mask_lr, kl, lowpass_window)
         return mask_lr, hr_out, self.upsample_lr(lr_feat, mask_lr, offset)
 
