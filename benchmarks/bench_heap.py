@@ -1,0 +1,108 @@
+"""What `offseg predict` and `offseg eval` gain by keeping freed heap memory (`offseg._heap.keep_freed_heap`).
+
+    python benchmarks/bench_heap.py [--model offseg-t] [--size 512 512] [--threads 2] [--pairs 3] [--calls 20]
+
+Each variant runs in a fresh child process, as the setting is process-wide: glibc's default
+(the top of the heap handed back once enough of it is free, and faulted in again by the next
+forward) and `keep_freed_heap()`, the command line's setting. A child builds the model with the
+benchmark's realistic random weights, takes its fast path (`offseg.optimize_for_inference`),
+warms up, then times `--calls` full-resolution forwards and `--calls` labels-only predictions
+(`offseg.inference.whole_labels`, what `offseg.predict` runs), alternating nothing else. The two
+variants alternate `--pairs` times. Printed per variant: median ms per call, minor page faults and
+kernel CPU time per call, peak RSS; and the ratio of the medians (kept / default) within each pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+
+def child(model_name: str, size: tuple[int, int], threads: int, calls: int, keep: bool) -> dict:
+    import resource
+    import time
+
+    import torch
+
+    from offseg._heap import keep_freed_heap
+    from offseg.benchmark import Row, build_model, example_inputs
+    from offseg.inference import whole_labels
+    from offseg.optimize import optimize_for_inference
+
+    kept = keep_freed_heap() if keep else False
+    torch.set_num_threads(threads)
+    row = Row(model_name, "fast", 1, size)
+    x = example_inputs(row)[0]
+    fast = optimize_for_inference(build_model(row).eval(), size)
+    result: dict = {"kept": kept}
+    with torch.inference_mode():
+        for name, call in (("forward", lambda: fast(x)), ("labels", lambda: whole_labels(fast, x))):
+            for _ in range(3):
+                call()
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            times = []
+            for _ in range(calls):
+                started = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - started)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            result[name] = {
+                "median_ms": statistics.median(times) * 1e3,
+                "faults_per_call": (after.ru_minflt - before.ru_minflt) / calls,
+                "kernel_ms_per_call": (after.ru_stime - before.ru_stime) * 1e3 / calls,
+            }
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="offseg-t")
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--child", choices=["default", "kept"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    size = (args.size[0], args.size[1])
+    if args.child:
+        print(json.dumps(child(args.model, size, args.threads, args.calls, args.child == "kept")))
+        return 0
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
+    print(f"{args.model} fast path, {size[0]}x{size[1]}, batch 1, {args.threads} threads, {args.calls} calls per row")
+    print(f"load average at the start: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}\n")
+    runs: dict[str, list[dict]] = {"default": [], "kept": []}
+    for pair in range(args.pairs):
+        for variant in ("default", "kept"):
+            command = [sys.executable, __file__, "--child", variant, "--model", args.model, "--size", *map(str, size)]
+            command += ["--threads", str(args.threads), "--calls", str(args.calls)]
+            out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+            runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"pair {pair + 1}/{args.pairs}: {variant} done", file=sys.stderr)
+    if not all(r["kept"] for r in runs["kept"]):
+        print("keep_freed_heap() did nothing here (not glibc?): the two variants are the same")
+    print("| variant | call | median ms (each pair) | page faults per call | kernel ms per call | peak RSS MB |")
+    print("|---|---|---|---:|---:|---:|")
+    for variant in ("default", "kept"):
+        for call in ("forward", "labels"):
+            rows = [r[call] for r in runs[variant]]
+            medians = " / ".join(f"{r['median_ms']:.1f}" for r in rows)
+            faults = statistics.median(r["faults_per_call"] for r in rows)
+            kernel = statistics.median(r["kernel_ms_per_call"] for r in rows)
+            peak = statistics.median(r["peak_rss_mb"] for r in runs[variant])
+            print(f"| {variant} | {call} | {medians} | {faults:.0f} | {kernel:.1f} | {peak:.0f} |")
+    print()
+    for call in ("forward", "labels"):
+        pairs = zip(runs["default"], runs["kept"], strict=True)
+        ratios = [kept[call]["median_ms"] / default[call]["median_ms"] for default, kept in pairs]
+        print(f"- {call}: kept / default median time per pair: {', '.join(f'{r:.3f}' for r in ratios)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
