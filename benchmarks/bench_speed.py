@@ -246,12 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         "The limit is how long the model would take if all of its arithmetic ran at matrix-product speed and "
         "nothing else cost anything.",
         "- **Kernel share** (`kernel share of CPU time`): the process's system CPU time over its whole CPU time "
-        "during the row's timed runs. It is mostly page faults: PyTorch's eager allocator hands tensors "
-        "above 32 MB straight back to the system and faults them in again on the next call. On this machine, "
+        "during the row's timed runs. It is mostly page faults: glibc, from which PyTorch's eager allocator "
+        "takes memory, hands blocks of 32 MB and more, and the top of its heap once enough of it is free, back "
+        "to the system, and the next call faults them in again. On this machine, "
         "a virtual machine that reports freed memory to its host, a fault can cost several times what it costs "
         "on bare metal, and the cost varies with what ran before: the same row's median can differ between "
         "the tables below. Rows with a large kernel share are faster, and ratios against them larger, where "
-        "faults are cheap.",
+        "faults are cheap. All rows run with glibc's default heap settings, as a program that imports offseg "
+        "does; the `offseg predict` and `offseg eval` commands keep freed heap memory for the next forward, "
+        "which removes the fast path's faults (`benchmarks/bench_heap.py`: 0.89-0.92x the time).",
         "- **Error**: `max rel. error` is max|out - ref| / max(1, max|ref|) against the first row of the same "
         "model (the reference): logits for forwards; the loss and every parameter gradient of a first step "
         "from the same weights for training steps. For the labels row: the share of pixels whose label differs "
