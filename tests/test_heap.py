@@ -59,9 +59,9 @@ class _Called(Exception):
     pass
 
 
-@pytest.mark.parametrize("command", ["predict", "eval"])
-def test_inference_commands_keep_the_freed_heap(monkeypatch, command):
-    # Both set it first thing, before any model or data is loaded.
+@pytest.mark.parametrize("command", ["predict", "eval", "train"])
+def test_repeating_commands_keep_the_freed_heap(monkeypatch, command):
+    # Each sets it first thing, before any model or data is loaded.
     import offseg._heap
 
     def called() -> bool:
@@ -69,6 +69,7 @@ def test_inference_commands_keep_the_freed_heap(monkeypatch, command):
 
     monkeypatch.setattr(offseg._heap, "keep_freed_heap", called)
     arguments = ["picture.jpg"] if command == "predict" else ["--data", "camvid", "--data-root", "nowhere"]
+    arguments = ["--work-dir", "nowhere", *arguments] if command == "train" else arguments
     arguments = ["--model", "offseg-t", *arguments]
     with pytest.raises(_Called):
         main([command, *arguments])
