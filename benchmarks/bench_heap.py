@@ -11,8 +11,9 @@ warms up, then times `--calls` full-resolution forwards and `--calls` labels-onl
 (`offseg.inference.whole_labels`, what `offseg.predict` runs), alternating nothing else; with
 `--train`, `--calls` training steps of the library's training path instead (batch `--batch`: forward,
 loss, backward, AdamW, as the benchmark's training rows; `offseg train` sets it too). The two
-variants alternate `--pairs` times. Printed per variant: median ms per call, minor page faults and
-kernel CPU time per call, peak RSS; and the ratio of the medians (kept / default) within each pair.
+variants alternate `--pairs` times. Printed per variant: median ms per call and its ratio to the
+FLOP limit (forwards), minor page faults and kernel CPU time per call, peak RSS; and the ratio of
+the medians (kept / default) within each pair.
 """
 
 from __future__ import annotations
@@ -86,10 +87,18 @@ def main() -> int:
         print(json.dumps(child(args.model, size, args.threads, calls, args.child == "kept", train_batch)))
         return 0
 
+    from offseg.benchmark import Row, flop_limit_ms, matmul_rate
+
+    # The FLOP limit beside every forward latency: the forward's multiply-adds at this machine's
+    # torch.mm rate, measured here (none for training steps, as in bench_speed.py).
+    rate = matmul_rate(args.threads)
+    limit = flop_limit_ms(Row(args.model, "fast", train=args.train, size=size, batch=train_batch or 1), rate)
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
     what = f"training steps, batch {train_batch}" if train_batch else "fast path, batch 1"
     print(f"{args.model} {what}, {size[0]}x{size[1]}, {args.threads} threads, {calls} calls per row")
-    print(f"load average at the start: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}\n")
+    print(f"load average at the start: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    limit_text = f"{limit:.0f} ms" if limit is not None else "none for training steps"
+    print(f"torch.mm 2048x2048: {rate / 1e9:.1f} G multiply-adds/s; FLOP limit of one forward: {limit_text}\n")
     runs: dict[str, list[dict]] = {"default": [], "kept": []}
     for pair in range(args.pairs):
         for variant in ("default", "kept"):
@@ -102,8 +111,9 @@ def main() -> int:
     if not all(r["kept"] for r in runs["kept"]):
         print("keep_freed_heap() did nothing here (not glibc?): the two variants are the same")
     names = ["train step"] if args.train else ["forward", "labels"]
-    print("| variant | call | median ms (each pair) | page faults per call | kernel ms per call | peak RSS MB |")
-    print("|---|---|---|---:|---:|---:|")
+    columns = ["variant", "call", "median ms (each pair)", "x FLOP limit", "page faults per call", "kernel ms per call"]
+    print("| " + " | ".join([*columns, "peak RSS MB"]) + " |")
+    print("|---|---|---|---|---:|---:|---:|")
     for variant in ("default", "kept"):
         for call in names:
             rows = [r[call] for r in runs[variant]]
@@ -111,7 +121,8 @@ def main() -> int:
             faults = statistics.median(r["faults_per_call"] for r in rows)
             kernel = statistics.median(r["kernel_ms_per_call"] for r in rows)
             peak = statistics.median(r["peak_rss_mb"] for r in runs[variant])
-            print(f"| {variant} | {call} | {medians} | {faults:.0f} | {kernel:.1f} | {peak:.0f} |")
+            x_limit = " / ".join(f"{r['median_ms'] / limit:.1f}" for r in rows) if limit else "-"
+            print(f"| {variant} | {call} | {medians} | {x_limit} | {faults:.0f} | {kernel:.1f} | {peak:.0f} |")
     print()
     for call in names:
         pairs = zip(runs["default"], runs["kept"], strict=True)

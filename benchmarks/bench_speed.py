@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "faults are cheap. All rows run with glibc's default heap settings, as a program that imports offseg "
         "does; the `offseg predict`, `offseg eval` and `offseg train` commands keep freed heap memory for the "
         "next forward or step, which removes most of these faults (`benchmarks/bench_heap.py`: fast-path "
-        "forwards 0.89-0.92x the time, training steps 0.85-0.91x).",
+        "forwards 0.89-0.93x the time, training steps 0.85-0.91x).",
         "- **Error**: `max rel. error` is max|out - ref| / max(1, max|ref|) against the first row of the same "
         "model (the reference): logits for forwards; the loss and every parameter gradient of a first step "
         "from the same weights for training steps. For the labels row: the share of pixels whose label differs "

@@ -10,10 +10,10 @@ work changes, not on every step.
 The opposite trade suits a command that runs the same work again and again (`offseg predict`,
 `offseg eval`, `offseg train`): by default glibc hands the top of its heap back whenever more than
 a few tens of MB there are free, which happens at the end of every forward or step, and the next
-one faults the same pages in again (per OffSeg-T 512x512 forward 9 300 page faults and 15-18 ms of
+one faults the same pages in again (per OffSeg-T 512x512 forward 9 300 page faults and 15-20 ms of
 kernel time on this project's VM; per training step at batch 2, 194 000 and 300 ms).
 `keep_freed_heap` keeps them: the memory stays resident between forwards, and the peak grows a
-little (+21 MB for those forwards, +86 MB for those steps). The functions do nothing outside glibc
+little (+18-21 MB for those forwards, +86 MB for those steps). The functions do nothing outside glibc
 (musl, macOS, Windows).
 """
 

@@ -72,6 +72,7 @@ from .models.layers.carafe import carafe, carafe_taps
 from .models.layers.conv_module import ConvModule
 from .models.layers.offset_learning import OffsetLearning
 from .models.layers.resample import upsample_bilinear_into
+from .models.layers.tracing import is_exporting
 from .models.segmentor import num_classes_of
 
 __all__ = ["optimize_for_inference", "fast_model_for", "fold_batch_norms", "InferenceModel", "reference_computation"]
@@ -219,8 +220,7 @@ def _onednn_applies(x: torch.Tensor) -> bool:
         _FUSION_WORKS
         and x.device.type == "cpu"
         and x.dtype == torch.float32
-        and not torch.jit.is_tracing()
-        and not torch.onnx.is_in_onnx_export()
+        and not is_exporting()
         and not torch.compiler.is_compiling()
     )
 
@@ -903,8 +903,8 @@ class _FastOffsetLearning(OffsetLearning):
         self.register_buffer("projected_cls_repr", projected, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return self._forward_for_export(x)
+        if is_exporting():  # whole-map operators: the bands below would be traced as copies (ScatterND)
+            return self.forward_regrouped(x, self.projected_cls_repr)
         b, c, h, w = x.shape
         feats = x.reshape(b, c, h * w)  # (B, C, HW); a view when x is contiguous
         cls_repr = self.cls_repr.expand(b, -1, -1)  # (B, K, C)
@@ -935,19 +935,6 @@ class _FastOffsetLearning(OffsetLearning):
             masks[:, band] = self.mask_norm(scores)
         return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
 
-    def _forward_for_export(self, x: torch.Tensor) -> torch.Tensor:
-        """The same function as whole-map operators: the bands above would be traced as slices and
-        scatters (ScatterND), which ONNX Runtime runs as copies."""
-        b, c, h, w = x.shape
-        feats = x.flatten(2).transpose(1, 2)  # (B, HW, C)
-        cls_repr = self.cls_repr.expand(b, -1, -1)
-        coupled_attn = feats @ cls_repr.transpose(1, 2)  # A^T: (B, HW, K)
-        pooled = coupled_attn.transpose(1, 2).softmax(dim=2) @ feats  # softmax over pixels: (B, K, C)
-        aligned_repr = cls_repr + self.cls_offset_proj(pooled)
-        class_mix = torch.matmul(self.projected_cls_repr, aligned_repr.transpose(1, 2))  # (B, K, K)
-        scores = feats @ aligned_repr.transpose(1, 2) + coupled_attn.softmax(dim=2) @ class_mix
-        return self.mask_norm(scores).transpose(1, 2).reshape(b, self.num_classes, h, w)
-
     @staticmethod
     def _band_scores(
         pixels: torch.Tensor, aligned_repr: torch.Tensor, attn: torch.Tensor, class_mix: torch.Tensor
@@ -973,7 +960,7 @@ class _FastFreqFusion(freqfusion_module.FreqFusion):
     OffSeg-T's last fusion at 512x512 input). Same values."""
 
     def upsample_lr(self, lr_feat: torch.Tensor, mask_lr: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if is_exporting():
             return super().upsample_lr(lr_feat, mask_lr, offset)
         upsampled = carafe(lr_feat, mask_lr, self.lowpass_kernel, 1, 2)
         coords = self.dysampler.coordinates(offset, upsampled)  # B, G, 2H, 2W, (x, y)
@@ -1078,7 +1065,7 @@ class InferenceModel(nn.Module):
             # Segmentor.forward, with NCHW logits before the (large) final resize: the bilinear
             # kernel is several times slower on channels-last input.
             logits = forward_logits(x).contiguous()
-            if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            if is_exporting() or torch.compiler.is_compiling():
                 return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
             shape = (*logits.shape[:2], *x.shape[-2:])
             out = self._output.empty(shape, logits)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .tracing import is_exporting
+
 
 def _check_shapes(features: torch.Tensor, masks: torch.Tensor, k: int, g: int, s: int) -> None:
     n, c, h, w = features.shape
@@ -185,7 +187,7 @@ def carafe(
     _check_shapes(features, masks, k, g, s)
     if features.device.type == "meta":
         return _carafe_as_einsum(features, masks, k, g, s)
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if is_exporting():
         return _carafe_for_export(features, masks, k, g, s)
     if torch.is_grad_enabled() and (features.requires_grad or masks.requires_grad):
         return _Carafe.apply(features, masks, k, g, s, band_elements)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .carafe import _carafe_for_export, carafe
+from .tracing import is_exporting
 
 
 def normalize_kernels(raw: torch.Tensor, kernel_size: int, window: torch.Tensor) -> torch.Tensor:
@@ -48,17 +49,13 @@ def normalize_kernels_reference(raw: torch.Tensor, kernel_size: int, window: tor
     return kernels.reshape(n, c, h, w).contiguous()
 
 
-def _exporting() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
 def carafe_with_kernels(
     features: torch.Tensor, raw: torch.Tensor, kernel_size: int, scale_factor: int, window: torch.Tensor
 ) -> torch.Tensor:
     """`carafe(features, normalize_kernels(raw, kernel_size, window), kernel_size, 1, scale_factor)`.
     While exporting with the official one-element window, the export's CARAFE takes the softmax
     itself, after it has moved the taps innermost (see `_carafe_for_export`)."""
-    if _exporting() and window.numel() == 1:
+    if is_exporting() and window.numel() == 1:
         return _carafe_for_export(features, raw, kernel_size, 1, scale_factor, softmax=True)
     return carafe(features, normalize_kernels(raw, kernel_size, window), kernel_size, 1, scale_factor)
 
@@ -167,7 +164,7 @@ class LocalSimGuidedSampler(nn.Module):
         `offset` (B, 2*G*4, H, W, in low-resolution pixels), one offset field per channel group."""
         b, _, hs, ws = feat.shape
         coords = self.coordinates(offset, feat)  # B, G, 2H, 2W, (x, y)
-        if _exporting():
+        if is_exporting():
             return self.gather_sampler(feat, coords)
         return self.resample(feat.reshape(b * self.groups, -1, hs, ws), coords.flatten(0, 1)).view(b, -1, hs, ws)
 
@@ -303,7 +300,7 @@ class FreqFusion(nn.Module):
         mask_hr = normalize_kernels(mask_hr, kh, highpass_window)
         hr_out = (hr_feat - carafe(hr_feat, mask_hr, kh, 1, 1)) + hr_feat
         del mask_hr
-        if _exporting() and lowpass_window.numel() == 1:  # the kernels' softmax inside the export's CARAFE
+        if is_exporting():  # the kernels' softmax inside the export's CARAFE (carafe_with_kernels)
             upsampled = carafe_with_kernels(lr_feat, mask_lr, kl, 2, lowpass_window)
             return normalize_kernels(mask_lr, kl, lowpass_window), hr_out, self.dysampler.sample(upsampled, offset)
         mask_lr = normalize_kernels(mask_lr, kl, lowpass_window)

@@ -84,13 +84,18 @@ class OffsetLearning(nn.Module):
         """
         if self.branches != "both":
             return self.forward_reference(x)
+        return self.forward_regrouped(x, self.feat_offset_proj(self.cls_repr))
+
+    def forward_regrouped(self, x: torch.Tensor, projected_cls_repr: torch.Tensor) -> torch.Tensor:
+        """`forward` (both branches) given W P_f^T = `feat_offset_proj(cls_repr)`, which an
+        inference copy computes once."""
         b, c, h, w = x.shape
         feats = x.flatten(2).transpose(1, 2)  # B, HW, C
         cls_repr = self.cls_repr.expand(b, -1, -1)  # B, K, C
         coupled_attn = feats @ cls_repr.transpose(1, 2)  # A^T: B, HW, K
         cls_attn = coupled_attn.transpose(1, 2).softmax(dim=2)  # over pixels: B, K, HW
         aligned_repr = cls_repr + self.cls_offset_proj(cls_attn @ feats)  # W + dW: B, K, C
-        class_mix = self.feat_offset_proj(self.cls_repr) @ aligned_repr.transpose(1, 2)  # B, K, K
+        class_mix = projected_cls_repr @ aligned_repr.transpose(1, 2)  # B, K, K
         pos_attn = coupled_attn.softmax(dim=2)  # over classes: B, HW, K
         scores = feats @ aligned_repr.transpose(1, 2) + pos_attn @ class_mix  # B, HW, K
         masks = self.mask_norm(scores)

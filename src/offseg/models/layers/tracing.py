@@ -1,0 +1,11 @@
+"""Whether a module runs under an exporter: several layers then switch to formulations that
+export to ONNX and run well in ONNX Runtime (no in-place ops, whole-map operators)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_exporting() -> bool:
+    """True while `torch.jit` traces or `torch.onnx` exports."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
