@@ -418,6 +418,22 @@ def test_matrix_products_on_onednn():
     assert _onednn_matmul(probs, mix.T, out=torch.zeros(1, 150, 100).transpose(1, 2)) is None
 
 
+def test_a_batch_runs_its_widest_parts_image_by_image():
+    # On CPU, several images run the backbone's stem and first stage and the OffSeg head (the
+    # stride-4 maps) one at a time: the logits of the batch are those of its images one by one.
+    model = build_model(Row("offseg-t", num_classes=11)).eval()
+    fast = optimize_for_inference(model, size=(64, 96))
+    stem_batches: list[int] = []
+    fast.model.backbone.patch_embed[0].register_forward_pre_hook(lambda _, args: stem_batches.append(len(args[0])))
+    x = torch.randn(3, 3, 64, 96)
+    batched = fast(x).clone()
+    assert stem_batches == [1, 1, 1]
+    one_by_one = torch.cat([fast(image).clone() for image in x.split(1)])
+    assert rel(batched, one_by_one) <= 1e-5
+    with torch.no_grad():
+        assert rel(batched, model(x)) <= 1e-5
+
+
 def test_optimized_offseg_is_rewritten_and_frozen():
     model = build_model(Row("offseg-t", num_classes=5)).eval()
     fast = optimize_for_inference(model, size=(64, 64))

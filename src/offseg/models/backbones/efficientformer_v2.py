@@ -539,10 +539,14 @@ class EfficientFormerV2(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch embedding: image -> stride-4 map."""
         embed = self.patch_embed  # conv, BN, GELU, conv, BN, GELU
         x = batch_norm_gelu(embed[1], embed[2], embed[0](x), cast(nn.Conv2d, embed[3]))
-        x = batch_norm_gelu(embed[4], embed[5], x)
+        return batch_norm_gelu(embed[4], embed[5], x)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
         outs = []
         for idx, block in enumerate(self.network):
             x = block(x)
