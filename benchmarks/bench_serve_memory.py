@@ -11,8 +11,10 @@ LD_PRELOAD=.../libjemalloc.so.2), so one variant per process.
 benchmarks/bench_serve.py, through the worker's own `run_batch`: one batch-1 forward, then 12
 forwards of batch 8 (`fixed`) or 24 of sizes drawn from 1-8 (`mixed`, seed 0), in the main thread
 or another thread (glibc gives it an arena of its own). `--trim`: malloc_trim before a forward
-whose size differs from the previous one, as the server's worker does. Printed: RSS after the
-batch-1 forward (idle), peak RSS, and the peak above idle, in MB.
+whose size differs from the previous one, as the server's worker does. Printed, in MB: RSS after the
+batch-1 forward (idle), RSS in use after a malloc_trim that follows it (as bench_serve.py's model
+alone measures), peak RSS, and the peak above each; for `fixed`, also the median time and page
+faults of a forward of 8 pictures.
 
 `server`: `offseg serve` as benchmarks/bench_serve.py starts it, one warm-up request, then 16
 closed-loop clients for `--seconds`: idle RSS, peak RSS, peak above idle, images/s, errors, images
@@ -24,8 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
+import statistics
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,14 +59,31 @@ def plain(sizes: str, where: str, trim: bool) -> dict:
     def job() -> None:
         offseg.predict(served.runner, image, scale=served.scale, **served.mode)
         idle = bench_serve.rss_mb()
+        release_free_heap()  # as bench_serve.py's model alone: what is in use, without kept free memory
+        in_use = bench_serve.rss_mb()
         last = None
+        times, faults = [], []
         for n in counts:
             if trim and n != last:
                 release_free_heap()
             last = n
+            started, faulted = time.perf_counter(), resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
             worker.run_batch([picture] * n, [picture.shape[:2]] * n)
+            times.append(time.perf_counter() - started)
+            faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faulted)
         peak = bench_serve.rss_mb(field="VmHWM")
-        report.update(idle_mb=round(idle), peak_mb=round(peak), above_idle_mb=round(peak - idle))
+        report.update(
+            idle_mb=round(idle),
+            in_use_mb=round(in_use),
+            peak_mb=round(peak),
+            above_idle_mb=round(peak - idle),
+            above_in_use_mb=round(peak - in_use),
+        )
+        if sizes == "fixed":  # per forward of 8 pictures, after the first
+            report.update(
+                ms_per_forward=round(1000 * statistics.median(times[1:])),
+                faults_per_forward=round(statistics.median(faults[1:])),
+            )
 
     if where == "main":
         job()

@@ -19,7 +19,9 @@ is left untouched. What it does, where it applies:
   regrouped: E'(W')^T = E(W + dW)^T + softmax_K(A)^T [(W P_f^T)(W + dW)^T], about 40% fewer
   multiply-adds, same function; computed in bands of pixels and classes, in the memory of A;
 - memory: the OffSeg head lets go of each map once used (its 1/4-resolution maps are the widest
-  of the network, where a labels-only prediction peaks), no copy of the input is made;
+  of the network, where a labels-only prediction peaks), no copy of the input is made; a batch of
+  several images runs those stride-4 parts (with EfficientFormerV2's stem and first stage) image
+  by image (`_image_by_image`);
 - 1x1 convolutions run by oneDNN also where PyTorch would use its reference kernel (one
   thread, fewer than 16 images), 1.4-1.9x faster, their sum over the input channels in blocks
   as exact as that kernel's (`_OneDNNConv2d`); Offset Learning's matrix products by oneDNN too,
@@ -658,8 +660,8 @@ def _image_by_image(x: torch.Tensor) -> bool:
     tracing and compiling. Those parts (the backbone's stem and first stage, the OffSeg head) are
     the widest maps of the network and gain nothing from the batch: one image's maps stay in the
     caches and in glibc's heap, where a batch's were mapped afresh and faulted in on every call.
-    OffSeg-T, 8 images of 480x360, 1 thread: 1112 instead of 1292 ms, the forward's own peak
-    RSS 223-231 MB instead of 444-502 (docs/serve.md)."""
+    OffSeg-T, 8 images of 480x360, 1 thread: 964-1083 instead of 1292-1370 ms, the forward's own
+    peak RSS 193-230 MB instead of 463-562 (docs/serve.md)."""
     return x.shape[0] > 1 and x.device.type == "cpu" and not is_exporting() and not torch.compiler.is_compiling()
 
 
