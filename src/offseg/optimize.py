@@ -67,6 +67,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.backbones import efficientformer_v2 as effv2
+from .models.backbones.mit import MixVisionTransformer
+from .models.backbones.mscan import MSCAN
 from .models.heads.offseg_head import OffSegHead, interleave_groups
 from .models.heads.segformer_head import SegformerHead, SegformerHeadOffsetLearning
 from .models.layers import freqfusion as freqfusion_module
@@ -655,33 +657,7 @@ class _FastAttention4DDownsample(effv2.Attention4DDownsample):
         return self.proj(out.contiguous(memory_format=_layout(x)) + v_local)
 
 
-def _image_by_image(x: torch.Tensor) -> bool:
-    """Whether a batch runs its stride-4 parts one image at a time: several images, on CPU, outside
-    tracing and compiling. Those parts (the backbone's stem and first stage, the OffSeg head) are
-    the widest maps of the network and gain nothing from the batch: one image's maps stay in the
-    caches and in glibc's heap, where a batch's were mapped afresh and faulted in on every call.
-    OffSeg-T, 8 images of 480x360, 1 thread: 964-1083 instead of 1292-1370 ms, the forward's own
-    peak RSS 193-230 MB instead of 463-562 (docs/serve.md)."""
-    return x.shape[0] > 1 and x.device.type == "cpu" and not is_exporting() and not torch.compiler.is_compiling()
-
-
-class _FastEfficientFormerV2(effv2.EfficientFormerV2):
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if not _image_by_image(x):
-            return super().forward(x)
-        first_stage = self.network[0]
-        x = torch.cat([first_stage(self.stem(image)) for image in x.split(1)])
-        outs = [x] if 0 in self.out_indices else []
-        for idx in range(1, len(self.network)):
-            x = self.network[idx](x)
-            if idx in self.out_indices:
-                outs.append(x)
-        return outs
-
-
 def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
-    if type(backbone) is effv2.EfficientFormerV2:
-        backbone.__class__ = _FastEfficientFormerV2
     swaps = {
         effv2.Mlp: _FastMlp,
         effv2.ConvDownsample: _FastConvDownsample,
@@ -707,6 +683,90 @@ def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
             prepare = getattr(module, "prepare", None)
             if prepare is not None:
                 prepare()
+
+
+# --------------------------------------------------------------------------------------------
+# A batch on CPU: the stride-4 parts image by image
+# --------------------------------------------------------------------------------------------
+
+
+def _image_by_image(x: torch.Tensor) -> bool:
+    """Whether a batch runs its stride-4 parts one image at a time: several images, on CPU, outside
+    tracing and compiling. Those parts (the backbone's stem and first stage, the decode head) hold
+    the widest maps of the network and gain nothing from the batch: one image's maps stay in the
+    caches and in glibc's heap, where a batch's were mapped afresh and faulted in on every call.
+    The coarser stages, where one image leaves threads idle, still run batched. OffSeg-T, 8 images
+    of 480x360, 1 thread: 964-1083 instead of 1292-1370 ms, the forward's own peak RSS 193-230 MB
+    instead of 463-562 (docs/serve.md)."""
+    return x.shape[0] > 1 and x.device.type == "cpu" and not is_exporting() and not torch.compiler.is_compiling()
+
+
+class _ImageByImageHead(nn.Module):
+    """Mixin for a decode head taking the list of backbone maps: several images on CPU one at a time.
+    A list handed over is emptied, as the OffSeg head's `fuse` does with it."""
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not _image_by_image(inputs[0]):
+            return super().forward(inputs)
+        batch = list(inputs)
+        if isinstance(inputs, list):
+            inputs.clear()
+        logits = []
+        for i in range(len(batch[0])):
+            logits.append(super().forward([x[i : i + 1] for x in batch]))
+        return torch.cat(logits)
+
+
+class _FastEfficientFormerV2(effv2.EfficientFormerV2):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not _image_by_image(x):
+            return super().forward(x)
+        first_stage = self.network[0]
+        x = torch.cat([first_stage(self.stem(image)) for image in x.split(1)])
+        outs = [x] if 0 in self.out_indices else []
+        for idx in range(1, len(self.network)):
+            x = self.network[idx](x)
+            if idx in self.out_indices:
+                outs.append(x)
+        return outs
+
+
+class _FastMixVisionTransformer(MixVisionTransformer):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not _image_by_image(x):
+            return super().forward(x)
+        first_stage, *stages = self.layers
+        x = torch.cat([first_stage(image) for image in x.split(1)])
+        features = [x]
+        for stage in stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class _FastMSCAN(MSCAN):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not _image_by_image(x):
+            return super().forward(x)
+        x = torch.cat([self.stage(1, image) for image in x.split(1)])
+        features = [x]
+        for i in range(2, self.num_stages + 1):
+            x = self.stage(i, x)
+            features.append(x)
+        return features
+
+
+def _run_batches_image_by_image(model: nn.Module) -> None:
+    """The backbones' part of `_image_by_image` (the heads have theirs from `_ImageByImageHead`)."""
+    swaps: dict[type, type] = {
+        effv2.EfficientFormerV2: _FastEfficientFormerV2,
+        MixVisionTransformer: _FastMixVisionTransformer,
+        MSCAN: _FastMSCAN,
+    }
+    for module in model.modules():
+        fast = swaps.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
 
 
 # --------------------------------------------------------------------------------------------
@@ -779,7 +839,7 @@ def _segformer_fuse(head: SegformerHead, projs: nn.ModuleList, inputs: Sequence[
 _SHARE_CHANNEL_BLOCK = 256
 
 
-class _FastSegformerHead(SegformerHead):
+class _FastSegformerHead(_ImageByImageHead, SegformerHead):
     """SegformerHead with the fusion conv split over the levels (`_segformer_fuse`)."""
 
     fusion_projs: nn.ModuleList
@@ -788,7 +848,7 @@ class _FastSegformerHead(SegformerHead):
         return _segformer_fuse(self, self.fusion_projs, inputs)
 
 
-class _FastSegformerHeadOffsetLearning(SegformerHeadOffsetLearning):
+class _FastSegformerHeadOffsetLearning(_ImageByImageHead, SegformerHeadOffsetLearning):
     """SegformerHeadOffsetLearning with the fusion conv split over the levels (`_segformer_fuse`)."""
 
     fusion_projs: nn.ModuleList
@@ -1009,22 +1069,11 @@ def _interleave_channels_last(a: torch.Tensor, b: torch.Tensor, groups: int = 4)
     return torch.cat([a, b], dim=-1).view(n, h, w, ca + cb).permute(0, 3, 1, 2)
 
 
-class _FastOffSegHead(OffSegHead):
+class _FastOffSegHead(_ImageByImageHead, OffSegHead):
     """OffSegHead whose interleaved concatenations stay channels-last when the model is, and that
     drops each map once it is used: the last ones are the widest maps of the network (16 MB each
     at 512x512 input), and the peak memory of a forward is reached here. A list of backbone
-    features (what `Segmentor.forward_logits` hands over) is emptied as they are projected.
-    Several images on CPU run one by one (`_image_by_image`)."""
-
-    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        if not _image_by_image(inputs[0]):
-            return super().forward(inputs)
-        batch = list(inputs)
-        if isinstance(inputs, list):
-            inputs.clear()  # as `fuse` empties it: the maps live on in `batch` until the last image
-        logits = [super(_FastOffSegHead, self).forward([f[i : i + 1] for f in batch]) for i in range(len(batch[0]))]
-        del batch
-        return torch.cat(logits)
+    features (what `Segmentor.forward_logits` hands over) is emptied as they are projected."""
 
     def fuse(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         backbone_feats = inputs if isinstance(inputs, list) else list(inputs)
@@ -1204,6 +1253,7 @@ def optimize_for_inference(
                 _optimise_efficientformer_v2(module)
         _optimise_offset_learning(fast)
         _optimise_segformer_heads(fast)
+        _run_batches_image_by_image(fast)
         _fuse_conv_activations(fast)
         _route_pointwise_convs_to_onednn(fast)
     if channels_last:

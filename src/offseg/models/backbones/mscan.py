@@ -204,10 +204,14 @@ class MSCAN(nn.Module):
             raise ValueError(f"MSCAN: expected images (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         features = []
         for i in range(1, self.num_stages + 1):
-            x = getattr(self, f"patch_embed{i}")(x)
-            for block in getattr(self, f"block{i}"):
-                x = block(x)
-            # The stage LayerNorm normalises each pixel over channels.
-            x = getattr(self, f"norm{i}")(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+            x = self.stage(i, x)
             features.append(x)
         return features
+
+    def stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage i (1-based): patch embedding, blocks, LayerNorm."""
+        x = getattr(self, f"patch_embed{i}")(x)
+        for block in getattr(self, f"block{i}"):
+            x = block(x)
+        # The stage LayerNorm normalises each pixel over channels.
+        return getattr(self, f"norm{i}")(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
