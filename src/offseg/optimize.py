@@ -19,9 +19,10 @@ is left untouched. What it does, where it applies:
   regrouped: E'(W')^T = E(W + dW)^T + softmax_K(A)^T [(W P_f^T)(W + dW)^T], about 40% fewer
   multiply-adds, same function; computed in bands of pixels and classes, in the memory of A;
 - memory: the OffSeg head lets go of each map once used (its 1/4-resolution maps are the widest
-  of the network, where a labels-only prediction peaks), no copy of the input is made; a batch of
-  several images runs those stride-4 parts (with EfficientFormerV2's stem and first stage) image
-  by image (`_image_by_image`);
+  of the network, where a labels-only prediction peaks), no copy of the input is made;
+- a batch of several images on CPU runs its stride-4 parts (the backbone's stem and first stage,
+  the OffSeg and SegFormer heads) image by image, its coarser stages batched (`_image_by_image`;
+  `benchmarks/bench_batch.py`);
 - 1x1 convolutions run by oneDNN also where PyTorch would use its reference kernel (one
   thread, fewer than 16 images), 1.4-1.9x faster, their sum over the input channels in blocks
   as exact as that kernel's (`_OneDNNConv2d`); Offset Learning's matrix products by oneDNN too,
