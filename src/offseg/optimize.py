@@ -693,8 +693,8 @@ def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
 
 def _image_by_image(x: torch.Tensor) -> bool:
     """Whether a batch runs its stride-4 parts one image at a time: several images, on CPU, outside
-    tracing and compiling. Those parts (the backbone's stem and first stage, the decode head) hold
-    the widest maps of the network and gain nothing from the batch: one image's maps stay in the
+    tracing and compiling. Those parts (the backbone's stem and first stage, the OffSeg and
+    SegFormer heads) hold the widest maps of the network and gain nothing from the batch: one image's maps stay in the
     caches and in glibc's heap, where a batch's were mapped afresh and faulted in on every call.
     The coarser stages, where one image leaves threads idle, still run batched. OffSeg-T, 8 images
     of 480x360, 1 thread: 964-1083 instead of 1292-1370 ms, the forward's own peak RSS 193-230 MB
