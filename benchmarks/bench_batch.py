@@ -10,12 +10,13 @@ For each model and thread count, one fast model (random but realistic weights, 1
 
 - **batched**: the whole batch through every layer (the image-by-image rule switched off);
 - **stride-4 image by image** (the fast path): the backbone's stem and first stage and the decode
-  head one image at a time, the coarser stages batched;
+  head one image at a time (SegNeXt's head from one draw of NMF bases for the batch), the coarser
+  stages batched;
 - **each image whole**: the images one after another through the whole network.
 
-Printed: the median time of each and its ratio to batched. SegNeXt's head draws random NMF bases
-per image of a batch, so its "each image whole" logits differ from the batched ones by more than
-round-off (same distribution, other draws).
+Printed: the median time of each and its ratio to batched. SegNeXt's head draws random NMF bases;
+in "each image whole" every image draws its own, so those logits differ from the batched ones by
+more than round-off (same distribution, other draws).
 """
 
 from __future__ import annotations

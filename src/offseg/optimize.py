@@ -20,8 +20,8 @@ is left untouched. What it does, where it applies:
   multiply-adds, same function; computed in bands of pixels and classes, in the memory of A;
 - memory: the OffSeg head lets go of each map once used (its 1/4-resolution maps are the widest
   of the network, where a labels-only prediction peaks), no copy of the input is made;
-- a batch of several images on CPU runs its stride-4 parts (the backbone's stem and first stage,
-  the OffSeg and SegFormer heads) image by image, its coarser stages batched (`_image_by_image`;
+- a batch of several images on CPU runs its widest parts (the backbone's stem and first stage,
+  the decode head) image by image, its coarser stages batched (`_image_by_image`;
   `benchmarks/bench_batch.py`);
 - 1x1 convolutions run by oneDNN also where PyTorch would use its reference kernel (one
   thread, fewer than 16 images), 1.4-1.9x faster, their sum over the input channels in blocks
@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from .models.backbones import efficientformer_v2 as effv2
 from .models.backbones.mit import MixVisionTransformer
 from .models.backbones.mscan import MSCAN
+from .models.heads.ham_head import LightHamHead, LightHamHeadOffsetLearning
 from .models.heads.offseg_head import OffSegHead, interleave_groups
 from .models.heads.segformer_head import SegformerHead, SegformerHeadOffsetLearning
 from .models.layers import freqfusion as freqfusion_module
@@ -687,14 +688,14 @@ def _optimise_efficientformer_v2(backbone: effv2.EfficientFormerV2) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# A batch on CPU: the stride-4 parts image by image
+# A batch on CPU: the widest parts image by image
 # --------------------------------------------------------------------------------------------
 
 
 def _image_by_image(x: torch.Tensor) -> bool:
-    """Whether a batch runs its stride-4 parts one image at a time: several images, on CPU, outside
-    tracing and compiling. Those parts (the backbone's stem and first stage, the OffSeg and
-    SegFormer heads) hold the widest maps of the network and gain nothing from the batch: one image's maps stay in the
+    """Whether a batch runs its widest parts one image at a time: several images, on CPU, outside
+    tracing and compiling. Those parts (the backbone's stem and first stage, the decode head) hold
+    the widest maps of the network and gain nothing from the batch: one image's maps stay in the
     caches and in glibc's heap, where a batch's were mapped afresh and faulted in on every call.
     The coarser stages, where one image leaves threads idle, still run batched. OffSeg-T, 8 images
     of 480x360, 1 thread: 964-1083 instead of 1292-1370 ms, the forward's own peak RSS 193-230 MB
@@ -716,6 +717,35 @@ class _ImageByImageHead(nn.Module):
         for i in range(len(batch[0])):
             logits.append(super().forward([x[i : i + 1] for x in batch]))
         return torch.cat(logits)
+
+
+class _ImageByImageHamHead(nn.Module):
+    """Mixin for SegNeXt's LightHamHead (stride 8): several images on CPU one at a time, each
+    from its share of one draw of the NMF's initial bases for the whole batch, the draw the batched
+    head makes, so the logits are the batched head's."""
+
+    def forward(self, inputs: Sequence[torch.Tensor], bases: torch.Tensor | None = None) -> torch.Tensor:
+        if not _image_by_image(inputs[0]):
+            return super().forward(inputs, bases)
+        images = len(inputs[0])
+        head = cast(LightHamHead, self)
+        groups = head.nmf.spatial_groups
+        if bases is None:
+            dim = head.ham_channels // groups
+            bases = head.nmf.random_bases(images, dim, inputs[0].device, inputs[0].dtype)
+        logits = []
+        for i in range(images):
+            own = [x[i : i + 1] for x in inputs]
+            logits.append(super().forward(own, bases[i * groups : (i + 1) * groups]))
+        return torch.cat(logits)
+
+
+class _FastLightHamHead(_ImageByImageHamHead, LightHamHead):
+    pass
+
+
+class _FastLightHamHeadOffsetLearning(_ImageByImageHamHead, LightHamHeadOffsetLearning):
+    pass
 
 
 class _FastEfficientFormerV2(effv2.EfficientFormerV2):
@@ -758,11 +788,14 @@ class _FastMSCAN(MSCAN):
 
 
 def _run_batches_image_by_image(model: nn.Module) -> None:
-    """The backbones' part of `_image_by_image` (the heads have theirs from `_ImageByImageHead`)."""
+    """`_image_by_image` for the backbones and SegNeXt's head (the OffSeg and SegFormer heads have
+    theirs from `_ImageByImageHead`)."""
     swaps: dict[type, type] = {
         effv2.EfficientFormerV2: _FastEfficientFormerV2,
         MixVisionTransformer: _FastMixVisionTransformer,
         MSCAN: _FastMSCAN,
+        LightHamHead: _FastLightHamHead,
+        LightHamHeadOffsetLearning: _FastLightHamHeadOffsetLearning,
     }
     for module in model.modules():
         fast = swaps.get(type(module))

@@ -167,8 +167,9 @@ class Hamburger(nn.Module):
         self.ham = nmf
         self.ham_out = ConvModule(channels, channels, 1, norm=norm, norm_groups=norm_groups, act=None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        reconstructed = self.ham(F.relu(self.ham_in(x)))
+    def forward(self, x: torch.Tensor, bases: torch.Tensor | None = None) -> torch.Tensor:
+        """`bases`: the NMF's initial bases (see `NMF2D.forward`); None draws them."""
+        reconstructed = self.ham(F.relu(self.ham_in(x)), bases)
         return F.relu(x + self.ham_out(reconstructed))
 
 
@@ -225,8 +226,9 @@ class LightHamHead(DecodeHead):
                 raise ValueError(f"{name}: feature map {i} should be (B, {c}, H, W), got {tuple(x.shape)}")
         return selected
 
-    def fuse(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The aligned feature (B, channels, H/8, W/8) that the classifier reads."""
+    def fuse(self, inputs: Sequence[torch.Tensor], bases: torch.Tensor | None = None) -> torch.Tensor:
+        """The aligned feature (B, channels, H/8, W/8) that the classifier reads. `bases`: the NMF's
+        initial bases (B * S, ham_channels / S, R); None draws them."""
         selected = self.select_inputs(inputs)
         size = selected[0].shape[-2:]
         resized = [
@@ -235,10 +237,10 @@ class LightHamHead(DecodeHead):
             else F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
             for x in selected
         ]
-        return self.align(self.hamburger(self.squeeze(torch.cat(resized, dim=1))))
+        return self.align(self.hamburger(self.squeeze(torch.cat(resized, dim=1)), bases))
 
-    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.cls_seg(self.fuse(inputs))
+    def forward(self, inputs: Sequence[torch.Tensor], bases: torch.Tensor | None = None) -> torch.Tensor:
+        return self.cls_seg(self.fuse(inputs, bases))
 
 
 class LightHamHeadOffsetLearning(LightHamHead):
@@ -248,5 +250,5 @@ class LightHamHeadOffsetLearning(LightHamHead):
         super().__init__(in_channels, num_classes, channels, **kwargs)
         self.offset_learning = OffsetLearning(num_classes, channels)
 
-    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.offset_learning(self.fuse(inputs))
+    def forward(self, inputs: Sequence[torch.Tensor], bases: torch.Tensor | None = None) -> torch.Tensor:
+        return self.offset_learning(self.fuse(inputs, bases))
