@@ -54,13 +54,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import mmap
 import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeGuard, cast
 
 import torch
@@ -762,29 +763,31 @@ class _FastEfficientFormerV2(effv2.EfficientFormerV2):
         return outs
 
 
+def _first_stage_by_image(
+    x: torch.Tensor, stages: Sequence[Callable[[torch.Tensor], torch.Tensor]]
+) -> list[torch.Tensor]:
+    """The output of each of `stages` applied in turn, the first one image by image."""
+    first, *rest = stages
+    x = torch.cat([first(image) for image in x.split(1)])
+    features = [x]
+    for stage in rest:
+        x = stage(x)
+        features.append(x)
+    return features
+
+
 class _FastMixVisionTransformer(MixVisionTransformer):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not _image_by_image(x):
             return super().forward(x)
-        first_stage, *stages = self.layers
-        x = torch.cat([first_stage(image) for image in x.split(1)])
-        features = [x]
-        for stage in stages:
-            x = stage(x)
-            features.append(x)
-        return features
+        return _first_stage_by_image(x, list(self.layers))
 
 
 class _FastMSCAN(MSCAN):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not _image_by_image(x):
             return super().forward(x)
-        x = torch.cat([self.stage(1, image) for image in x.split(1)])
-        features = [x]
-        for i in range(2, self.num_stages + 1):
-            x = self.stage(i, x)
-            features.append(x)
-        return features
+        return _first_stage_by_image(x, [functools.partial(self.stage, i) for i in range(1, self.num_stages + 1)])
 
 
 def _run_batches_image_by_image(model: nn.Module) -> None:
