@@ -62,7 +62,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeGuard, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn as nn
@@ -79,7 +79,7 @@ from .models.layers.carafe import carafe, carafe_taps
 from .models.layers.conv_module import ConvModule
 from .models.layers.offset_learning import OffsetLearning
 from .models.layers.resample import upsample_bilinear_into
-from .models.layers.tracing import is_exporting
+from .models.layers.tracing import is_exporting, is_exporting_or_compiling
 from .models.segmentor import num_classes_of
 
 __all__ = ["optimize_for_inference", "fast_model_for", "fold_batch_norms", "InferenceModel", "reference_computation"]
@@ -223,13 +223,7 @@ def _fusion_available() -> bool:
 
 def _onednn_applies(x: torch.Tensor) -> bool:
     """Whether oneDNN's pointwise convolution op may run on `x` (CPU float32, eager mode)."""
-    return (
-        _FUSION_WORKS
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not is_exporting()
-        and not torch.compiler.is_compiling()
-    )
+    return _FUSION_WORKS and x.device.type == "cpu" and x.dtype == torch.float32 and not is_exporting_or_compiling()
 
 
 def _onednn_conv(x: torch.Tensor, conv: nn.Conv2d, attr: str, algorithm: str | None) -> torch.Tensor | None:
@@ -701,44 +695,46 @@ def _image_by_image(x: torch.Tensor) -> bool:
     The coarser stages, where one image leaves threads idle, still run batched. OffSeg-T, 8 images
     of 480x360, 1 thread: 964-1083 instead of 1292-1370 ms, the forward's own peak RSS 193-230 MB
     instead of 463-562 (docs/serve.md)."""
-    return x.shape[0] > 1 and x.device.type == "cpu" and not is_exporting() and not torch.compiler.is_compiling()
+    return x.shape[0] > 1 and x.device.type == "cpu" and not is_exporting_or_compiling()
 
 
 class _ImageByImageHead(nn.Module):
     """Mixin for a decode head taking the list of backbone maps: several images on CPU one at a time.
     A list handed over is emptied, as the OffSeg head's `fuse` does with it."""
 
-    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, inputs: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         if not _image_by_image(inputs[0]):
-            return super().forward(inputs)
+            return super().forward(inputs, *args, **kwargs)
         batch = list(inputs)
         if isinstance(inputs, list):
             inputs.clear()
+        images = len(batch[0])
+        shares = self.image_shares(images, *args, **kwargs)
         logits = []
-        for i in range(len(batch[0])):
-            logits.append(super().forward([x[i : i + 1] for x in batch]))
+        for i in range(images):  # a loop: super() without arguments fails inside a comprehension
+            logits.append(super().forward([x[i : i + 1] for x in batch], **shares[i]))
         return torch.cat(logits)
 
+    def image_shares(self, images: int, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        """The head's further arguments for a batch, split into each image's (keyword arguments).
+        A head without further arguments takes none."""
+        if args or kwargs:
+            raise TypeError(f"{type(self).__name__}.forward takes only the list of feature maps")
+        return [{}] * images
 
-class _ImageByImageHamHead(nn.Module):
-    """Mixin for SegNeXt's LightHamHead (stride 8): several images on CPU one at a time, each
-    from its share of one draw of the NMF's initial bases for the whole batch, the draw the batched
-    head makes, so the logits are the batched head's."""
 
-    def forward(self, inputs: Sequence[torch.Tensor], bases: torch.Tensor | None = None) -> torch.Tensor:
-        if not _image_by_image(inputs[0]):
-            return super().forward(inputs, bases)
-        images = len(inputs[0])
+class _ImageByImageHamHead(_ImageByImageHead):
+    """For SegNeXt's LightHamHead (stride 8): each image from its share of one draw of the NMF's
+    initial bases for the whole batch, the draw the batched head makes, so the logits are the
+    batched head's."""
+
+    def image_shares(self, images: int, bases: torch.Tensor | None = None) -> list[dict[str, Any]]:
         head = cast(LightHamHead, self)
         groups = head.nmf.spatial_groups
         if bases is None:
-            dim = head.ham_channels // groups
-            bases = head.nmf.random_bases(images, dim, inputs[0].device, inputs[0].dtype)
-        logits = []
-        for i in range(images):
-            own = [x[i : i + 1] for x in inputs]
-            logits.append(super().forward(own, bases[i * groups : (i + 1) * groups]))
-        return torch.cat(logits)
+            param = next(head.parameters())
+            bases = head.nmf.random_bases(images, head.ham_channels // groups, param.device, param.dtype)
+        return [{"bases": bases[i * groups : (i + 1) * groups]} for i in range(images)]
 
 
 class _FastLightHamHead(_ImageByImageHamHead, LightHamHead):
@@ -1190,7 +1186,7 @@ class InferenceModel(nn.Module):
             # Segmentor.forward, with NCHW logits before the (large) final resize: the bilinear
             # kernel is several times slower on channels-last input.
             logits = forward_logits(x).contiguous()
-            if is_exporting() or torch.compiler.is_compiling():
+            if is_exporting_or_compiling():
                 return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
             shape = (*logits.shape[:2], *x.shape[-2:])
             out = self._output.empty(shape, logits)

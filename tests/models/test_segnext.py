@@ -185,6 +185,8 @@ def test_nmf_steps_and_bad_arguments() -> None:
         nmf.set_generator("seed")
     with pytest.raises(ValueError, match="rank"):
         NMF2D(rank=0)
+    with pytest.raises(ValueError, match="stage 5 does not exist"):
+        MSCAN("t").stage(5, torch.rand(1, 256, 4, 4))
 
 
 # --- (d) parameter counts -----------------------------------------------------------------------

@@ -210,6 +210,8 @@ class MSCAN(nn.Module):
 
     def stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage i (1-based): patch embedding, blocks, LayerNorm."""
+        if not 1 <= i <= self.num_stages:
+            raise ValueError(f"MSCAN: stage {i} does not exist; stages are 1 to {self.num_stages}")
         x = getattr(self, f"patch_embed{i}")(x)
         for block in getattr(self, f"block{i}"):
             x = block(x)
