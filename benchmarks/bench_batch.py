@@ -14,7 +14,9 @@ For each model and thread count, one fast model (random but realistic weights, 1
   stages batched;
 - **each image whole**: the images one after another through the whole network.
 
-Printed: the median time of each and its ratio to batched. SegNeXt's head draws random NMF bases;
+Printed: the median time of each, its ratio to batched, and its ratio to the FLOP limit: the
+batch's multiply-adds (`full` convention of `offseg.flops`, the whole forward's, final resize
+included) at this machine's `torch.mm` 2048x2048 rate, measured in the same run. SegNeXt's head draws random NMF bases;
 in "each image whole" every image draws its own, so those logits differ from the batched ones by
 more than round-off (same distribution, other draws).
 """
@@ -31,7 +33,7 @@ import torch
 
 import offseg
 from offseg import optimize
-from offseg.benchmark import realistic_weights
+from offseg.benchmark import Row, forward_macs, matmul_rate, realistic_weights
 
 
 def variants(fast: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -63,13 +65,19 @@ def main() -> None:
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"batch {args.batch} of {args.size[0]}x{args.size[1]}, {args.rounds} alternated rounds; load average {load}")
     print()
-    print("| model | threads | way | median ms | x batched |")
-    print("|---|---:|---|---:|---:|")
+    rates = {threads: matmul_rate(threads) for threads in args.threads}
+    print(
+        "matrix-product rate: " + ", ".join(f"{t} thread(s) {r / 1e9:.1f} G multiply-adds/s" for t, r in rates.items())
+    )
+    print()
+    print("| model | threads | way | median ms | x batched | x FLOP limit |")
+    print("|---|---:|---|---:|---:|---:|")
     for name in args.models:
         torch.manual_seed(0)
         model = realistic_weights(offseg.create_model(name, num_classes=11).eval())
         fast = offseg.optimize_for_inference(model, tuple(args.size))
         x = torch.randn(args.batch, 3, *args.size)
+        macs = forward_macs(Row(name, size=(args.size[0], args.size[1]), batch=args.batch, num_classes=11))
         for threads in args.threads:
             torch.set_num_threads(threads)
             ways = variants(fast, x)
@@ -83,9 +91,11 @@ def main() -> None:
                     times[way].append(time.perf_counter() - started)
                     del out
             base = statistics.median(times["batched"])
+            limit = macs / rates[threads]
             for way, spent in times.items():
                 median = statistics.median(spent)
-                print(f"| {name} | {threads} | {way} | {1000 * median:.0f} | {median / base:.2f} |", flush=True)
+                row = f"| {name} | {threads} | {way} | {1000 * median:.0f} | {median / base:.2f} |"
+                print(f"{row} {median / limit:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

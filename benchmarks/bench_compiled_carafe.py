@@ -9,7 +9,9 @@ realistic weights, 150 classes), then, call by call: the first call of the tap l
 `torch.compile` (inductor, static shapes unless `--dynamic`; that first call is the compile, or
 the load from inductor's on-disk cache), the median of `--runs` alternated calls of the eager tap
 loop (what the fast path runs) and of the compiled one, and the compiled output's max relative
-error against the eager one. Inductor needs a C++ compiler.
+error against the eager one; both times also as multiples of the FLOP limit: the call's k*k
+multiply-adds per output element at this machine's `torch.mm` 2048x2048 rate, measured in the
+same run. Inductor needs a C++ compiler.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 import offseg
 from offseg import optimize
-from offseg.benchmark import realistic_weights
+from offseg.benchmark import matmul_rate, realistic_weights
 from offseg.models.layers import carafe as carafe_module
 from offseg.models.layers import freqfusion
 
@@ -62,7 +64,7 @@ def main() -> None:
     parser.add_argument("--dynamic", action="store_true", help="dynamic shapes: one graph per (k, g, s)")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    rate = matmul_rate(args.threads)  # sets the thread count too
     torch._dynamo.config.cache_size_limit = 64
     torch.manual_seed(0)
     model = realistic_weights(offseg.create_model(args.model, num_classes=150).eval())
@@ -70,11 +72,15 @@ def main() -> None:
     calls = record_carafe_calls(fast, args.size)
     shapes = "dynamic" if args.dynamic else "static"
     print(f"{args.model} at {args.size}x{args.size}, {args.threads} threads, {shapes} shapes")
+    print(f"matrix-product rate {rate / 1e9:.1f} G multiply-adds/s")
     print()
-    print("| features | k | scale | first compiled call s | eager ms | compiled ms | max rel. error |")
+    print(
+        "| features | k | scale | first compiled call s | eager ms (x FLOP limit) | compiled ms (x FLOP limit) "
+        "| max rel. error |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     compiled_by_config: dict[tuple[int, int, int], object] = {}
-    totals = {"first": 0.0, "eager": 0.0, "compiled": 0.0}
+    totals = {"first": 0.0, "eager": 0.0, "compiled": 0.0, "limit": 0.0}
     with torch.inference_mode():
         for features, masks, k, g, s in calls:
             config = (k, g, s)
@@ -100,11 +106,14 @@ def main() -> None:
             totals["first"] += first
             totals["eager"] += eager_ms
             totals["compiled"] += compiled_ms
-            row = f"| {tuple(features.shape)} | {k} | {s} | {first:.1f} | {eager_ms:.2f} | {compiled_ms:.2f} |"
-            print(f"{row} {error:.1e} |", flush=True)
+            limit_ms = 1000 * k * k * compiled_out.numel() / rate
+            totals["limit"] += limit_ms
+            times = f"{eager_ms:.2f} ({eager_ms / limit_ms:.0f}) | {compiled_ms:.2f} ({compiled_ms / limit_ms:.0f})"
+            print(f"| {tuple(features.shape)} | {k} | {s} | {first:.1f} | {times} | {error:.1e} |", flush=True)
     print(
-        f"| all {len(calls)} calls of a forward | | | {totals['first']:.1f} | {totals['eager']:.1f} | "
-        f"{totals['compiled']:.1f} | |"
+        f"| all {len(calls)} calls of a forward | | | {totals['first']:.1f} | {totals['eager']:.1f} "
+        f"({totals['eager'] / totals['limit']:.0f}) | {totals['compiled']:.1f} "
+        f"({totals['compiled'] / totals['limit']:.0f}) | |"
     )
 
 

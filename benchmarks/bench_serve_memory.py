@@ -13,8 +13,9 @@ forwards of batch 8 (`fixed`) or 24 of sizes drawn from 1-8 (`mixed`, seed 0), i
 or another thread (glibc gives it an arena of its own). `--trim`: malloc_trim before a forward
 whose size differs from the previous one, as the server's worker does. Printed, in MB: RSS after the
 batch-1 forward (idle), RSS in use after a malloc_trim that follows it (as bench_serve.py's model
-alone measures), peak RSS, and the peak above each; for `fixed`, also the median time and page
-faults of a forward of 8 pictures.
+alone measures), peak RSS, and the peak above each; for `fixed`, also the median time of a
+forward of 8 pictures, that time over its FLOP limit (its multiply-adds at this machine's
+one-thread `torch.mm` rate, measured in the same process), and its page faults.
 
 `server`: `offseg serve` as benchmarks/bench_serve.py starts it, one warm-up request, then 16
 closed-loop clients for `--seconds`: idle RSS, peak RSS, peak above idle, images/s, errors, images
@@ -44,6 +45,7 @@ def plain(sizes: str, where: str, trim: bool) -> dict:
 
     import offseg
     from offseg._heap import release_free_heap
+    from offseg.benchmark import Row, forward_macs, matmul_rate
     from offseg.serve import InferenceWorker, load_served_model
 
     torch.set_num_threads(1)
@@ -52,6 +54,9 @@ def plain(sizes: str, where: str, trim: bool) -> dict:
     image = Image.open(bench_serve.DEFAULT_IMAGE).convert("RGB")
     picture = np.asarray(image)
     worker = InferenceWorker(served.runner, mode=served.mode["mode"], max_batch=8)
+    # FLOP limit of a forward of 8 pictures (padded to 384x480) at this machine's 1-thread torch.mm rate
+    padded = tuple(-(-d // 32) * 32 for d in picture.shape[:2])
+    flop_limit_s = forward_macs(Row("offseg-t", size=padded, batch=8, num_classes=11)) / matmul_rate(1)
     rng = random.Random(0)
     counts = [8] * 12 if sizes == "fixed" else [rng.choice([8, 8, 8, 7, 6, 5, 3, 1]) for _ in range(24)]
     report: dict = {}
@@ -80,8 +85,10 @@ def plain(sizes: str, where: str, trim: bool) -> dict:
             above_in_use_mb=round(peak - in_use),
         )
         if sizes == "fixed":  # per forward of 8 pictures, after the first
+            median = statistics.median(times[1:])
             report.update(
-                ms_per_forward=round(1000 * statistics.median(times[1:])),
+                ms_per_forward=round(1000 * median),
+                x_flop_limit=round(median / flop_limit_s, 1),
                 faults_per_forward=round(statistics.median(faults[1:])),
             )
 
