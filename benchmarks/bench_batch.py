@@ -1,4 +1,4 @@
-"""A batch of several images on the CPU fast path: batched, stride-4 parts image by image (what
+"""A batch of several images on the CPU fast path: batched, widest parts image by image (what
 `offseg.optimize_for_inference` does), or every image through the whole network in turn.
 
     python benchmarks/bench_batch.py                      # offseg-t, segformer-b0, segnext-t; 1 and 2 threads
@@ -9,7 +9,7 @@ For each model and thread count, one fast model (random but realistic weights, 1
 `--rounds` times in one process so that machine load hits them alike:
 
 - **batched**: the whole batch through every layer (the image-by-image rule switched off);
-- **stride-4 image by image** (the fast path): the backbone's stem and first stage and the decode
+- **widest parts image by image** (the fast path): the backbone's stem and first stage and the decode
   head one image at a time (SegNeXt's head from one draw of NMF bases for the batch), the coarser
   stages batched;
 - **each image whole**: the images one after another through the whole network.
@@ -48,7 +48,7 @@ def variants(fast: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], t
 
     return {
         "batched": batched,
-        "stride-4 image by image (fast path)": lambda: fast.forward_logits(x),
+        "widest parts image by image (fast path)": lambda: fast.forward_logits(x),
         "each image whole": lambda: torch.cat([fast.forward_logits(image) for image in x.split(1)]),
     }
 

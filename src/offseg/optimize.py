@@ -693,8 +693,8 @@ def _image_by_image(x: torch.Tensor) -> bool:
     the widest maps of the network and gain nothing from the batch: one image's maps stay in the
     caches and in glibc's heap, where a batch's were mapped afresh and faulted in on every call.
     The coarser stages, where one image leaves threads idle, still run batched. OffSeg-T, 8 images
-    of 480x360, 1 thread: 964-1083 instead of 1292-1370 ms, the forward's own peak RSS 193-230 MB
-    instead of 463-562 (docs/serve.md)."""
+    of 480x360, 1 thread: 1100-1189 instead of 1404-1427 ms, the forward's own peak RSS 217-222 MB
+    instead of 480-514 (docs/serve.md)."""
     return x.shape[0] > 1 and x.device.type == "cpu" and not is_exporting_or_compiling()
 
 
