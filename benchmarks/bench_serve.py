@@ -77,13 +77,16 @@ def model_options(args: argparse.Namespace) -> list[str]:
 
 def plain_loop(args: argparse.Namespace) -> None:
     """Child process: the model alone. Answers one JSON line per command line read from stdin:
-    `single SECONDS` / `batched SECONDS` (call times of a plain loop), `rss` (idle and peak RSS)."""
+    `single SECONDS` / `batched SECONDS` (call times of a plain loop), `rss` (idle and peak RSS, and
+    the FLOP limit of one image's forward)."""
     import torch
     from PIL import Image
 
     import offseg
     from offseg._heap import release_free_heap
+    from offseg.benchmark import Row, forward_macs, matmul_rate
     from offseg.data.transforms import resize_image
+    from offseg.models.segmentor import num_classes_of
     from offseg.predict import fit_scale
     from offseg.serve import InferenceWorker, load_served_model
 
@@ -104,6 +107,14 @@ def plain_loop(args: argparse.Namespace) -> None:
         ]
         worker.run_batch(resized, [picture.shape[:2]] * args.max_batch)
 
+    # FLOP limit of one image's forward: its multiply-adds at the input size the network sees (the
+    # picture at the test scale, padded to the size divisor), at this machine's torch.mm rate.
+    picture = np.asarray(image)
+    h, w = fit_scale(*picture.shape[:2], served.scale) if served.scale else picture.shape[:2]
+    divisor = int(getattr(served.runner, "size_divisor", 1) or 1)
+    padded = (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
+    macs = forward_macs(Row(args.model, size=padded, num_classes=num_classes_of(served.runner)))
+    flop_limit_ms = 1000 * macs / matmul_rate(args.threads)
     single()  # warm-up: the caches of this size and the batch-1 workspace, as the server's first request
     idle = rss_mb()
     release_free_heap()  # what is in use, without the free memory glibc kept
@@ -113,7 +124,13 @@ def plain_loop(args: argparse.Namespace) -> None:
         command, *rest = line.split()
         if command == "rss":
             peak = rss_mb(field="VmHWM")
-            print(json.dumps({"idle_rss_mb": idle, "in_use_rss_mb": in_use, "peak_rss_mb": peak}), flush=True)
+            figures = {
+                "idle_rss_mb": idle,
+                "in_use_rss_mb": in_use,
+                "peak_rss_mb": peak,
+                "flop_limit_ms": flop_limit_ms,
+            }
+            print(json.dumps(figures), flush=True)
             continue
         step = single if command == "single" else batched
         if step is batched and not batched_once:  # first call of the size: allocator warm-up, not timed
@@ -308,8 +325,8 @@ def report(args: argparse.Namespace, rows: dict, plain_rss: dict, server_rss: di
         f"{args.seconds:g} s per row in {args.rounds} round-robin slices (server slices counted after "
         f"{args.warmup:g} s of load); load average at the start {args.load_start}.",
         "",
-        "| what | images/s | p50 ms | p95 ms | p99 ms | errors | images per forward |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| what | images/s | p50 ms | p50 x FLOP limit | p95 ms | p99 ms | errors | images per forward |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     figures = {}
     for name, row in rows.items():
@@ -323,14 +340,18 @@ def report(args: argparse.Namespace, rows: dict, plain_rss: dict, server_rss: di
         f = figures[name]
         errors = len(row["errors"]) if kind == "server" else "-"
         per_forward = row["images"] / row["forwards"] if row["forwards"] else float("nan")
+        limit = plain_rss["flop_limit_ms"] * (int(number) if kind == "plain" else 1)
         lines.append(
-            f"| {what} | {images_per_s:.2f} | {f['p50']:.0f} | {f['p95']:.0f} | {f['p99']:.0f} | {errors} "
-            f"| {per_forward:.2f} |"
+            f"| {what} | {images_per_s:.2f} | {f['p50']:.0f} | {f['p50'] / limit:.1f} | {f['p95']:.0f} "
+            f"| {f['p99']:.0f} | {errors} | {per_forward:.2f} |"
         )
     lines.append("")
     lines.append(
         "Images per forward: the server's `/metrics` over each whole slice (ramp-up and drain included). "
-        "Latency: from sending a request to its whole answer, at the client."
+        "Latency: from sending a request to its whole answer, at the client. FLOP limit: the multiply-adds "
+        f"of one image's forward at this machine's `torch.mm` rate on {args.threads} thread(s), "
+        f"{plain_rss['flop_limit_ms']:.0f} ms (a server request's latency against one image's, a plain batched "
+        "forward's against its images')."
     )
     lines.append("")
     b1, bn = figures["plain 1"], figures[f"plain {args.max_batch}"]
