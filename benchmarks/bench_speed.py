@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         "Learning's score product regrouped as in the fast path, so the per-pixel feature offsets are never "
         "formed).",
         "- **fast** = `offseg.optimize_for_inference(model, size)`: BatchNorm and layer scales folded, merged "
-        "projections, attention biases mixed once, Offset Learning regrouped, channels-last throughout, CARAFE in "
-        "cache-sized bands, the head's maps dropped as soon as used, the final resize by phases of its integer "
+        "projections, attention biases mixed once, Offset Learning regrouped, channels-last throughout, CARAFE's "
+        "upsampling as small matrix products in cache-sized bands, FreqFusion's resampler as a gather of channel "
+        "vectors, the head's maps dropped as soon as used, the final resize by phases of its integer "
         "scale (`upsample_bilinear_into`), the full-resolution output in transparent huge pages, its buffer reused "
         "by the next call once the caller has dropped it (so one output's worth stays resident between calls).",
         "- **labels** = the labels-only prediction path of `offseg.predict` (`offseg.inference.whole_labels` on "

@@ -45,14 +45,52 @@ def test_carafe_forward_backward_equal_reference(n, c, h, w, k, g, s):
         assert rel(carafe(feats, masks, k, g, s), carafe_reference(feats, masks, k, g, s)) < 1e-12
 
 
-def test_carafe_banding_is_bit_identical():
+def test_carafe_tap_loop_banding_is_bit_identical():
+    from offseg.models.layers import carafe as carafe_module
+
     torch.manual_seed(0)
     for k, s in ((5, 2), (3, 1)):
         feats = torch.randn(2, 8, 7, 5)
         masks = torch.randn(2, k * k, 7 * s, 5 * s).softmax(1)
         whole = carafe_taps(feats, masks, k, 1, s)
-        assert torch.equal(carafe(feats, masks, k, 1, s, band_elements=1), whole)  # one row per band
-        assert torch.equal(carafe(feats, masks, k, 1, s, band_elements=3 * 8 * 5 * s * s), whole)  # ragged last band
+        padded = carafe_module._padded_channels_last(feats, k, 1)
+        for band_elements in (1, 3 * 8 * 5 * s * s):  # one row per band; a ragged last band
+            banded = carafe_module._as_nchw(carafe_module._tap_loop(padded, masks, k, s, band_elements))
+            assert torch.equal(banded, whole)
+        if s == 1:
+            assert torch.equal(carafe(feats, masks, k, 1, s), whole)  # no upsampling: the tap loop
+
+
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("band_elements", [1, 3 * 6 * 4 * 4, None])  # a row per band, ragged bands, one band
+def test_carafe_upsampling_by_products_equals_reference(monkeypatch, gather, band_elements):
+    # Both forms of the products (gathered neighbourhoods; overlapping windows of the padded rows,
+    # whose positions wrap across rows), several images and bands, against the textbook unfold.
+    from offseg.models.layers import carafe as carafe_module
+
+    monkeypatch.setattr(carafe_module, "GATHER_BELOW_CHANNELS", 1000 if gather else 0)
+    torch.manual_seed(0)
+    for k in (5, 3):
+        feats = torch.randn(2, 6, 7, 4, dtype=torch.float64)
+        masks = torch.randn(2, k * k, 14, 8, dtype=torch.float64)
+        ours = carafe(feats, masks, k, 1, 2, band_elements=band_elements)
+        assert rel(ours, carafe_reference(feats, masks, k, 1, 2)) < 1e-12
+        assert rel(ours, carafe_taps(feats, masks, k, 1, 2)) < 1e-12
+
+
+def test_fast_resampler_equals_grid_sample():
+    # The fast path's resampler gathers the four neighbours of each sample from the channels-last
+    # map; it must reproduce grid_sample (bilinear, border), clamped samples and several images too.
+    from offseg.optimize import _FastFreqFusion
+
+    torch.manual_seed(0)
+    module = freqfusion.FreqFusion(16, 16, 16).eval()
+    module.__class__ = _FastFreqFusion
+    upsampled = torch.randn(2, 16, 10, 12).contiguous(memory_format=torch.channels_last)
+    offset = 3 * torch.randn(2, 2 * 4 * 4, 5, 6)  # up to several pixels: many samples clamped
+    expected = module.dysampler.sample(upsampled, offset)
+    got = module.resample_in_place(upsampled.clone(), offset)
+    assert rel(got, expected) < 1e-6
 
 
 def test_carafe_mask_gradient_bands():

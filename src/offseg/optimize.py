@@ -32,12 +32,15 @@ is left untouched. What it does, where it applies:
   are made NCHW-contiguous before the final resize, which runs by phases of its integer scale
   over contiguous rows (`upsample_bilinear_into`: 2.3x faster than PyTorch's kernel, several
   times faster than that kernel on channels-last input);
+- FreqFusion's resampler writes its samples over CARAFE's channels-last output, group by group,
+  each sample's four neighbours gathered as whole channel vectors (`_FastFreqFusion`);
 - the full-resolution output is written into transparent huge pages, a buffer reused by the next
   call of the same size once nothing refers to the previous output (`_ReusedOutput`).
 
-CARAFE, FreqFusion's local similarity and kernel normaliser, the talking heads and the fused
-BN -> GELU -> conv need no rewrite here: `offseg.models` computes them without unfolds or
-redundant passes in training and inference alike (exact reformulations of the official ops);
+CARAFE (its upsampling as small matrix products), FreqFusion's local similarity and kernel
+normaliser, the talking heads and the fused BN -> GELU -> conv need no rewrite here:
+`offseg.models` computes them without unfolds of whole maps or redundant passes in training and
+inference alike (exact reformulations of the official ops);
 the eager Offset Learning uses the regrouped score product above too, with autograd.
 
 `reference_computation()` is the opposite: a context manager under which the models compute as
@@ -1078,18 +1081,30 @@ class _FastFreqFusion(freqfusion_module.FreqFusion):
     """FreqFusion whose resampled low-resolution feature is written over CARAFE's output, one
     channel group of the sampler at a time (a group's samples are all taken before they replace
     it): the two maps of all channels at once would be the widest pair here (14 MB each in
-    OffSeg-T's last fusion at 512x512 input). Same values."""
+    OffSeg-T's last fusion at 512x512 input). CARAFE's output is channels-last, so each sample's
+    four neighbours are whole channel vectors: they are gathered and weighted as grid_sample
+    weights them, the same values (grid_sample's CPU kernel writes NCHW; with the copy back it took
+    13.2 ms against 7.0 on OffSeg-T's resamplings at 512x512: benchmarks/bench_resampler.py)."""
 
     def upsample_lr(self, lr_feat: torch.Tensor, mask_lr: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         if is_exporting():
             return super().upsample_lr(lr_feat, mask_lr, offset)
-        upsampled = carafe(lr_feat, mask_lr, self.lowpass_kernel, 1, 2)
+        return self.resample_in_place(carafe(lr_feat, mask_lr, self.lowpass_kernel, 1, 2), offset)
+
+    def resample_in_place(self, upsampled: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """`self.dysampler.sample(upsampled, offset)` written over `upsampled` (channels-last)."""
+        n, c, hs, ws = upsampled.shape
         coords = self.dysampler.coordinates(offset, upsampled)  # B, G, 2H, 2W, (x, y)
+        pixels = upsampled.permute(0, 2, 3, 1).view(n * hs * ws, c)  # raises unless channels-last
         groups = self.dysampler.groups
-        width = upsampled.shape[1] // groups
+        width = c // groups
         for g in range(groups):
-            group = upsampled[:, g * width : (g + 1) * width]
-            group.copy_(self.dysampler.resample(group, coords[:, g]))
+            group = pixels[:, g * width : (g + 1) * width]
+            (first, first_weight), *rest = freqfusion_module.bilinear_border_neighbours(coords[:, g], hs, ws)
+            samples = group.index_select(0, first.view(-1)).mul_(first_weight.view(-1, 1))
+            for index, weight in rest:
+                samples.addcmul_(group.index_select(0, index.view(-1)), weight.view(-1, 1))
+            group.copy_(samples)
         return upsampled
 
 

@@ -6,23 +6,28 @@
 with zero outside the map and g the channel group of c. The masks live at the output resolution
 (s times the input).
 
-`carafe` never builds a k*k unfold of the features. It works channels-last: the output is an
-(N, h, s, w, s, C) buffer, and each of the k*k taps adds "shifted feature row times mask scalar"
-into it with one broadcast multiply-add, channels innermost so that every step is a contiguous,
+`carafe` never builds a k*k unfold of a whole map. It works channels-last, on an output buffer
+(N, h, s, w, s, C). An upsampling CARAFE of one group (s > 1, FreqFusion's) is a small matrix
+product per input position, its s*s sub-pixel kernels times its k*k neighbourhood, taken a band of
+rows at a time with the neighbourhoods as strided windows of the padded map (or gathered, for few
+channels). Otherwise each of the k*k taps adds "shifted feature row times mask scalar" into the
+output with one broadcast multiply-add, channels innermost so that every step is a contiguous,
 vectorised loop. Its backward (a custom autograd function) keeps only the padded features and the
-masks, so training stores no k*k-times-larger tensor: the feature gradient is the same tap loop
-run backwards; the mask gradient of an upsampling CARAFE is a batched (s*s x C) @ (C x k*k) product
+masks, so training stores no k*k-times-larger tensor: the feature gradient is the tap loop run
+backwards; the mask gradient of an upsampling CARAFE is a batched (s*s x C) @ (C x k*k) product
 per input position over bands of rows. Two other forms compute the same sum: an einsum on the
 meta device (so that `offseg.flops` reads k*k multiply-adds per output) and, while exporting to
 ONNX, operators that ONNX Runtime runs well.
 
-`carafe_taps` is the same tap loop without banding: the CARAFE of the benchmarks' reference
+`carafe_taps` is the tap loop alone, without banding: the CARAFE of the benchmarks' reference
 computation. `carafe_reference` is the textbook formulation (unfold, nearest-upsample the unfold
 to the output size, multiply by the masks, sum over the taps); slow and memory-hungry, it exists
 for the tests only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +61,14 @@ def _mask_tap(masks: torch.Tensor, tap: int, g: int, taps: int, h: int, s: int, 
     return masks.view(n, g, taps, h, s, w, s)[:, :, tap].permute(0, 2, 3, 4, 5, 1).unsqueeze(-1)
 
 
-# Output elements per band of rows in the tap loop: about 1 MB of float32, so that a band stays in
-# the core's cache through all k*k taps (about 2x faster than whole-map passes on large maps).
-BAND_ELEMENTS = 1 << 18
+# Output elements per band of rows: about 2 MB of float32, so that a band stays in cache through
+# all k*k taps of the tap loop (about 2x faster than whole-map passes on large maps) and through
+# the k accumulating products of the upsampling. Measured on OffSeg-T's calls at 512x512, 2 threads:
+# 1 MB and 4 MB bands were as fast or slower (benchmarks/bench_carafe.py).
+BAND_ELEMENTS = 1 << 19
 
 
-def _carafe_forward(
+def _tap_loop(
     padded: torch.Tensor, masks: torch.Tensor, k: int, s: int, band_elements: int | None = BAND_ELEMENTS
 ) -> torch.Tensor:
     """The tap loop; returns the output as (N, h, s, w, s, G, C/G).
@@ -87,6 +94,79 @@ def _carafe_forward(
                 else:
                     band.addcmul_(shifted, mask)
     return out
+
+
+# Channels below which an upsampling CARAFE gathers each band's k*k neighbourhoods for one product
+# per position; from this many on, it multiplies k overlapping windows of the padded rows instead
+# (no gather). Measured on OffSeg-T's CARAFE calls at 512x512 (benchmarks/bench_carafe.py): the
+# gather wins for its 9- and 25-channel kernel maps, the windows for its 128-224-channel features.
+GATHER_BELOW_CHANNELS = 48
+
+
+def _upsample_by_products(
+    padded: torch.Tensor, masks: torch.Tensor, k: int, s: int, band_elements: int | None = BAND_ELEMENTS
+) -> torch.Tensor:
+    """An upsampling CARAFE (s > 1, one group) as small matrix products; returns (N, h, s, w, s, 1, C).
+
+    Per input position, the s*s sub-pixel outputs (s*s x C) are its kernels (s*s x k*k) times its
+    k*k neighbourhood (k*k x C): the same multiply-adds as the tap loop, but each output element is
+    written once per product instead of once per tap (the tap loop is memory-bound at about 15x
+    the FLOP limit on OffSeg-T's widest CARAFE; this runs at about 4x). Wide maps avoid gathering
+    the neighbourhoods: row i of a neighbourhood, k consecutive channel vectors of the padded map,
+    is a (k x C) window at a fixed stride from its position's, so for each i the windows of a band
+    are one overlapping strided view, and the sum over i is k accumulating products. Positions are
+    then counted along the padded width; the extra ones wrap into the next row and are dropped.
+    The sum is the tap loop's in another order (float round-off apart, the same values).
+    """
+    n, hp, wp, _, c = padded.shape
+    h, w = hp - (k - 1), wp - (k - 1)
+    taps, phases = k * k, s * s
+    gather = c < GATHER_BELOW_CHANNELS
+    width = w if gather else wp
+    out = padded.new_empty(n, h, s, w, s, c)
+    row_elements = s * w * s * c
+    rows = h if band_elements is None else max(1, min(h, band_elements // row_elements))
+    for image in range(n):
+        features = padded[image, :, :, 0]  # hp, wp, C
+        kernels_by_tap = masks[image].view(taps, h, s, w, s)
+        for top in range(0, h, rows):
+            r = min(rows, h - top)
+            kernels = padded.new_empty(r, width, s, s, taps)  # the band's kernels, taps innermost
+            kernels[:, :w].copy_(kernels_by_tap[:, top : top + r].permute(1, 3, 2, 4, 0))
+            products = padded.new_empty(r, width, s, s, c)
+            if gather:
+                neighbourhoods = padded.new_empty(r, w, taps, c)
+                for i in range(k):
+                    for j in range(k):
+                        neighbourhoods[:, :, i * k + j] = features[top + i : top + i + r, j : j + w]
+                torch.bmm(
+                    kernels.view(r * w, phases, taps),
+                    neighbourhoods.view(r * w, taps, c),
+                    out=products.view(r * w, phases, c),
+                )
+            else:
+                positions = (r - 1) * wp + w  # the last one's windows end at the padded map's end
+                kernel_rows = kernels.view(r * wp, phases, taps)[:positions]
+                target = products.view(r * wp, phases, c)[:positions]
+                for i in range(k):
+                    start = features.storage_offset() + (top + i) * wp * c
+                    windows = features.as_strided((positions, k, c), (c, c, 1), start)
+                    if i == 0:
+                        torch.bmm(kernel_rows[:, :, :k], windows, out=target)
+                    else:
+                        target.baddbmm_(kernel_rows[:, :, i * k : (i + 1) * k], windows)
+            out[image, top : top + r].copy_(products[:, :w].permute(0, 2, 1, 3, 4))
+    return out.view(n, h, s, w, s, 1, c)
+
+
+def _carafe_forward(
+    padded: torch.Tensor, masks: torch.Tensor, k: int, s: int, band_elements: int | None = BAND_ELEMENTS
+) -> torch.Tensor:
+    """CARAFE's forward on the padded features; returns (N, h, s, w, s, G, C/G). An upsampling
+    CARAFE of one group runs as matrix products, anything else as the tap loop."""
+    if s > 1 and padded.shape[3] == 1:
+        return _upsample_by_products(padded, masks, k, s, band_elements)
+    return _tap_loop(padded, masks, k, s, band_elements)
 
 
 def _as_nchw(out: torch.Tensor) -> torch.Tensor:
@@ -121,16 +201,26 @@ def _mask_grad_by_rows(
         target[:, top : top + r] = products.view(n, r, w, g, s, s, taps)
 
 
+_Forward = Callable[[torch.Tensor, torch.Tensor, int, int, "int | None"], torch.Tensor]
+
+
 class _Carafe(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, features: torch.Tensor, masks: torch.Tensor, k: int, g: int, s: int, band_elements: int | None
+        ctx,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        k: int,
+        g: int,
+        s: int,
+        band_elements: int | None,
+        forward: _Forward,
     ) -> torch.Tensor:
         padded = _padded_channels_last(features, k, g)
         masks = masks.contiguous()
         ctx.save_for_backward(padded, masks)
         ctx.params = (k, s)
-        return _as_nchw(_carafe_forward(padded, masks, k, s, band_elements))
+        return _as_nchw(forward(padded, masks, k, s, band_elements))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -167,7 +257,7 @@ class _Carafe(torch.autograd.Function):
         grad_features = None
         if grad_padded is not None:
             grad_features = grad_padded[:, r : r + h, r : r + w].reshape(n, h, w, g * cg).permute(0, 3, 1, 2)
-        return grad_features, grad_masks, None, None, None, None
+        return grad_features, grad_masks, None, None, None, None, None
 
 
 def carafe(
@@ -181,27 +271,38 @@ def carafe(
     """CARAFE of `features` (N, C, h, w) with `masks` (N, G*k*k, h*s, w*s) -> (N, C, h*s, w*s).
 
     The result is channels-last in memory (call `.contiguous()` if you need NCHW strides).
-    `band_elements` sets the banding of the tap loop (speed only; None: no banding).
+    `band_elements` sets the banding of the computation (speed only; None: no banding).
     """
-    k, g, s = kernel_size, group_size, scale_factor
+    return _carafe(features, masks, kernel_size, group_size, scale_factor, band_elements, _carafe_forward)
+
+
+def carafe_taps(
+    features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1
+) -> torch.Tensor:
+    """`carafe` as the tap loop over the whole map (no banding, no matrix products): the CARAFE of
+    the benchmarks' reference computation (`offseg.optimize.reference_computation`), frozen there
+    as it was defined. The same values as `carafe`; bit for bit where `carafe` runs the tap loop."""
+    return _carafe(features, masks, kernel_size, group_size, scale_factor, None, _tap_loop)
+
+
+def _carafe(
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    k: int,
+    g: int,
+    s: int,
+    band_elements: int | None,
+    forward: _Forward,
+) -> torch.Tensor:
     _check_shapes(features, masks, k, g, s)
     if features.device.type == "meta":
         return _carafe_as_einsum(features, masks, k, g, s)
     if is_exporting():
         return _carafe_for_export(features, masks, k, g, s)
     if torch.is_grad_enabled() and (features.requires_grad or masks.requires_grad):
-        return _Carafe.apply(features, masks, k, g, s, band_elements)
+        return _Carafe.apply(features, masks, k, g, s, band_elements, forward)
     padded = _padded_channels_last(features, k, g)
-    return _as_nchw(_carafe_forward(padded, masks.contiguous(), k, s, band_elements))
-
-
-def carafe_taps(
-    features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int = 1, scale_factor: int = 1
-) -> torch.Tensor:
-    """`carafe` with the tap loop over the whole map (no banding): the CARAFE of the benchmarks'
-    reference computation (`offseg.optimize.reference_computation`), frozen there as it was
-    defined. Same values as `carafe`, bit for bit."""
-    return carafe(features, masks, kernel_size, group_size, scale_factor, band_elements=None)
+    return _as_nchw(forward(padded, masks.contiguous(), k, s, band_elements))
 
 
 def _carafe_as_einsum(features: torch.Tensor, masks: torch.Tensor, k: int, g: int, s: int) -> torch.Tensor:

@@ -204,30 +204,39 @@ class GatherSampler(nn.Module):
         return torch.cat([_grid_sample_for_export(feat[:, g], coords[:, g]) for g in range(groups)], dim=1)
 
 
-def _grid_sample_for_export(feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """`F.grid_sample(feat, coords, "bilinear", "border", align_corners=False)` as ONNX Runtime runs
-    it fast: the four neighbours of every sample gathered as whole channel vectors from the
-    channels-last map, then weighted and summed. Same arithmetic per sample (coordinates
-    unnormalised and clamped, weights (1 - dx)(1 - dy) ...); ONNX Runtime's GridSample took 2.5x
-    longer on OffSeg-T's resamplers."""
-    n, c, h, w = feat.shape
+def bilinear_border_neighbours(coords: torch.Tensor, h: int, w: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The four neighbours of each sample of `F.grid_sample(feat, coords, "bilinear", "border",
+    align_corners=False)` on N maps of h x w: (index, weight) pairs, each (N, H'', W''), the index
+    counting the N*h*w pixels row-major, in grid_sample's order (top-left, top-right, bottom-left,
+    bottom-right). Same arithmetic per sample: coordinates unnormalised and clamped, weights
+    (1 - dx)(1 - dy) ..."""
+    n = coords.shape[0]
     x = (((coords[..., 0] + 1) * w - 1) / 2).clamp(0, w - 1)
     y = (((coords[..., 1] + 1) * h - 1) / 2).clamp(0, h - 1)
     x0, y0 = x.floor(), y.floor()
     dx, dy = x - x0, y - y0
     x0, y0 = x0.long(), y0.long()
     x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
-    base = (torch.arange(n, device=feat.device) * (h * w)).view(n, 1, 1)
-    rows = feat.permute(0, 2, 3, 1).reshape(n * h * w, c)
-    out = None
-    # one neighbour at a time: gathering all four at once made a 4x larger transient (ONNX Runtime
-    # keeps it and its weighted copy: the int8 model's peak memory doubled)
-    for index, weight in (
+    base = (torch.arange(n, device=coords.device) * (h * w)).view(n, 1, 1)
+    return [
         (base + y0 * w + x0, (1 - dx) * (1 - dy)),
         (base + y0 * w + x1, dx * (1 - dy)),
         (base + y1 * w + x0, (1 - dx) * dy),
         (base + y1 * w + x1, dx * dy),
-    ):
+    ]
+
+
+def _grid_sample_for_export(feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """`F.grid_sample(feat, coords, "bilinear", "border", align_corners=False)` as ONNX Runtime runs
+    it fast: the four neighbours of every sample (`bilinear_border_neighbours`) gathered as whole
+    channel vectors from the channels-last map, then weighted and summed. ONNX Runtime's
+    GridSample took 2.5x longer on OffSeg-T's resamplers."""
+    n, c, h, w = feat.shape
+    rows = feat.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    out = None
+    # one neighbour at a time: gathering all four at once made a 4x larger transient (ONNX Runtime
+    # keeps it and its weighted copy: the int8 model's peak memory doubled)
+    for index, weight in bilinear_border_neighbours(coords, h, w):
         term = rows.index_select(0, index.reshape(-1)).view(*index.shape, c) * weight.unsqueeze(-1)
         out = term if out is None else out + term
     assert out is not None
