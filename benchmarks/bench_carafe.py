@@ -45,9 +45,11 @@ Call = tuple[torch.Tensor, torch.Tensor, int, int, int]
 
 
 def record_carafe_calls(model: torch.nn.Module, size: int) -> list[Call]:
-    """The (features, masks, kernel size, groups, scale) of every CARAFE call of one forward."""
-    calls = []
-    eager = carafe_module.carafe
+    """The (features, masks, kernel size, groups, scale) of every CARAFE call of one forward: those
+    of `carafe` and those of `carafe_upsample_into` (the fast path's upsampling of the fused
+    feature, written into its side of the head's interleaved map; timed here as `carafe`)."""
+    calls: list[Call] = []
+    eager, eager_into = carafe_module.carafe, carafe_module.carafe_upsample_into
 
     def recording(
         features, masks, kernel_size, group_size=1, scale_factor=1, band_elements=carafe_module.BAND_ELEMENTS
@@ -55,12 +57,16 @@ def record_carafe_calls(model: torch.nn.Module, size: int) -> list[Call]:
         calls.append((features.clone(), masks.clone(), kernel_size, group_size, scale_factor))
         return eager(features, masks, kernel_size, group_size, scale_factor, band_elements)
 
-    optimize.carafe = freqfusion.carafe = recording  # the two modules that call it in the fast path
+    def recording_into(features, masks, kernel_size, scale_factor, out):
+        calls.append((features.clone(), masks.clone(), kernel_size, 1, scale_factor))
+        return eager_into(features, masks, kernel_size, scale_factor, out)
+
+    freqfusion.carafe, optimize.carafe_upsample_into = recording, recording_into  # where the fast path calls them
     try:
         with torch.inference_mode():
             model(torch.randn(1, 3, size, size))
     finally:
-        optimize.carafe = freqfusion.carafe = eager
+        freqfusion.carafe, optimize.carafe_upsample_into = eager, eager_into
     return calls
 
 

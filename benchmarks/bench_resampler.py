@@ -10,7 +10,9 @@ times each call `--runs` times under every variant in turn and prints each call'
   `F.grid_sample` of the group (its CPU kernel writes NCHW) copied back over the channels-last
   group;
 - `gather`: what the fast path runs now (`_FastFreqFusion.resample_in_place`): each sample's four
-  neighbours gathered as whole channel vectors and weighted in place of the group.
+  neighbours gathered as channel vectors (half a group's channels at a time) and weighted, then
+  written over those channels. (In the fast path the feature is one side of the head's
+  interleaved map; here it is a map of its own.)
 
 Both write over their input, so each run starts from a fresh copy of it (the copy is not timed).
 The error column is the gather's max relative error against grid_sample.
@@ -31,13 +33,15 @@ from offseg.benchmark import realistic_weights
 
 
 def record_resamplings(model: torch.nn.Module, size: int) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
-    """(module, upsampled, offset) of every resampling of one forward."""
+    """(module, feature, offset) of every resampling of one forward, the feature as a channels-last
+    (N, C, H, W) map of its own."""
     calls = []
     resample = optimize._FastFreqFusion.resample_in_place
 
-    def recording(self, upsampled, offset):
-        calls.append((self, upsampled.clone(), offset.clone()))
-        return resample(self, upsampled, offset)
+    def recording(self, groups, offset):
+        n, h, w, count, width = groups.shape
+        calls.append((self, groups.clone().view(n, h, w, count * width).permute(0, 3, 1, 2), offset.clone()))
+        return resample(self, groups, offset)
 
     optimize._FastFreqFusion.resample_in_place = recording  # type: ignore[method-assign]
     try:
@@ -58,6 +62,13 @@ def grid_sample_copied_back(module, upsampled: torch.Tensor, offset: torch.Tenso
     return upsampled
 
 
+def gather(module, upsampled: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = upsampled.shape
+    groups = module.dysampler.groups
+    module.resample_in_place(upsampled.permute(0, 2, 3, 1).view(n, h, w, groups, c // groups), offset)
+    return upsampled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="offseg-t")
@@ -73,7 +84,7 @@ def main() -> None:
     calls = record_resamplings(fast, args.size)
     variants = {
         "grid_sample, copied back": grid_sample_copied_back,
-        "gather": optimize._FastFreqFusion.resample_in_place,
+        "gather": gather,
     }
     load = os.getloadavg()
     print(f"{args.model} at {args.size}x{args.size}, {args.threads} threads, {args.runs} alternated runs per call")

@@ -89,8 +89,34 @@ def test_fast_resampler_equals_grid_sample():
     upsampled = torch.randn(2, 16, 10, 12).contiguous(memory_format=torch.channels_last)
     offset = 3 * torch.randn(2, 2 * 4 * 4, 5, 6)  # up to several pixels: many samples clamped
     expected = module.dysampler.sample(upsampled, offset)
-    got = module.resample_in_place(upsampled.clone(), offset)
-    assert rel(got, expected) < 1e-6
+    groups = upsampled.clone().permute(0, 2, 3, 1).view(2, 10, 12, 4, 4)
+    module.resample_in_place(groups, offset)
+    assert rel(groups.view(2, 10, 12, 16).permute(0, 3, 1, 2), expected) < 1e-6
+    # the groups apart, as one side of an interleaved map
+    interleaved = torch.zeros(2, 10, 12, 4, 7)
+    interleaved[..., 3:] = upsampled.permute(0, 2, 3, 1).view(2, 10, 12, 4, 4)
+    module.resample_in_place(interleaved[..., 3:], offset)
+    assert rel(interleaved[..., 3:].reshape(2, 10, 12, 16).permute(0, 3, 1, 2), expected) < 1e-6
+    assert not interleaved[..., :3].any()
+
+
+def test_fast_freqfusion_fuses_into_the_interleaved_map():
+    # The fast OffSeg head's fusion writes CARAFE's output and the resampled samples into their
+    # side of the interleaved map; the result must be the eager fusion's outputs interleaved.
+    from offseg.models.heads.offseg_head import interleave_groups
+    from offseg.optimize import _FastFreqFusion
+
+    torch.manual_seed(0)
+    module = realistic_weights(freqfusion.FreqFusion(24, 40, 16).eval())
+    hr, lr = torch.randn(2, 24, 12, 10), torch.randn(2, 40, 6, 5)
+    with torch.inference_mode():
+        _, hr_out, lr_out = module(hr, lr)
+        expected = interleave_groups(hr_out, lr_out)
+        module.__class__ = _FastFreqFusion
+        plain = module(hr, lr)[2]
+        fused = module.fuse_interleaved(hr, lr, 4)
+    assert rel(plain, lr_out) < 1e-6
+    assert fused.shape == expected.shape and rel(fused, expected) < 1e-6
 
 
 def test_carafe_mask_gradient_bands():
@@ -454,6 +480,41 @@ def test_matrix_products_on_onednn():
     # strided rows (a batch of bands) and strided outputs: not taken, the caller uses torch.matmul
     assert _onednn_matmul(x[:, 100:200], weight) is None
     assert _onednn_matmul(probs, mix.T, out=torch.zeros(1, 150, 100).transpose(1, 2)) is None
+
+
+def test_matrix_products_on_onednn_by_bands_of_rows(monkeypatch):
+    # Many rows over several channel blocks: the product runs a band of rows at a time (small
+    # copies of the channel blocks); the same values as in one piece.
+    from offseg import optimize
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch built without oneDNN")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 700, 256, generator=gen)
+    weight = torch.randn(150, 256, generator=gen)
+    with torch.inference_mode():
+        whole = optimize._onednn_matmul(x, weight)
+        monkeypatch.setattr(optimize, "_MATMUL_BAND_ROWS", 300)  # ragged: 1400 rows in bands of 300
+        banded = optimize._onednn_matmul(x, weight)
+    assert whole is not None and banded is not None and banded.shape == (2, 700, 150)
+    assert rel(banded, whole) < 1e-6
+
+
+@pytest.mark.parametrize("c_out", [24, 40])
+def test_pointwise_conv_written_over_its_input(monkeypatch, c_out):
+    from offseg import optimize
+
+    monkeypatch.setattr(optimize, "_CONV_BAND_ROWS", 3)  # ragged bands of rows
+    torch.manual_seed(0)
+    conv = nn.Conv2d(40, c_out, 1, bias=True).eval()
+    x = torch.randn(2, 40, 7, 5).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = conv(x)
+        assert optimize._pointwise_conv_fits_over_input(conv, x)
+        out = optimize._pointwise_conv_over_input(conv, x)
+    assert out.shape == expected.shape and out.data_ptr() == x.data_ptr()
+    assert rel(out, expected) < 1e-6
+    assert not optimize._pointwise_conv_fits_over_input(nn.Conv2d(40, 48, 1), x)  # more output than input
 
 
 @pytest.mark.parametrize("name", ["offseg-t", "segformer-b0-ol", "segnext-t-ol"])

@@ -19,7 +19,9 @@ is left untouched. What it does, where it applies:
   regrouped: E'(W')^T = E(W + dW)^T + softmax_K(A)^T [(W P_f^T)(W + dW)^T], about 40% fewer
   multiply-adds, same function; computed in bands of pixels and classes, in the memory of A;
 - memory: the OffSeg head lets go of each map once used (its 1/4-resolution maps are the widest
-  of the network, where a labels-only prediction peaks), no copy of the input is made;
+  of the network, where a labels-only prediction peaks): each fusion writes its upsampled feature
+  straight into its side of the interleaved map, the align conv writes over its input, the
+  GroupNorm's squares and Offset Learning's products go by bands; no copy of the input is made;
 - a batch of several images on CPU runs its widest parts (the backbone's stem and first stage,
   the decode head) image by image, its coarser stages batched (`_image_by_image`;
   `benchmarks/bench_batch.py`);
@@ -32,8 +34,8 @@ is left untouched. What it does, where it applies:
   are made NCHW-contiguous before the final resize, which runs by phases of its integer scale
   over contiguous rows (`upsample_bilinear_into`: 2.3x faster than PyTorch's kernel, several
   times faster than that kernel on channels-last input);
-- FreqFusion's resampler writes its samples over CARAFE's channels-last output, group by group,
-  each sample's four neighbours gathered as whole channel vectors (`_FastFreqFusion`);
+- FreqFusion's resampler writes its samples over CARAFE's channels-last output, half a group of
+  channels at a time, each sample's four neighbours gathered as channel vectors (`_FastFreqFusion`);
 - the full-resolution output is written into transparent huge pages, a buffer reused by the next
   call of the same size once nothing refers to the previous output (`_ReusedOutput`).
 
@@ -75,10 +77,10 @@ from .models.backbones import efficientformer_v2 as effv2
 from .models.backbones.mit import MixVisionTransformer
 from .models.backbones.mscan import MSCAN
 from .models.heads.ham_head import LightHamHead, LightHamHeadOffsetLearning
-from .models.heads.offseg_head import OffSegHead, interleave_groups
+from .models.heads.offseg_head import INTERLEAVE_GROUPS, OffSegHead, interleave_groups
 from .models.heads.segformer_head import SegformerHead, SegformerHeadOffsetLearning
 from .models.layers import freqfusion as freqfusion_module
-from .models.layers.carafe import carafe, carafe_taps
+from .models.layers.carafe import carafe_taps, carafe_upsample_into
 from .models.layers.conv_module import ConvModule
 from .models.layers.offset_learning import OffsetLearning
 from .models.layers.resample import upsample_bilinear_into
@@ -354,6 +356,10 @@ def _blocked_pointwise_conv(
     return out
 
 
+# Rows per step of _onednn_matmul's products over several channel blocks (256 channels: 1 MB copies).
+_MATMUL_BAND_ROWS = 2048
+
+
 def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """x @ weight^T for x (B, M, K) with contiguous rows and weight (N, K), or that product added
     into `out` (B, M, N, contiguous) in place; None where oneDNN does not apply (the caller then
@@ -374,6 +380,16 @@ def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | No
     if out is not None and not out.is_contiguous():
         return None
     rows = b * m
+    if out is None and rows > _MATMUL_BAND_ROWS and len(_channel_blocks(k)) > 1:
+        # oneDNN copies each block of channels of a map first (a strided slice): a band of rows at
+        # a time, those copies are small (Offset Learning's scores at 512x512: 8 MB at once).
+        out = x.new_zeros(b, m, n)
+        pixels, sums = x.reshape(1, rows, k), out.view(1, rows, n)
+        for start in range(0, rows, _MATMUL_BAND_ROWS):
+            band = slice(start, start + _MATMUL_BAND_ROWS)
+            if _onednn_matmul(pixels[:, band], weight, out=sums[:, band]) is None:
+                return None
+        return out
     # Dense channels-last views: oneDNN takes them as they are (other strides are copied first).
     as_map = x.as_strided((1, k, 1, rows), (rows * k, 1, rows * k, k))
     into = None if out is None else out.as_strided((1, n, 1, rows), (rows * n, 1, rows * n, n))
@@ -920,6 +936,10 @@ class _CenteredGroupNorm(nn.GroupNorm):
         return _group_norm_channels_last(x, self, in_place=False)
 
 
+# Rows per step of the squares in _group_norm_channels_last (OffSeg-T's head at 512x512: 2 MB).
+_NORM_BAND_ROWS = 16
+
+
 def _group_norm_channels_last(x: torch.Tensor, norm: nn.GroupNorm, in_place: bool) -> torch.Tensor:
     """`norm(x)` for a channels-last float map, to float32 rounding of the float64 result.
 
@@ -938,6 +958,15 @@ def _group_norm_channels_last(x: torch.Tensor, norm: nn.GroupNorm, in_place: boo
     def group_sums(t: torch.Tensor) -> torch.Tensor:  # (N, H, W, C) -> (N, G, 1) in float64
         return t.sum(dim=(1, 2)).double().view(n, g, c // g).sum(dim=2, keepdim=True)
 
+    def group_square_sums(t: torch.Tensor) -> torch.Tensor:  # group_sums(t.square()), by bands of rows
+        bands = [t[:, top : top + _NORM_BAND_ROWS] for top in range(0, h, _NORM_BAND_ROWS)]
+        return (
+            torch.stack([band.square().sum(dim=(1, 2)).double() for band in bands])
+            .sum(dim=0)
+            .view(n, g, c // g)
+            .sum(dim=2, keepdim=True)
+        )
+
     def per_channel(t: torch.Tensor) -> torch.Tensor:  # (N, G, 1) -> (N, 1, 1, C)
         return t.expand(n, g, c // g).reshape(n, 1, 1, c)
 
@@ -945,7 +974,7 @@ def _group_norm_channels_last(x: torch.Tensor, norm: nn.GroupNorm, in_place: boo
     centred = rows.sub_(per_channel(means).to(x.dtype)) if in_place else rows - per_channel(means).to(x.dtype)
     # The centring is exact up to the rounding of the means: take the small remainder into account.
     residual = group_sums(centred) / count
-    variance = group_sums(centred.square()) / count - residual.square()
+    variance = group_square_sums(centred) / count - residual.square()  # no squared copy of the map
     scale = per_channel(torch.rsqrt(variance + norm.eps))
     if norm.weight is not None:
         scale = scale * norm.weight.double()
@@ -1047,6 +1076,7 @@ class _FastOffsetLearning(OffsetLearning):
             band = slice(start, start + _CLASS_BAND)
             weights = (coupled_attn[:, :, band] - peaks[:, :, band]).exp_()
             pooled[:, band] = _pool_by_bands(weights.transpose(1, 2), x) / weights.sum(dim=1).unsqueeze(2)
+            del weights  # before the next band's are made
         aligned_repr = cls_repr + self.cls_offset_proj(pooled)
         class_mix = torch.matmul(self.projected_cls_repr, aligned_repr.transpose(1, 2))  # (B, K, K)
         # The masks, (B, HW, K) like A^T (the LayerNorm runs over the contiguous last axis), a band
@@ -1077,6 +1107,10 @@ class _FastOffsetLearning(OffsetLearning):
         return torch.matmul(pixels, aligned_repr.transpose(1, 2)).baddbmm_(probs, class_mix)
 
 
+# Samples per step of the fast resampler's gathers (OffSeg-T's widest group: 0.9 MB per neighbour).
+_SAMPLE_BAND = 4096
+
+
 class _FastFreqFusion(freqfusion_module.FreqFusion):
     """FreqFusion whose resampled low-resolution feature is written over CARAFE's output, one
     channel group of the sampler at a time (a group's samples are all taken before they replace
@@ -1084,28 +1118,77 @@ class _FastFreqFusion(freqfusion_module.FreqFusion):
     OffSeg-T's last fusion at 512x512 input). CARAFE's output is channels-last, so each sample's
     four neighbours are whole channel vectors: they are gathered and weighted as grid_sample
     weights them, the same values (grid_sample's CPU kernel writes NCHW; with the copy back it took
-    13.2 ms against 7.0 on OffSeg-T's resamplings at 512x512: benchmarks/bench_resampler.py)."""
+    13.2 ms against 7.0 on OffSeg-T's resamplings at 512x512: benchmarks/bench_resampler.py).
+
+    `fuse_interleaved` goes one step further for the OffSeg head, which interleaves the fusion's
+    two outputs by channel groups: CARAFE and the resampler write into the low-resolution side of
+    that interleaved map directly, so the upsampled feature never exists apart from it (at OffSeg-T's
+    last fusion, it and the interleaved copy were the peak of a labels-only prediction)."""
+
+    _interleave_groups: int | None = None  # set by fuse_interleaved for the length of its call
+
+    def fuse_interleaved(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor, groups: int) -> torch.Tensor:
+        """`interleave_groups(hr_out, lr_out, groups)` of `self(hr_feat, lr_feat)[1:]`, channels-last."""
+        self._interleave_groups = groups
+        try:
+            _, hr_out, fused = self(hr_feat, lr_feat)
+        finally:
+            self._interleave_groups = None
+        n, ca, h, w = hr_out.shape
+        sides = fused.permute(0, 2, 3, 1).view(n, h, w, groups, -1)
+        sides[..., : ca // groups].copy_(hr_out.permute(0, 2, 3, 1).view(n, h, w, groups, ca // groups))
+        return fused
 
     def upsample_lr(self, lr_feat: torch.Tensor, mask_lr: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         if is_exporting():
             return super().upsample_lr(lr_feat, mask_lr, offset)
-        return self.resample_in_place(carafe(lr_feat, mask_lr, self.lowpass_kernel, 1, 2), offset)
-
-    def resample_in_place(self, upsampled: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """`self.dysampler.sample(upsampled, offset)` written over `upsampled` (channels-last)."""
-        n, c, hs, ws = upsampled.shape
-        coords = self.dysampler.coordinates(offset, upsampled)  # B, G, 2H, 2W, (x, y)
-        pixels = upsampled.permute(0, 2, 3, 1).view(n * hs * ws, c)  # raises unless channels-last
+        n, c, h, w = lr_feat.shape
+        s = self.dysampler.scale
         groups = self.dysampler.groups
-        width = c // groups
-        for g in range(groups):
-            group = pixels[:, g * width : (g + 1) * width]
-            (first, first_weight), *rest = freqfusion_module.bilinear_border_neighbours(coords[:, g], hs, ws)
-            samples = group.index_select(0, first.view(-1)).mul_(first_weight.view(-1, 1))
-            for index, weight in rest:
-                samples.addcmul_(group.index_select(0, index.view(-1)), weight.view(-1, 1))
-            group.copy_(samples)
-        return upsampled
+        if self._interleave_groups is None:
+            out = lr_feat.new_empty(n, s * h, s * w, groups, c // groups)
+            lr_side = out
+        else:  # the high-resolution side is filled by fuse_interleaved
+            ca = self.hr_channel_compressor.in_channels
+            out = lr_feat.new_empty(n, s * h, s * w, groups, (ca + c) // groups)
+            lr_side = out[..., ca // groups :]
+        carafe_upsample_into(lr_feat, mask_lr, self.lowpass_kernel, s, lr_side)
+        self.resample_in_place(lr_side, offset)
+        return out.view(n, s * h, s * w, -1).permute(0, 3, 1, 2)
+
+    def resample_in_place(self, groups: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """`self.dysampler.sample` of the feature `groups` (N, H, W, G, C/G), the sampler's channel
+        groups (channels-last, the groups possibly apart), written over it."""
+        n, hs, ws, count, width = groups.shape
+        coords = self.dysampler.coordinates(offset, groups)  # B, G, H, W, (x, y)
+        pixels = groups.view(n * hs * ws, count, width)
+        # The channels of a group are sampled independently: half a group at a time, the samples
+        # held until they replace their channels are half a group's (OffSeg-T: 1.8 MB, not 3.7).
+        half = (width + 1) // 2
+        samples = groups.new_empty(n * hs * ws, half)
+        band = min(n * hs * ws, _SAMPLE_BAND)
+        taken = groups.new_empty(band, half)  # one neighbour of a band of samples
+        for g in range(count):
+            neighbours = [
+                (index.view(-1), weight.view(-1, 1))
+                for index, weight in freqfusion_module.bilinear_border_neighbours(coords[:, g], hs, ws)
+            ]
+            for first in range(0, width, half):
+                channels = pixels[:, g, first : first + half]
+                part = samples[:, : channels.shape[1]]
+                for start in range(0, n * hs * ws, band):
+                    rows = slice(start, start + band)
+                    target = part[rows]
+                    for i, (index, weight) in enumerate(neighbours):
+                        gathered = torch.index_select(
+                            channels, 0, index[rows], out=taken[: target.shape[0], : target.shape[1]]
+                        )
+                        if i == 0:
+                            torch.mul(gathered, weight[rows], out=target)
+                        else:
+                            target.addcmul_(gathered, weight[rows])
+                channels.copy_(part)  # all of their samples taken: now they replace these channels
+        return groups
 
 
 def _interleave_channels_last(a: torch.Tensor, b: torch.Tensor, groups: int = 4) -> torch.Tensor:
@@ -1129,6 +1212,13 @@ class _FastOffSegHead(_ImageByImageHead, OffSegHead):
         feats = [pre(backbone_feats.pop()) for pre in self.pre]  # popped finest last
         fused = feats.pop()
         for freqfusion in self.freqfusions:
+            if (
+                isinstance(freqfusion, _FastFreqFusion)
+                and freqfusion.dysampler.groups == INTERLEAVE_GROUPS
+                and not is_exporting()
+            ):
+                fused = freqfusion.fuse_interleaved(feats.pop(), fused, INTERLEAVE_GROUPS)
+                continue
             hr_feat, fused = freqfusion(feats.pop(), fused)[1:]
             if _layout(hr_feat) is torch.channels_last:
                 fused = _interleave_channels_last(hr_feat, fused)
@@ -1138,9 +1228,44 @@ class _FastOffSegHead(_ImageByImageHead, OffSegHead):
         align = self.align
         if not isinstance(align, _FastGNConvModule):
             return align(fused)
+        if _pointwise_conv_fits_over_input(align.conv, fused):
+            return align.norm_act(_pointwise_conv_over_input(align.conv, fused))
         x = align.conv(fused)
         del fused  # before the GroupNorm allocates its output
         return align.norm_act(x)
+
+
+# Rows per step of _pointwise_conv_over_input (OffSeg's align conv at 512x512: a 2 MB temporary).
+_CONV_BAND_ROWS = 16
+
+
+def _pointwise_conv_fits_over_input(conv: nn.Module, x: torch.Tensor) -> bool:
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+        and conv.out_channels <= conv.in_channels
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not is_exporting_or_compiling()
+        and not torch.jit.is_tracing()
+    )
+
+
+def _pointwise_conv_over_input(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` for a 1x1 convolution with no more output than input channels, written over the
+    channels-last `x` a band of rows at a time, so that the two maps never coexist (OffSeg-T's
+    align conv at 512x512: 16 MB each, the peak of a labels-only prediction). Pixel p's output goes
+    to elements [p*C_out, (p+1)*C_out) of x's memory, where all pixels up to p have been read."""
+    n, _, h, w = x.shape
+    c_out = conv.out_channels
+    out = x.permute(0, 2, 3, 1).reshape(-1)[: n * h * w * c_out].view(n, h, w, c_out)
+    for image in range(n):
+        for top in range(0, h, _CONV_BAND_ROWS):
+            band = conv(x[image : image + 1, :, top : top + _CONV_BAND_ROWS])
+            out[image, top : top + band.shape[2]].copy_(band[0].permute(1, 2, 0))
+    return out.permute(0, 3, 1, 2)
 
 
 def _optimise_offset_learning(model: nn.Module) -> None:

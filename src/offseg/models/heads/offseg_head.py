@@ -15,8 +15,11 @@ from ..layers.freqfusion import FreqFusion
 from ..layers.offset_learning import OffsetLearning
 from .decode_head import DecodeHead
 
+# The groups in which the official head interleaves the two outputs of each fusion.
+INTERLEAVE_GROUPS = 4
 
-def interleave_groups(a: torch.Tensor, b: torch.Tensor, groups: int = 4) -> torch.Tensor:
+
+def interleave_groups(a: torch.Tensor, b: torch.Tensor, groups: int = INTERLEAVE_GROUPS) -> torch.Tensor:
     """Concatenate two maps channel-wise in `groups` interleaved chunks: [a0, b0, a1, b1, ...].
 
     This is the official head's concatenation order; it fixes the input-channel layout of the

@@ -104,9 +104,15 @@ GATHER_BELOW_CHANNELS = 48
 
 
 def _upsample_by_products(
-    padded: torch.Tensor, masks: torch.Tensor, k: int, s: int, band_elements: int | None = BAND_ELEMENTS
+    padded: torch.Tensor,
+    masks: torch.Tensor,
+    k: int,
+    s: int,
+    band_elements: int | None = BAND_ELEMENTS,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """An upsampling CARAFE (s > 1, one group) as small matrix products; returns (N, h, s, w, s, 1, C).
+    """An upsampling CARAFE (s > 1, one group) as small matrix products; returns (N, h, s, w, s, 1, C),
+    or writes `out`, any (N, h, s, w, s, P, C/P) view (the channels in P parts), and returns it.
 
     Per input position, the s*s sub-pixel outputs (s*s x C) are its kernels (s*s x k*k) times its
     k*k neighbourhood (k*k x C): the same multiply-adds as the tap loop, but each output element is
@@ -123,7 +129,8 @@ def _upsample_by_products(
     taps, phases = k * k, s * s
     gather = c < GATHER_BELOW_CHANNELS
     width = w if gather else wp
-    out = padded.new_empty(n, h, s, w, s, c)
+    target = padded.new_empty(n, h, s, w, s, 1, c) if out is None else out
+    parts = target.shape[-2]
     row_elements = s * w * s * c
     rows = h if band_elements is None else max(1, min(h, band_elements // row_elements))
     for image in range(n):
@@ -147,16 +154,16 @@ def _upsample_by_products(
             else:
                 positions = (r - 1) * wp + w  # the last one's windows end at the padded map's end
                 kernel_rows = kernels.view(r * wp, phases, taps)[:positions]
-                target = products.view(r * wp, phases, c)[:positions]
+                sums = products.view(r * wp, phases, c)[:positions]
                 for i in range(k):
                     start = features.storage_offset() + (top + i) * wp * c
                     windows = features.as_strided((positions, k, c), (c, c, 1), start)
                     if i == 0:
-                        torch.bmm(kernel_rows[:, :, :k], windows, out=target)
+                        torch.bmm(kernel_rows[:, :, :k], windows, out=sums)
                     else:
-                        target.baddbmm_(kernel_rows[:, :, i * k : (i + 1) * k], windows)
-            out[image, top : top + r].copy_(products[:, :w].permute(0, 2, 1, 3, 4))
-    return out.view(n, h, s, w, s, 1, c)
+                        sums.baddbmm_(kernel_rows[:, :, i * k : (i + 1) * k], windows)
+            target[image, top : top + r].copy_(products[:, :w].permute(0, 2, 1, 3, 4).unflatten(-1, (parts, -1)))
+    return target
 
 
 def _carafe_forward(
@@ -274,6 +281,25 @@ def carafe(
     `band_elements` sets the banding of the computation (speed only; None: no banding).
     """
     return _carafe(features, masks, kernel_size, group_size, scale_factor, band_elements, _carafe_forward)
+
+
+def carafe_upsample_into(
+    features: torch.Tensor, masks: torch.Tensor, kernel_size: int, scale_factor: int, out: torch.Tensor
+) -> torch.Tensor:
+    """`carafe(features, masks, kernel_size, 1, scale_factor)` written into `out`, a channels-last
+    (N, H, W, P, C/P) view (H, W the output size; the channels in P parts, which may lie apart, as
+    in one side of an interleaved concatenation). Inference only, scale > 1, one group."""
+    k, s = kernel_size, scale_factor
+    _check_shapes(features, masks, k, 1, s)
+    n, c, h, w = features.shape
+    parts = out.shape[-2]
+    if s < 2 or out.shape != (n, h * s, w * s, parts, c // parts):
+        raise ValueError(
+            f"carafe_upsample_into: out {tuple(out.shape)} does not fit features {tuple(features.shape)}, scale {s}"
+        )
+    padded = _padded_channels_last(features, k, 1)
+    _upsample_by_products(padded, masks.contiguous(), k, s, out=out.view(n, h, s, w, s, parts, c // parts))
+    return out
 
 
 def carafe_taps(
