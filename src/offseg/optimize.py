@@ -1112,13 +1112,14 @@ _SAMPLE_BAND = 4096
 
 
 class _FastFreqFusion(freqfusion_module.FreqFusion):
-    """FreqFusion whose resampled low-resolution feature is written over CARAFE's output, one
-    channel group of the sampler at a time (a group's samples are all taken before they replace
-    it): the two maps of all channels at once would be the widest pair here (14 MB each in
-    OffSeg-T's last fusion at 512x512 input). CARAFE's output is channels-last, so each sample's
-    four neighbours are whole channel vectors: they are gathered and weighted as grid_sample
-    weights them, the same values (grid_sample's CPU kernel writes NCHW; with the copy back it took
-    13.2 ms against 7.0 on OffSeg-T's resamplings at 512x512: benchmarks/bench_resampler.py).
+    """FreqFusion whose resampled low-resolution feature is written over CARAFE's output, half a
+    channel group of the sampler at a time (their samples are all taken before they replace them):
+    the two maps of all channels at once would be the widest pair here (14 MB each in OffSeg-T's
+    last fusion at 512x512 input). CARAFE's output is channels-last, so each sample's four
+    neighbours are runs of channels: they are gathered and weighted as grid_sample weights them,
+    the same values (grid_sample's CPU kernel writes NCHW; with the copy back it took 12.9 ms
+    against 10.7 for OffSeg-T's three resamplings at 512x512; a whole group at a time, holding
+    twice the samples, 7.0 against 13.2 in an earlier run: benchmarks/bench_resampler.py).
 
     `fuse_interleaved` goes one step further for the OffSeg head, which interleaves the fusion's
     two outputs by channel groups: CARAFE and the resampler write into the low-resolution side of
@@ -1168,11 +1169,9 @@ class _FastFreqFusion(freqfusion_module.FreqFusion):
         samples = groups.new_empty(n * hs * ws, half)
         band = min(n * hs * ws, _SAMPLE_BAND)
         taken = groups.new_empty(band, half)  # one neighbour of a band of samples
+        neighbours_of_all = freqfusion_module.bilinear_border_neighbours(coords, hs, ws)  # each (B, G, H, W)
         for g in range(count):
-            neighbours = [
-                (index.view(-1), weight.view(-1, 1))
-                for index, weight in freqfusion_module.bilinear_border_neighbours(coords[:, g], hs, ws)
-            ]
+            neighbours = [(index[:, g].reshape(-1), weight[:, g].reshape(-1, 1)) for index, weight in neighbours_of_all]
             for first in range(0, width, half):
                 channels = pixels[:, g, first : first + half]
                 part = samples[:, : channels.shape[1]]

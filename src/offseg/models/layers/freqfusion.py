@@ -206,8 +206,9 @@ class GatherSampler(nn.Module):
 
 def bilinear_border_neighbours(coords: torch.Tensor, h: int, w: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The four neighbours of each sample of `F.grid_sample(feat, coords, "bilinear", "border",
-    align_corners=False)` on N maps of h x w: (index, weight) pairs, each (N, H'', W''), the index
-    counting the N*h*w pixels row-major, in grid_sample's order (top-left, top-right, bottom-left,
+    align_corners=False)` on N maps of h x w: (index, weight) pairs, each of coords' shape but the
+    last axis ((N, H'', W''), or (N, ..., H'', W'') for several grids per map), the index counting
+    the N*h*w pixels row-major, in grid_sample's order (top-left, top-right, bottom-left,
     bottom-right). Same arithmetic per sample: coordinates unnormalised and clamped, weights
     (1 - dx)(1 - dy) ..."""
     n = coords.shape[0]
@@ -217,7 +218,7 @@ def bilinear_border_neighbours(coords: torch.Tensor, h: int, w: int) -> list[tup
     dx, dy = x - x0, y - y0
     x0, y0 = x0.long(), y0.long()
     x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
-    base = (torch.arange(n, device=coords.device) * (h * w)).view(n, 1, 1)
+    base = (torch.arange(n, device=coords.device) * (h * w)).view(n, *[1] * (coords.dim() - 2))
     return [
         (base + y0 * w + x0, (1 - dx) * (1 - dy)),
         (base + y0 * w + x1, dx * (1 - dy)),
