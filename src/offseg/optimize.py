@@ -1405,7 +1405,12 @@ def optimize_for_inference(
 
     `size` (H, W) is the input size you will use most: the size-dependent caches (attention
     biases) are filled for it now, and for other sizes on their first call. `model` itself is not
-    modified.
+    modified. At the attention tables' own grid (512x512 input for OffSeg) the biases are gathered
+    on every call; at other sizes they are bicubic-resized once and kept, which for OffSeg-T costs
+    12 MB at 480x480 and 256 MB at 1024x1024; resizing them on every call, as the official code
+    does, would add 15 and 320 ms to each forward (benchmarks/bench_attention_bias_cache.py). That
+    cache is why the fast path's peak memory at 1024x1024 is 1.47x the reference's
+    (docs/benchmarks.md).
 
     The returned model computes the same function as `model.eval()`, in float32 with other
     summation orders. With random weights its logits are within 1e-5 (max relative; SegNeXt 5e-5)
