@@ -12,7 +12,8 @@ and prints each call's median:
 
 - `tap loop`: k*k broadcast multiply-adds into the output, in cache-sized bands
   (`carafe._tap_loop`; what `carafe` ran for every call until 2026-12-07, and what it still runs
-  when s = 1);
+  when s = 1; here in `carafe`'s current bands, which were as fast or faster for it than the
+  earlier 1 MB ones);
 - `carafe`: what the fast path runs now (an upsampling CARAFE as small matrix products,
   `carafe._upsample_by_products`), at each `--band-elements` (the first is `carafe`'s default);
 - `compiled` (with `--compile`): the tap loop over the whole map under `torch.compile` (inductor,

@@ -29,7 +29,7 @@ import torch
 
 import offseg
 from offseg import optimize
-from offseg.benchmark import realistic_weights
+from offseg.benchmark import matmul_rate, realistic_weights
 
 
 def record_resamplings(model: torch.nn.Module, size: int) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    rate = matmul_rate(args.threads)  # sets the thread count too
     torch.manual_seed(0)
     model = realistic_weights(offseg.create_model(args.model, num_classes=150).eval())
     fast = offseg.optimize_for_inference(model, args.size)
@@ -89,12 +89,14 @@ def main() -> None:
     load = os.getloadavg()
     print(f"{args.model} at {args.size}x{args.size}, {args.threads} threads, {args.runs} alternated runs per call")
     print(f"load average at the start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+    print(f"matrix-product rate {rate / 1e9:.1f} G multiply-adds/s")
     print()
-    print("median ms per call")
+    print("median ms per call (x FLOP limit: 4 multiply-adds per sampled value at the torch.mm rate)")
     print()
     print("| feature | groups | " + " | ".join(variants) + " | max rel. error |")
     print("|---|---:|" + "---:|" * (len(variants) + 1))
     totals = dict.fromkeys(variants, 0.0)
+    total_limit = 0.0
     with torch.inference_mode():
         for module, upsampled, offset in calls:
             outputs = {name: run(module, upsampled.clone(), offset) for name, run in variants.items()}
@@ -107,14 +109,16 @@ def main() -> None:
                     started = time.perf_counter()
                     run(module, target, offset)
                     times[name].append(time.perf_counter() - started)
+            limit = 1000 * 4 * upsampled.numel() / rate
+            total_limit += limit
             cells = []
             for name in variants:
                 ms = 1000 * statistics.median(times[name])
                 totals[name] += ms
-                cells.append(f"{ms:.2f}")
+                cells.append(f"{ms:.2f} ({ms / limit:.0f})")
             groups = module.dysampler.groups
             print(f"| {tuple(upsampled.shape)} | {groups} | " + " | ".join(cells) + f" | {error:.1e} |", flush=True)
-    cells = [f"{ms:.1f}" for ms in totals.values()]
+    cells = [f"{ms:.1f} ({ms / total_limit:.0f})" for ms in totals.values()]
     print(f"| all {len(calls)} of a forward | | " + " | ".join(cells) + " | |")
 
 

@@ -114,9 +114,28 @@ def test_fast_freqfusion_fuses_into_the_interleaved_map():
         expected = interleave_groups(hr_out, lr_out)
         module.__class__ = _FastFreqFusion
         plain = module(hr, lr)[2]
-        fused = module.fuse_interleaved(hr, lr, 4)
+        fused = module.fuse_interleaved(hr, lr)
     assert rel(plain, lr_out) < 1e-6
     assert fused.shape == expected.shape and rel(fused, expected) < 1e-6
+
+
+def test_carafe_upsample_into_refuses_what_it_cannot_do():
+    from offseg.models.layers.carafe import carafe_upsample_into
+
+    feats, masks = torch.randn(1, 8, 4, 5), torch.randn(1, 25, 8, 10).softmax(1)
+    with torch.no_grad():
+        out = torch.empty(1, 8, 10, 2, 4)
+        assert (
+            rel(
+                carafe_upsample_into(feats, masks, 5, 2, out).reshape(1, 8, 10, 8).permute(0, 3, 1, 2),
+                carafe_reference(feats, masks, 5, 1, 2),
+            )
+            < 1e-6
+        )
+        with pytest.raises(ValueError, match="does not fit"):
+            carafe_upsample_into(feats, masks, 5, 2, torch.empty(1, 8, 9, 2, 4))
+    with pytest.raises(RuntimeError, match="no gradient"):
+        carafe_upsample_into(feats.requires_grad_(), masks, 5, 2, torch.empty(1, 8, 10, 2, 4))
 
 
 def test_carafe_mask_gradient_bands():

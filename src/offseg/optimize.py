@@ -959,13 +959,8 @@ def _group_norm_channels_last(x: torch.Tensor, norm: nn.GroupNorm, in_place: boo
         return t.sum(dim=(1, 2)).double().view(n, g, c // g).sum(dim=2, keepdim=True)
 
     def group_square_sums(t: torch.Tensor) -> torch.Tensor:  # group_sums(t.square()), by bands of rows
-        bands = [t[:, top : top + _NORM_BAND_ROWS] for top in range(0, h, _NORM_BAND_ROWS)]
-        return (
-            torch.stack([band.square().sum(dim=(1, 2)).double() for band in bands])
-            .sum(dim=0)
-            .view(n, g, c // g)
-            .sum(dim=2, keepdim=True)
-        )
+        bands = [group_sums(t[:, top : top + _NORM_BAND_ROWS].square()) for top in range(0, h, _NORM_BAND_ROWS)]
+        return torch.stack(bands).sum(dim=0)
 
     def per_channel(t: torch.Tensor) -> torch.Tensor:  # (N, G, 1) -> (N, 1, 1, C)
         return t.expand(n, g, c // g).reshape(n, 1, 1, c)
@@ -1117,25 +1112,28 @@ class _FastFreqFusion(freqfusion_module.FreqFusion):
     the two maps of all channels at once would be the widest pair here (14 MB each in OffSeg-T's
     last fusion at 512x512 input). CARAFE's output is channels-last, so each sample's four
     neighbours are runs of channels: they are gathered and weighted as grid_sample weights them,
-    the same values (grid_sample's CPU kernel writes NCHW; with the copy back it took 12.9 ms
-    against 10.7 for OffSeg-T's three resamplings at 512x512; a whole group at a time, holding
-    twice the samples, 7.0 against 13.2 in an earlier run: benchmarks/bench_resampler.py).
+    the same values (grid_sample's CPU kernel writes NCHW; with the copy back it took 11.8-13.5 ms
+    against 7.2-10.7 for OffSeg-T's three resamplings at 512x512 over five runs; a whole group at
+    a time, holding twice the samples, 7.0 against 13.2 in an earlier run:
+    benchmarks/bench_resampler.py).
 
     `fuse_interleaved` goes one step further for the OffSeg head, which interleaves the fusion's
     two outputs by channel groups: CARAFE and the resampler write into the low-resolution side of
     that interleaved map directly, so the upsampled feature never exists apart from it (at OffSeg-T's
     last fusion, it and the interleaved copy were the peak of a labels-only prediction)."""
 
-    _interleave_groups: int | None = None  # set by fuse_interleaved for the length of its call
+    _interleaved = False  # set by fuse_interleaved for the length of its call
 
-    def fuse_interleaved(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor, groups: int) -> torch.Tensor:
-        """`interleave_groups(hr_out, lr_out, groups)` of `self(hr_feat, lr_feat)[1:]`, channels-last."""
-        self._interleave_groups = groups
+    def fuse_interleaved(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> torch.Tensor:
+        """`interleave_groups(hr_out, lr_out, G)` of `self(hr_feat, lr_feat)[1:]`, channels-last, G
+        the sampler's channel groups (the low-resolution side is written group by group)."""
+        self._interleaved = True
         try:
             _, hr_out, fused = self(hr_feat, lr_feat)
         finally:
-            self._interleave_groups = None
+            self._interleaved = False
         n, ca, h, w = hr_out.shape
+        groups = self.dysampler.groups
         sides = fused.permute(0, 2, 3, 1).view(n, h, w, groups, -1)
         sides[..., : ca // groups].copy_(hr_out.permute(0, 2, 3, 1).view(n, h, w, groups, ca // groups))
         return fused
@@ -1146,7 +1144,7 @@ class _FastFreqFusion(freqfusion_module.FreqFusion):
         n, c, h, w = lr_feat.shape
         s = self.dysampler.scale
         groups = self.dysampler.groups
-        if self._interleave_groups is None:
+        if not self._interleaved:
             out = lr_feat.new_empty(n, s * h, s * w, groups, c // groups)
             lr_side = out
         else:  # the high-resolution side is filled by fuse_interleaved
@@ -1190,7 +1188,7 @@ class _FastFreqFusion(freqfusion_module.FreqFusion):
         return groups
 
 
-def _interleave_channels_last(a: torch.Tensor, b: torch.Tensor, groups: int = 4) -> torch.Tensor:
+def _interleave_channels_last(a: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:
     """`interleave_groups` producing a channels-last result with a single copy."""
     n, ca, h, w = a.shape
     cb = b.shape[1]
@@ -1216,11 +1214,11 @@ class _FastOffSegHead(_ImageByImageHead, OffSegHead):
                 and freqfusion.dysampler.groups == INTERLEAVE_GROUPS
                 and not is_exporting()
             ):
-                fused = freqfusion.fuse_interleaved(feats.pop(), fused, INTERLEAVE_GROUPS)
+                fused = freqfusion.fuse_interleaved(feats.pop(), fused)
                 continue
             hr_feat, fused = freqfusion(feats.pop(), fused)[1:]
             if _layout(hr_feat) is torch.channels_last:
-                fused = _interleave_channels_last(hr_feat, fused)
+                fused = _interleave_channels_last(hr_feat, fused, INTERLEAVE_GROUPS)
             else:
                 fused = interleave_groups(hr_feat, fused)
             del hr_feat
@@ -1248,7 +1246,6 @@ def _pointwise_conv_fits_over_input(conv: nn.Module, x: torch.Tensor) -> bool:
         and conv.out_channels <= conv.in_channels
         and x.is_contiguous(memory_format=torch.channels_last)
         and not is_exporting_or_compiling()
-        and not torch.jit.is_tracing()
     )
 
 
@@ -1408,7 +1405,8 @@ def optimize_for_inference(
     modified. At the attention tables' own grid (512x512 input for OffSeg) the biases are gathered
     on every call; at other sizes they are bicubic-resized once and kept, which for OffSeg-T costs
     12 MB at 480x480 and 256 MB at 1024x1024; resizing them on every call, as the official code
-    does, would add 15 and 320 ms to each forward (benchmarks/bench_attention_bias_cache.py). That
+    does, would add 13-15 and 285-320 ms to each forward, 22-26x its FLOP limit
+    (benchmarks/bench_attention_bias_cache.py). That
     cache is why the fast path's peak memory at 1024x1024 is 1.47x the reference's
     (docs/benchmarks.md).
 

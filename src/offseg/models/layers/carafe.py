@@ -133,16 +133,19 @@ def _upsample_by_products(
     parts = target.shape[-2]
     row_elements = s * w * s * c
     rows = h if band_elements is None else max(1, min(h, band_elements // row_elements))
+    # One band's buffers, reused by every band (the last one may use fewer rows).
+    kernel_buffer = padded.new_empty(rows, width, s, s, taps)  # the band's kernels, taps innermost
+    product_buffer = padded.new_empty(rows, width, s, s, c)
+    neighbourhood_buffer = padded.new_empty(rows, w, taps, c) if gather else None
     for image in range(n):
         features = padded[image, :, :, 0]  # hp, wp, C
         kernels_by_tap = masks[image].view(taps, h, s, w, s)
         for top in range(0, h, rows):
             r = min(rows, h - top)
-            kernels = padded.new_empty(r, width, s, s, taps)  # the band's kernels, taps innermost
+            kernels, products = kernel_buffer[:r], product_buffer[:r]
             kernels[:, :w].copy_(kernels_by_tap[:, top : top + r].permute(1, 3, 2, 4, 0))
-            products = padded.new_empty(r, width, s, s, c)
-            if gather:
-                neighbourhoods = padded.new_empty(r, w, taps, c)
+            if neighbourhood_buffer is not None:
+                neighbourhoods = neighbourhood_buffer[:r]
                 for i in range(k):
                     for j in range(k):
                         neighbourhoods[:, :, i * k + j] = features[top + i : top + i + r, j : j + w]
@@ -291,6 +294,8 @@ def carafe_upsample_into(
     in one side of an interleaved concatenation). Inference only, scale > 1, one group."""
     k, s = kernel_size, scale_factor
     _check_shapes(features, masks, k, 1, s)
+    if torch.is_grad_enabled() and (features.requires_grad or masks.requires_grad):
+        raise RuntimeError("carafe_upsample_into computes no gradient: call carafe, or run under torch.no_grad()")
     n, c, h, w = features.shape
     parts = out.shape[-2]
     if s < 2 or out.shape != (n, h * s, w * s, parts, c // parts):
